@@ -1,0 +1,59 @@
+"""Resources: the storage root and the crawl source. Local by default; S3 by configuration.
+
+`LAION_ASSETS_STORAGE` (default `data`) may be `s3://bucket/prefix`; the S3 client comes from
+dagster-aws's S3Resource, so the usual AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) apply.
+`LAION_ASSETS_SOURCE` (default the sample mirror `data/sample-mirror`) may be `s3://commoncrawl`,
+`https://data.commoncrawl.org` or a local mirror directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from laion_assets.core.storage import Storage
+from laion_assets.core.wat import DEFAULT_SOURCE, SourceSettings
+
+DEFAULT_STORAGE = "data"
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where every stage writes: a local directory or `s3://bucket/prefix`."""
+
+    root: str = DEFAULT_STORAGE
+    s3: S3Resource
+
+    def get(self) -> Storage:
+        client = self.s3.get_client() if self.root.startswith("s3://") else None
+        return Storage(self.root, client)
+
+
+class CrawlSourceResource(dg.ConfigurableResource):
+    """Where crawl files are read from."""
+
+    base: str = DEFAULT_SOURCE
+    retries: int = SourceSettings.retries
+    timeout_s: float = SourceSettings.timeout_s
+
+    def settings(self) -> SourceSettings:
+        return SourceSettings(base=self.base, retries=self.retries, timeout_s=self.timeout_s)
+
+    def s3_client(self) -> Any:
+        if not self.base.startswith("s3://"):
+            return None
+        import boto3
+
+        return boto3.client("s3")
+
+
+def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resources for this environment: local paths unless the variables say otherwise."""
+    env = dict(os.environ if env is None else env)
+    s3 = S3Resource(endpoint_url=env.get("AWS_ENDPOINT_URL") or None)
+    return {
+        "storage": StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3),
+        "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", DEFAULT_SOURCE)),
+    }
