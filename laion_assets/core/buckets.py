@@ -131,6 +131,15 @@ class DedupReport:
         return data
 
 
+def unique_by_url(pairs: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per URL (its first occurrence in crawl order) with the number of occurrences, sorted by URL."""
+    return (
+        pairs.sort(ORDER)
+        .group_by("url", maintain_order=True)
+        .agg(pl.all().first(), pl.len().cast(pl.Int32).alias("occurrences"))
+    )
+
+
 class IncompleteChunksError(RuntimeError):
     pass
 
@@ -163,11 +172,7 @@ def dedup_bucket(
     with storage.local_copies(keys + earlier_keys) as paths, storage.staging_dir() as stage:
         pairs = pl.scan_parquet(paths[: len(keys)])
         report.rows_in = pairs.select(pl.len()).collect().item()
-        unique = (
-            pairs.sort(ORDER)
-            .group_by("url", maintain_order=True)
-            .agg(pl.all().first(), pl.len().cast(pl.Int32).alias("occurrences"))
-        )
+        unique = unique_by_url(pairs)
         if earlier_keys:
             seen = pl.scan_parquet(paths[len(keys) :]).select("url")
             result = unique.join(seen, on="url", how="anti")

@@ -99,8 +99,8 @@ def normalize_url(url: str, drop_extensions: tuple[str, ...] = ExtractSettings.d
         # Browsers drop tabs and newlines inside URLs and percent-encode spaces.
         url = "".join(c for c in url if c.isprintable()).replace(" ", "%20")
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        return BAD_URL
+    if not sep:  # "mailto:x" has a scheme of its own; anything else is not a URL
+        return BAD_SCHEME if ":" in url.partition("/")[0] else BAD_URL
     scheme = scheme.lower()
     if scheme not in ("http", "https"):
         return BAD_SCHEME
@@ -111,7 +111,7 @@ def normalize_url(url: str, drop_extensions: tuple[str, ...] = ExtractSettings.d
             end = i
     authority, tail = rest[:end], rest[end:]
     userinfo, at, host = authority.rpartition("@")
-    if not host or host.startswith(":") or "\\" in host:
+    if not host or host.startswith(":") or "\\" in host or host.startswith("[") and "]" not in host:
         return BAD_URL
     if not host.islower():
         host = host.lower()
@@ -249,8 +249,8 @@ class PairExtractor:
     def extract_file(self, path: str, wat_file: str, crawl: str, counts: ExtractCounts) -> pa.Table:
         """All pairs of one local WAT file (gzip members or plain), counting what each rule dropped."""
         cols: dict[str, list[Any]] = {name: [] for name in COLUMNS}
-        url_col, text_col, lang_col, score_col = cols["url"], cols["text"], cols["language"], cols["language_score"]
-        page_col, robots_col, off_col, id_col = cols["page_url"], cols["robots"], cols["record_offset"], cols["record_id"]
+        url_col, text_col, lang_col, score_col = (cols[c] for c in ("url", "text", "language", "language_score"))
+        page_col, robots_col, off_col, id_col = (cols[c] for c in ("page_url", "robots", "record_offset", "record_id"))
         idx_col = cols["link_index"]
         drops = [0, 0, 0]
         exts = self.settings.drop_extensions

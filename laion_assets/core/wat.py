@@ -189,6 +189,63 @@ def _member_complete(fh: io.BufferedReader, offset: int) -> bool:
     return d.eof
 
 
+def _records_in(block: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(headers, payload) of each WARC record in a decompressed block, CRLF or bare-LF line ends."""
+    pos = 0
+    while True:
+        start = block.find(_WARC_MAGIC, pos)
+        if start < 0:
+            return
+        end = block.find(b"\n\n", start)
+        crlf = block.find(b"\r\n\r\n", start)
+        if crlf >= 0 and (end < 0 or crlf < end):
+            end, sep = crlf, 4
+        elif end >= 0:
+            sep = 2
+        else:
+            return
+        headers = block[start:end]
+        length = 0
+        for line in headers.split(b"\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip() or 0)
+        body = end + sep
+        yield headers, block[body : body + length]
+        pos = body + length
+
+
+def _lenient_metadata_records(path: str, stats: ReadStats, gz: bool) -> Iterator[tuple[int, bytes]]:
+    """A slower reader for files FastWARC rejects (bare-LF headers, hand-edited excerpts)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    members: list[tuple[int, bytes]] = []
+    if gz:
+        pos = 0
+        while pos < len(data):
+            d = zlib.decompressobj(31)
+            try:
+                members.append((pos, d.decompress(data[pos:])))
+            except zlib.error:
+                stats.corrupt_members += 1
+                nxt = data.find(_GZIP_MAGIC, pos + 1)
+                if nxt < 0:
+                    break
+                pos = nxt
+                continue
+            if not d.eof:
+                stats.truncated = True
+                break
+            pos = len(data) - len(d.unused_data)
+    else:
+        members.append((0, data))
+    for offset, block in members:
+        for headers, payload in _records_in(block):
+            if b"WARC-Type: metadata" in headers:
+                stats.records += 1
+                yield offset, payload
+
+
 def iter_metadata_records(path: str, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
     """(offset, JSON payload) of every WAT metadata record in a file, gzip members or plain.
 
@@ -213,6 +270,11 @@ def iter_metadata_records(path: str, stats: ReadStats) -> Iterator[tuple[int, by
                     yield last_pos, rec.reader.read()
                 break
             except OSError:
+                if last_pos < 0 and not yielded and start == 0:
+                    # FastWARC refuses the very first record: not a corrupt member but a file it cannot
+                    # parse (bare-LF headers). Read it the slow, lenient way.
+                    yield from _lenient_metadata_records(path, stats, gz)
+                    return
                 if not yielded:  # the member at `start` itself is bad: it is skipped
                     stats.corrupt_members += 1
                 # Past the last good record, or past the boundary that just failed, so each try advances.

@@ -1,0 +1,130 @@
+"""The stage as Dagster assets: in-process materialization on local storage and on a real S3 server."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from laion_assets.assets.crawl import build_crawl_assets
+from laion_assets.core.sample import SAMPLE_CRAWL
+from laion_assets.definitions import build_definitions
+from laion_assets.partitions import Layout
+from laion_assets.resources import resources_from_env
+
+LAYOUT = Layout(chunks=2, buckets=2)
+
+
+def materialize_stage(resources: dict, crawl: str = SAMPLE_CRAWL) -> dict[str, list[dict]]:
+    """sample_crawl, then every partition of the stage; returns each asset's materialization metadata."""
+    instance = dg.DagsterInstance.ephemeral()
+    assets = build_crawl_assets(LAYOUT)
+    by = {a.key.to_user_string(): a for a in assets}
+    meta: dict[str, list[dict]] = {}
+
+    def run(name: str, partition=None) -> None:
+        result = dg.materialize(assets, selection=[by[name]], partition_key=partition, instance=instance,
+                                resources=resources)
+        assert result.success
+        for m in result.asset_materializations_for_node(name):
+            meta.setdefault(name, []).append({k: v.value for k, v in m.metadata.items()})
+
+    run("sample_crawl")
+    assert instance.get_dynamic_partitions("crawls") == [crawl]
+    run("wat_manifest", crawl)
+    for chunk in LAYOUT.chunk_keys():
+        run("candidate_pairs", dg.MultiPartitionKey({"crawl": crawl, "chunk": chunk}))
+    for bucket in LAYOUT.bucket_keys():
+        run("unique_pairs", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
+    return meta
+
+
+def test_definitions_load_and_validate():
+    defs = build_definitions(LAYOUT)
+    dg.Definitions.validate_loadable(defs)
+    from laion_assets.definitions import defs as module_defs
+
+    dg.Definitions.validate_loadable(module_defs)
+    keys = {k.to_user_string() for k in module_defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs"} <= keys
+
+
+def test_stage_on_local_storage(tmp_path):
+    resources = resources_from_env({"LAION_ASSETS_STORAGE": str(tmp_path / "data"),
+                                    "LAION_ASSETS_SOURCE": str(tmp_path / "mirror")})
+    meta = materialize_stage(resources)
+    assert meta["wat_manifest"][0]["wat_files"] == 4
+    pairs = sum(m["pairs"] for m in meta["candidate_pairs"])
+    assert pairs > 500
+    for m in meta["candidate_pairs"]:
+        assert m["records"] > 0 and m["seconds"] > 0 and "preview" in m
+        assert m["dropped_no_alt"] > 0 and m["dropped_extension"] > 0
+    rows_in = sum(m["rows_in"] for m in meta["unique_pairs"])
+    rows_out = sum(m["rows_out"] for m in meta["unique_pairs"])
+    assert rows_in == pairs and 0 < rows_out < rows_in
+    files = sorted((tmp_path / "data/crawls" / SAMPLE_CRAWL / "unique_pairs/buckets=2").glob("*.parquet"))
+    unique = pl.concat([pl.read_parquet(f) for f in files])
+    assert unique.height == rows_out and unique["url"].is_unique().all()
+
+
+def test_unreadable_wat_fails_the_partition_but_keeps_the_rest(tmp_path):
+    resources = resources_from_env({"LAION_ASSETS_STORAGE": str(tmp_path / "data"),
+                                    "LAION_ASSETS_SOURCE": str(tmp_path / "mirror")})
+    instance = dg.DagsterInstance.ephemeral()
+    assets = build_crawl_assets(LAYOUT)
+    by = {a.key.to_user_string(): a for a in assets}
+    dg.materialize(assets, selection=[by["sample_crawl"]], instance=instance, resources=resources)
+    listing = tmp_path / "mirror/crawl-data" / SAMPLE_CRAWL / "wat.paths.gz"
+    paths = gzip.decompress(listing.read_bytes()).decode().split()
+    listing.write_bytes(gzip.compress("\n".join([paths[0], "crawl-data/missing.warc.wat.gz", *paths[1:]]).encode()))
+    dg.materialize(assets, selection=[by["wat_manifest"]], partition_key=SAMPLE_CRAWL, instance=instance,
+                   resources=resources)
+    result = dg.materialize(assets, selection=[by["candidate_pairs"]], instance=instance, resources=resources,
+                            partition_key=dg.MultiPartitionKey({"crawl": SAMPLE_CRAWL, "chunk": "0000"}),
+                            raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "missing.warc.wat.gz" in str(failure.event_specific_data.error)
+    marker = tmp_path / f"data/crawls/{SAMPLE_CRAWL}/candidates/buckets=2/chunk=0000/_report.json"
+    import json
+
+    report = json.loads(marker.read_text())
+    assert report["files_failed"] == 1 and report["files"] == 1 and report["pairs"] > 0
+
+
+def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="laion-test")
+    resources = resources_from_env({"LAION_ASSETS_STORAGE": "s3://laion-test/run1",
+                                    "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
+                                    "AWS_ENDPOINT_URL": s3_server})
+    meta = materialize_stage(resources)
+    rows_out = sum(m["rows_out"] for m in meta["unique_pairs"])
+    assert meta["unique_pairs"][0]["dagster/uri"].startswith("s3://laion-test/run1/crawls/")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="laion-test", Prefix="run1/")["Contents"]]
+    assert f"run1/crawls/{SAMPLE_CRAWL}/wat_manifest.parquet" in keys
+    assert sum(k.endswith("/_report.json") for k in keys) == 2
+    unique_keys = [k for k in keys if "/unique_pairs/" in k]
+    assert len(unique_keys) == 2
+    frames = [pl.read_parquet(io.BytesIO(client.get_object(Bucket="laion-test", Key=k)["Body"].read()))
+              for k in unique_keys]
+    unique = pl.concat(frames)
+    assert unique.height == rows_out > 0 and unique["url"].is_unique().all()
+
+
+@pytest.mark.parametrize("module", ["wat", "candidates", "buckets", "storage", "sample", "synthetic"])
+def test_every_stage_module_imports_without_dagster(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys, laion_assets.core.{module}; "
+            "assert 'dagster' not in sys.modules, 'the core must not import dagster'")
+    subprocess.run([sys.executable, "-c", code], check=True)
