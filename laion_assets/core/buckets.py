@@ -12,15 +12,17 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
 from laion_assets.core.storage import Storage
+
+if TYPE_CHECKING:
+    import polars as pl
 
 CHUNK_MARKER = "_report.json"
 # The first occurrence in crawl order represents a URL: the same whatever order the chunks ran in.
@@ -133,6 +135,8 @@ class DedupReport:
 
 def unique_by_url(pairs: pl.LazyFrame) -> pl.LazyFrame:
     """One row per URL (its first occurrence in crawl order) with the number of occurrences, sorted by URL."""
+    import polars as pl
+
     return (
         pairs.sort(ORDER)
         .group_by("url", maintain_order=True)
@@ -153,6 +157,8 @@ def dedup_bucket(
     The output is sorted by URL and each URL keeps its first occurrence in (wat_file, offset, link)
     order, so it does not depend on the order in which chunks ran.
     """
+    import polars as pl  # imported here: the parse stage's hot path does not need it
+
     start = time.perf_counter()
     done = complete_chunks(storage, crawl, n_buckets)
     missing = sorted(set(chunks) - done)

@@ -290,13 +290,20 @@ class PairExtractor:
                 counts.corrupt_records += 1
                 continue
             counts.links += len(links)
+            img = 0
+            no_alt = 0
+            short = 0
+            truncated = 0
             for i, link in enumerate(links):
-                if type(link) is not dict or link.get("path") != "IMG@/src":
+                try:
+                    if link.get("path") != "IMG@/src":
+                        continue
+                except AttributeError:  # not an object: a malformed link
                     continue
-                counts.img_links += 1
+                img += 1
                 alt = link.get("alt")
                 if not alt:
-                    counts.dropped_no_alt += 1
+                    no_alt += 1
                     continue
                 if type(alt) is not str:
                     alt = joined(alt)
@@ -310,18 +317,22 @@ class PairExtractor:
                     continue
                 entry = text_of(alt)
                 if entry is None:
-                    counts.dropped_short_text += 1
+                    short += 1
                     continue
                 url_col.append(url)
                 text_col.append(entry[0])
                 lang_col.append(entry[1])
                 score_col.append(entry[2])
-                counts.truncated_text += entry[3]
+                truncated += entry[3]
                 page_col.append(page_url)
                 robots_col.append(robots)
                 off_col.append(offset)
                 id_col.append(record_id)
                 idx_col.append(i)
+            counts.img_links += img
+            counts.dropped_no_alt += no_alt
+            counts.dropped_short_text += short
+            counts.truncated_text += truncated
         n = len(url_col)
         cols["crawl"] = [crawl] * n
         cols["wat_file"] = [wat_file] * n
