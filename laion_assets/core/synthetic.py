@@ -11,6 +11,7 @@ import io
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -80,8 +81,9 @@ def render(scene: Scene, size: tuple[int, int], seed: int, watermark: str | None
     rng = random.Random(seed)
     w, h = size
     img = Image.new("RGB", size, COLORS[scene.background])
-    noise = Image.effect_noise(size, 40).convert("RGB")
-    img = Image.blend(img, noise, 0.15)
+    # Seeded noise (Pillow's effect_noise is not): the same seed gives the same bytes everywhere.
+    grain = np.random.default_rng(seed).normal(128, 40, (h, w)).clip(0, 255).astype(np.uint8)
+    img = Image.blend(img, Image.fromarray(grain).convert("RGB"), 0.15)
     draw = ImageDraw.Draw(img)
     r = int(min(w, h) * rng.uniform(0.18, 0.26))
     cx = {"left": w * 0.25, "right": w * 0.75}.get(scene.position, w * 0.5) + rng.uniform(-0.04, 0.04) * w

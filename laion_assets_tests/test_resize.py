@@ -1,0 +1,67 @@
+"""Image checks and resize modes on images made here."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from laion_assets.core.resize import ImageError, ResizeSettings, process_image, sniff
+from laion_assets.core.synthetic import Scene, jpeg_bytes, render
+
+
+def photo(w: int, h: int) -> bytes:
+    return jpeg_bytes(render(Scene("circle", "red", "blue", "left"), (w, h), seed=1))
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header declares w x h pixels, with almost no pixel data: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [("border", (256, 256)), ("keep_ratio", (341, 256)), ("keep_ratio_largest", (256, 192)),
+     ("center_crop", (256, 256)), ("no", (800, 600))],
+)
+def test_resize_modes(mode, size):
+    out = process_image(photo(800, 600), ResizeSettings(resize_mode=mode))
+    img = Image.open(io.BytesIO(out.data))
+    assert img.size == size == (out.width, out.height)
+    assert (out.original_width, out.original_height) == (800, 600)
+    assert len(out.sha256) == 64 and len(out.phash) == 16
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp", "png"])
+def test_encode_formats(fmt):
+    out = process_image(photo(400, 300), ResizeSettings(encode_format=fmt))
+    assert sniff(out.data) == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[fmt]
+
+
+def test_bad_bytes_are_image_errors():
+    with pytest.raises(ImageError, match="not an allowed image format"):
+        process_image(b"<html><body>not an image</body></html>", ResizeSettings())
+    with pytest.raises(ImageError, match="cannot decode"):
+        process_image(photo(400, 300)[:600], ResizeSettings())  # truncated JPEG
+    with pytest.raises(ImageError, match="over the budget"):
+        process_image(png_header_only(100_000, 100_000), ResizeSettings())
+    with pytest.raises(ImageError, match="min_image_size"):
+        process_image(photo(100, 80), ResizeSettings(min_image_size=200))
+    with pytest.raises(ImageError, match="aspect ratio"):
+        process_image(photo(900, 100), ResizeSettings(max_aspect_ratio=3))
+
+
+def test_same_bytes_same_hashes_and_similar_images_close_phash():
+    a = process_image(photo(640, 480), ResizeSettings())
+    b = process_image(photo(640, 480), ResizeSettings())
+    assert a.sha256 == b.sha256 and a.phash == b.phash
+    c = process_image(jpeg_bytes(render(Scene("circle", "red", "blue", "left"), (640, 480), seed=1), 40),
+                      ResizeSettings())
+    assert c.sha256 != a.sha256
+    assert bin(int(a.phash, 16) ^ int(c.phash, 16)).count("1") <= 8
