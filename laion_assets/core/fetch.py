@@ -24,8 +24,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion_assets.core.guard import IPNetwork, forbidden_reason, parse_networks
+from laion_assets.core.wat import USER_AGENT
 
-USER_AGENT = "laion-assets/0.1 (image-text dataset builder; +https://github.com/laion-assets/laion_assets)"
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
 

@@ -22,7 +22,8 @@ from typing import Any
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 DEFAULT_SOURCE = "data/sample-mirror"
-USER_AGENT = "laion-assets/0.1 (+https://github.com/laion-assets/laion_assets)"
+# One honest identity for every request the project makes (crawl files and images alike).
+USER_AGENT = "laion-assets/0.1 (image-text dataset builder; +https://github.com/laion-assets/laion_assets)"
 
 
 class WatFetchError(RuntimeError):
