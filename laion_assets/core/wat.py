@@ -222,11 +222,18 @@ def _lenient_metadata_records(path: str, stats: ReadStats, gz: bool) -> Iterator
         data = fh.read()
     members: list[tuple[int, bytes]] = []
     if gz:
+        view = memoryview(data)
         pos = 0
         while pos < len(data):
+            # Inflate in bounded pieces: handing zlib the whole rest of the file for every member would
+            # copy it each time (quadratic on a full-size WAT file).
             d = zlib.decompressobj(31)
+            parts = []
+            feed = pos
             try:
-                members.append((pos, d.decompress(data[pos:])))
+                while not d.eof and feed < len(data):
+                    parts.append(d.decompress(view[feed : feed + (1 << 16)]))
+                    feed += 1 << 16
             except zlib.error:
                 stats.corrupt_members += 1
                 nxt = data.find(_GZIP_MAGIC, pos + 1)
@@ -237,7 +244,8 @@ def _lenient_metadata_records(path: str, stats: ReadStats, gz: bool) -> Iterator
             if not d.eof:
                 stats.truncated = True
                 break
-            pos = len(data) - len(d.unused_data)
+            members.append((pos, b"".join(parts)))
+            pos = min(feed, len(data)) - len(d.unused_data)
     else:
         members.append((0, data))
     for offset, block in members:
