@@ -10,6 +10,7 @@ import click
 
 from laion_assets.core.candidates import ExtractSettings
 from laion_assets.core.sample import SampleSettings
+from laion_assets.core.settings import ENCODE_FORMATS, RESIZE_MODES, DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.wat import DEFAULT_SOURCE, SourceSettings
 
 
@@ -90,6 +91,74 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
     os.replace(tmp, output)
     rows_out = pl.scan_parquet(output).select(pl.len()).collect().item()
     click.echo(f"{output}: {rows_in} pairs in, {rows_out} unique out, {time.perf_counter() - start:.2f} s")
+
+
+@main.command()
+@click.argument("urls")
+@click.option("--output-dir", "-o", required=True, help="Directory or s3:// prefix for the shards.")
+@click.option("--url-col", default="url", show_default=True)
+@click.option("--caption-col", default="caption", show_default=True)
+@click.option("--language-col", default="language", show_default=True, help="Copied to the metadata if present.")
+@click.option("--image-size", default=ResizeSettings.image_size, show_default=True)
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=ResizeSettings.resize_mode,
+              show_default=True)
+@click.option("--encode-format", type=click.Choice(sorted(ENCODE_FORMATS)), default=ResizeSettings.encode_format,
+              show_default=True)
+@click.option("--encode-quality", default=ResizeSettings.encode_quality, show_default=True)
+@click.option("--min-image-size", default=ResizeSettings.min_image_size, show_default=True)
+@click.option("--max-aspect-ratio", default=ResizeSettings.max_aspect_ratio, show_default=True)
+@click.option("--keep-original", is_flag=True, help="Also store the downloaded bytes as {key}.original.{ext}.")
+@click.option("--processes", default=DownloadSettings.processes, show_default=True, help="0: one per CPU core.")
+@click.option("--samples-per-shard", default=DownloadSettings.samples_per_shard, show_default=True)
+@click.option("--connections", default=FetchSettings.connections, show_default=True, help="Per process.")
+@click.option("--per-host", default=FetchSettings.per_host, show_default=True, help="Connections per host.")
+@click.option("--deadline", default=FetchSettings.deadline_s, show_default=True, help="Seconds per URL, all in.")
+@click.option("--retries", default=FetchSettings.retries, show_default=True, help="On transient errors only.")
+@click.option("--user-agent", default=FetchSettings.user_agent, show_default=True)
+@click.option("--allow-network", multiple=True, help="CIDR exempt from the address guard (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
+def download(
+    urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, image_size: int,
+    resize_mode: str, encode_format: str, encode_quality: int, min_image_size: int, max_aspect_ratio: float,
+    keep_original: bool, processes: int, samples_per_shard: int, connections: int, per_host: int,
+    deadline: float, retries: int, user_agent: str, allow_network: tuple[str, ...], quiet: bool,
+) -> None:
+    """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
+    from laion_assets.core import images
+    from laion_assets.core.storage import Storage
+
+    settings = DownloadSettings(
+        samples_per_shard=samples_per_shard, processes=processes,
+        fetch=FetchSettings(connections=connections, per_host=per_host, deadline_s=deadline, retries=retries,
+                            user_agent=user_agent, allow_networks=allow_network),
+        resize=ResizeSettings(image_size=image_size, resize_mode=resize_mode, encode_format=encode_format,
+                              encode_quality=encode_quality, min_image_size=min_image_size,
+                              max_aspect_ratio=max_aspect_ratio, keep_original=keep_original),
+    )
+    s3 = None
+    if output_dir.startswith("s3://"):
+        import boto3
+
+        s3 = boto3.client("s3")
+    tally = {"done": 0, "ok": 0, "shown": 0.0, "start": time.perf_counter()}
+
+    def progress(done: int, ok: int) -> None:
+        tally["done"] += done
+        tally["ok"] += ok
+        now = time.perf_counter()
+        if not quiet and now - tally["shown"] >= 2.0:
+            tally["shown"] = now
+            rate = tally["done"] / max(1e-9, now - tally["start"])
+            click.echo(f"{tally['done']} done, {tally['ok']} ok, {rate:.0f}/s", err=True)
+
+    try:
+        report = images.download(
+            urls, Storage(output_dir.rstrip("/"), s3), "", settings, url_col=url_col, caption_col=caption_col,
+            language_col=language_col, progress=progress, log=None if quiet else lambda m: click.echo(m, err=True),
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{output_dir}: {report.summary()}")
 
 
 @main.command()

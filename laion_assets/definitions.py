@@ -5,14 +5,21 @@ from __future__ import annotations
 import dagster as dg
 
 from laion_assets.assets.crawl import build_crawl_assets
+from laion_assets.assets.images import build_image_assets
 from laion_assets.partitions import Layout
 from laion_assets.resources import resources_from_env
+
+
+def build_assets(layout: Layout) -> list[dg.AssetsDefinition]:
+    crawl = build_crawl_assets(layout)
+    unique_pairs = next(a for a in crawl if a.key.to_user_string() == "unique_pairs")
+    return [*crawl, *build_image_assets(layout, unique_pairs)]
 
 
 def build_definitions(layout: Layout | None = None, resources: dict | None = None) -> dg.Definitions:
     layout = layout or Layout.from_env()
     return dg.Definitions(
-        assets=[*build_crawl_assets(layout)],
+        assets=build_assets(layout),
         resources=resources if resources is not None else resources_from_env(),
     )
 

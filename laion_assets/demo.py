@@ -6,16 +6,25 @@ Runs are recorded in the Dagster instance under DAGSTER_HOME (`.dagster_home/` b
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import shutil
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from laion_assets.core.images import STATUSES
 from laion_assets.partitions import Layout
 from laion_assets.resources import resources_from_env
+
+SAMPLE_PORT = 8765  # the port in the sample crawl's image links (sample.DEFAULT_IMAGE_BASE)
 
 
 def _instance() -> dg.DagsterInstance:
@@ -31,17 +40,42 @@ def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, Any]:
     return {k: v.value for k, v in mats[-1].metadata.items()} if mats else {}
 
 
+@contextlib.contextmanager
+def image_server(www: str, port: int = SAMPLE_PORT) -> Iterator[str]:
+    """Serve the sample mirror's images on 127.0.0.1, as the sample crawl's links expect (port 0: any)."""
+    handler = functools.partial(_QuietHandler, directory=www)
+    try:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as err:
+        raise SystemExit(f"cannot serve the sample images on 127.0.0.1:{port} ({err});"
+                         " is another demo running?") from err
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def run_demo(storage: str | None = None) -> dict[str, Any]:
-    from laion_assets.assets.crawl import build_crawl_assets
+    from laion_assets.definitions import build_assets
 
     start = time.perf_counter()
     env = dict(os.environ)
     if storage:
         env["LAION_ASSETS_STORAGE"] = storage
+    env.setdefault("LAION_ASSETS_ALLOW_NETWORKS", "127.0.0.1/32")  # the demo's image server
     resources = resources_from_env(env)
     layout = Layout.from_env()
     instance = _instance()
-    assets = build_crawl_assets(layout)
+    assets = build_assets(layout)
     by_name = {a.key.to_user_string(): a for a in assets}
 
     def run(name: str, partition: str | dg.MultiPartitionKey | None = None) -> dg.ExecuteInProcessResult:
@@ -64,9 +98,17 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
         unique += _meta(run("unique_pairs", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})),
                         "unique_pairs").get("rows_out", 0)
 
+    statuses: Counter[str] = Counter()
+    with image_server(os.path.join(sample["mirror"], "www")):
+        for bucket in layout.bucket_keys():
+            meta = _meta(run("image_shards", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})),
+                         "image_shards")
+            statuses.update({s: meta.get(s, 0) for s in STATUSES})
+
     store = resources["storage"].get()
     first_chunk = dg.MultiPartitionKey({"crawl": crawl, "chunk": layout.chunk_keys()[0]})
-    summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique}
+    summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
+               "images": statuses["success"], "statuses": dict(statuses)}
     print()
     print(f"Made, in {time.perf_counter() - start:.0f} s:")
     print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
@@ -76,10 +118,15 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     print(f"  candidate_pairs      {store.uri(f'crawls/{crawl}/candidates')}  ({pairs} pairs)")
     print(f"  unique_pairs         {store.uri(f'crawls/{crawl}/unique_pairs')}  ({unique} unique URLs in"
           f" {layout.buckets} buckets)")
+    print(f"  image_shards         {store.uri(f'crawls/{crawl}/images')}  ({statuses['success']} images in"
+          f" webdataset shards; " + ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:]) + ")")
     print()
     print(f"Runs are recorded in {os.environ['DAGSTER_HOME']}; browse them with:")
-    print("  DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev     # then open http://127.0.0.1:3000")
+    print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev     # then open http://127.0.0.1:3000")
+    print("To rematerialize image_shards there, serve the sample images and let the guard allow them:")
+    print(f"  .venv/bin/python -m http.server {SAMPLE_PORT} --bind 127.0.0.1 -d {sample['mirror']}/www &")
+    print("  export LAION_ASSETS_ALLOW_NETWORKS=127.0.0.1/32")
     print("Rematerialize one partition from the command line, e.g.:")
-    print(f"  DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster asset materialize -m laion_assets.definitions"
+    print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster asset materialize -m laion_assets.definitions"
           f" --select candidate_pairs --partition '{first_chunk}'")
     return summary

@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
+from laion_assets.core.settings import FetchSettings
 from laion_assets.core.storage import Storage
 from laion_assets.core.wat import DEFAULT_SOURCE, SourceSettings
 
@@ -49,6 +50,27 @@ class CrawlSourceResource(dg.ConfigurableResource):
         return boto3.client("s3")
 
 
+class ImageFetchResource(dg.ConfigurableResource):
+    """How images are fetched: politeness and safety are deployment settings, on by default.
+
+    `allow_networks` exempts CIDRs from the address guard (the demo's image server on 127.0.0.1); from
+    `LAION_ASSETS_ALLOW_NETWORKS` (comma-separated) by default."""
+
+    user_agent: str = FetchSettings.user_agent
+    agent_token: str = FetchSettings.agent_token
+    connections: int = FetchSettings.connections
+    per_host: int = FetchSettings.per_host
+    deadline_s: float = FetchSettings.deadline_s
+    max_bytes: int = FetchSettings.max_bytes
+    retries: int = FetchSettings.retries
+    allow_networks: list[str] = []
+
+    def settings(self) -> FetchSettings:
+        return FetchSettings(user_agent=self.user_agent, agent_token=self.agent_token, connections=self.connections,
+                             per_host=self.per_host, deadline_s=self.deadline_s, max_bytes=self.max_bytes,
+                             retries=self.retries, allow_networks=tuple(self.allow_networks))
+
+
 def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     """The resources for this environment: local paths unless the variables say otherwise."""
     env = dict(os.environ if env is None else env)
@@ -56,4 +78,7 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "storage": StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3),
         "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", DEFAULT_SOURCE)),
+        "image_fetch": ImageFetchResource(
+            allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]
+        ),
     }

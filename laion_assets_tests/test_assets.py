@@ -4,42 +4,62 @@ from __future__ import annotations
 
 import gzip
 import io
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
 from laion_assets.assets.crawl import build_crawl_assets
+from laion_assets.core.images import STATUSES
 from laion_assets.core.sample import SAMPLE_CRAWL
-from laion_assets.definitions import build_definitions
+from laion_assets.definitions import build_assets, build_definitions
+from laion_assets.demo import image_server
 from laion_assets.partitions import Layout
-from laion_assets.resources import resources_from_env
+from laion_assets.resources import ImageFetchResource, resources_from_env
 
 LAYOUT = Layout(chunks=2, buckets=2)
 
 
-def materialize_stage(resources: dict, crawl: str = SAMPLE_CRAWL) -> dict[str, list[dict]]:
-    """sample_crawl, then every partition of the stage; returns each asset's materialization metadata."""
+def materialize_stage(resources: dict, mirror: Path, crawl: str = SAMPLE_CRAWL) -> dict[str, list[dict]]:
+    """sample_crawl, then every partition of every stage, with the sample images served on a free loopback
+    port; returns each asset's materialization metadata."""
     instance = dg.DagsterInstance.ephemeral()
-    assets = build_crawl_assets(LAYOUT)
+    assets = build_assets(LAYOUT)
     by = {a.key.to_user_string(): a for a in assets}
     meta: dict[str, list[dict]] = {}
+    resources = {**resources, "image_fetch": ImageFetchResource(allow_networks=["127.0.0.1/32"], deadline_s=5.0)}
 
-    def run(name: str, partition=None) -> None:
+    def run(name: str, partition=None, config: dict | None = None) -> None:
         result = dg.materialize(assets, selection=[by[name]], partition_key=partition, instance=instance,
-                                resources=resources)
+                                resources=resources, run_config={"ops": {name: {"config": config}}} if config else None)
         assert result.success
         for m in result.asset_materializations_for_node(name):
             meta.setdefault(name, []).append({k: v.value for k, v in m.metadata.items()})
 
-    run("sample_crawl")
-    assert instance.get_dynamic_partitions("crawls") == [crawl]
-    run("wat_manifest", crawl)
-    for chunk in LAYOUT.chunk_keys():
-        run("candidate_pairs", dg.MultiPartitionKey({"crawl": crawl, "chunk": chunk}))
-    for bucket in LAYOUT.bucket_keys():
-        run("unique_pairs", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
+    (mirror / "www").mkdir(parents=True, exist_ok=True)
+    with image_server(str(mirror / "www"), port=0) as base:
+        run("sample_crawl", config={"image_base_url": base})
+        assert instance.get_dynamic_partitions("crawls") == [crawl]
+        run("wat_manifest", crawl)
+        for chunk in LAYOUT.chunk_keys():
+            run("candidate_pairs", dg.MultiPartitionKey({"crawl": crawl, "chunk": chunk}))
+        for bucket in LAYOUT.bucket_keys():
+            run("unique_pairs", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
+        for bucket in LAYOUT.bucket_keys():
+            run("image_shards", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}),
+                config={"samples_per_shard": 64})
     return meta
+
+
+def check_image_shards(meta: dict[str, list[dict]]) -> None:
+    for unique, shards in zip(meta["unique_pairs"], meta["image_shards"], strict=True):
+        assert shards["urls"] == unique["rows_out"] == sum(shards[s] for s in STATUSES)
+        assert shards["shards"] == -(-unique["rows_out"] // 64) and shards["images_per_s"] > 0
+    total = {s: sum(m[s] for m in meta["image_shards"]) for s in STATUSES}
+    # The sample crawl serves most images and plants 404s, robots.txt refusals and truncated JPEGs.
+    assert total["success"] > 0.8 * sum(total.values())
+    assert total["failed_to_download"] and total["failed_to_resize"] and total["skipped_by_policy"]
 
 
 def test_definitions_load_and_validate():
@@ -49,13 +69,13 @@ def test_definitions_load_and_validate():
 
     dg.Definitions.validate_loadable(module_defs)
     keys = {k.to_user_string() for k in module_defs.resolve_asset_graph().get_all_asset_keys()}
-    assert {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs"} <= keys
+    assert {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards"} <= keys
 
 
 def test_stage_on_local_storage(tmp_path):
     resources = resources_from_env({"LAION_ASSETS_STORAGE": str(tmp_path / "data"),
                                     "LAION_ASSETS_SOURCE": str(tmp_path / "mirror")})
-    meta = materialize_stage(resources)
+    meta = materialize_stage(resources, tmp_path / "mirror")
     assert meta["wat_manifest"][0]["wat_files"] == 4
     pairs = sum(m["pairs"] for m in meta["candidate_pairs"])
     assert pairs > 500
@@ -68,6 +88,9 @@ def test_stage_on_local_storage(tmp_path):
     files = sorted((tmp_path / "data/crawls" / SAMPLE_CRAWL / "unique_pairs/buckets=2").glob("*.parquet"))
     unique = pl.concat([pl.read_parquet(f) for f in files])
     assert unique.height == rows_out and unique["url"].is_unique().all()
+    check_image_shards(meta)
+    tars = sorted((tmp_path / "data/crawls" / SAMPLE_CRAWL / "images/buckets=2").glob("bucket=*/*.tar"))
+    assert len(tars) == sum(m["shards"] for m in meta["image_shards"])
 
 
 def test_unreadable_wat_fails_the_partition_but_keeps_the_rest(tmp_path):
@@ -106,7 +129,7 @@ def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
     resources = resources_from_env({"LAION_ASSETS_STORAGE": "s3://laion-test/run1",
                                     "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
                                     "AWS_ENDPOINT_URL": s3_server})
-    meta = materialize_stage(resources)
+    meta = materialize_stage(resources, tmp_path / "mirror")
     rows_out = sum(m["rows_out"] for m in meta["unique_pairs"])
     assert meta["unique_pairs"][0]["dagster/uri"].startswith("s3://laion-test/run1/crawls/")
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="laion-test", Prefix="run1/")["Contents"]]
@@ -118,9 +141,13 @@ def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
               for k in unique_keys]
     unique = pl.concat(frames)
     assert unique.height == rows_out > 0 and unique["url"].is_unique().all()
+    check_image_shards(meta)
+    stats = [k for k in keys if "/images/" in k and k.endswith("_stats.json")]
+    assert len(stats) == sum(m["shards"] for m in meta["image_shards"])
 
 
-@pytest.mark.parametrize("module", ["wat", "candidates", "buckets", "storage", "sample", "synthetic"])
+@pytest.mark.parametrize("module", ["wat", "candidates", "buckets", "storage", "sample", "synthetic", "guard",
+                                    "settings", "resize", "fetch", "images"])
 def test_every_stage_module_imports_without_dagster(module):
     import subprocess
     import sys

@@ -9,6 +9,7 @@ import pytest
 
 from laion_assets.core.fetch import Fetcher, FetchSettings, opt_out
 from laion_assets.core.synthetic import Scene, jpeg_bytes, render
+from laion_assets_tests.handlers import cut_after, drip, endless, first_then, respond
 
 JPEG = jpeg_bytes(render(Scene("square", "green", "white", "center"), (320, 240), seed=3))
 FAST = dict(allow_networks=("127.0.0.1/32",), deadline_s=5.0, backoff_s=0.01, connect_timeout_s=2.0)
@@ -22,17 +23,6 @@ def fetch(url: str, **overrides) -> object:
     return asyncio.run(go())
 
 
-def respond(status: int, body: bytes = b"", headers: dict | None = None):
-    def handler(h):
-        h.send_response(status)
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
-    return handler
-
-
 def test_success_and_404_is_not_retried(loopback):
     loopback.static("/a.jpg", JPEG, "image/jpeg")
     ok = fetch(f"{loopback.base}/a.jpg")
@@ -43,25 +33,13 @@ def test_success_and_404_is_not_retried(loopback):
 
 
 def test_500_then_success_on_retry(loopback):
-    calls = []
-
-    def flaky(h):
-        calls.append(1)
-        (respond(500) if len(calls) == 1 else respond(200, JPEG))(h)
-
-    loopback.routes["/flaky.jpg"] = flaky
+    loopback.routes["/flaky.jpg"], _ = first_then(respond(500), respond(200, JPEG))
     r = fetch(f"{loopback.base}/flaky.jpg")
     assert r.status == "success" and r.attempts == 2
 
 
 def test_429_honours_retry_after(loopback):
-    calls = []
-
-    def limited(h):
-        calls.append(time.monotonic())
-        (respond(429, headers={"Retry-After": "1"}) if len(calls) == 1 else respond(200, JPEG))(h)
-
-    loopback.routes["/busy.jpg"] = limited
+    loopback.routes["/busy.jpg"], calls = first_then(respond(429, headers={"Retry-After": "1"}), respond(200, JPEG))
     r = fetch(f"{loopback.base}/busy.jpg")
     assert r.status == "success" and calls[1] - calls[0] >= 0.9
 
@@ -97,15 +75,6 @@ def test_non_http_schemes(url):
 
 
 def test_slow_drip_exceeds_the_total_deadline(loopback):
-    def drip(h):
-        h.send_response(200)
-        h.send_header("Content-Length", "100000")
-        h.end_headers()
-        for _ in range(100):
-            h.wfile.write(b"x" * 10)
-            h.wfile.flush()
-            time.sleep(0.1)
-
     loopback.routes["/drip"] = drip
     start = time.monotonic()
     r = fetch(f"{loopback.base}/drip", deadline_s=1.0, retries=0)
@@ -113,16 +82,6 @@ def test_slow_drip_exceeds_the_total_deadline(loopback):
 
 
 def test_endless_body_hits_the_byte_cap(loopback):
-    def endless(h):
-        h.send_response(200)
-        h.end_headers()  # no Content-Length: read until close
-        try:
-            for _ in range(10_000):
-                h.wfile.write(b"\xff" * 65536)
-        except OSError:
-            pass
-        h.close_connection = True
-
     loopback.routes["/endless"] = endless
     r = fetch(f"{loopback.base}/endless", max_bytes=1_000_000)
     assert r.status == "failed_to_download" and "cap" in r.error
@@ -142,15 +101,6 @@ def test_x_robots_tag_and_robots_txt(loopback):
 
 
 def test_connection_closed_mid_body(loopback):
-    def cut(h):
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(JPEG)))
-        h.end_headers()
-        h.wfile.write(JPEG[:500])
-        h.wfile.flush()
-        h.close_connection = True
-        h.connection.shutdown(2)
-
-    loopback.routes["/cut.jpg"] = cut
+    loopback.routes["/cut.jpg"] = cut_after(JPEG, 500)
     r = fetch(f"{loopback.base}/cut.jpg", retries=1)
     assert r.status == "failed_to_download" and r.attempts == 2 and r.error

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from laion_assets.core.resize import ImageError, ResizeSettings, process_image, sniff
 from laion_assets.core.synthetic import Scene, jpeg_bytes, render
+from laion_assets_tests.handlers import png_header_only
 
 
 def photo(w: int, h: int) -> bytes:
     return jpeg_bytes(render(Scene("circle", "red", "blue", "left"), (w, h), seed=1))
-
-
-def png_header_only(w: int, h: int) -> bytes:
-    """A PNG whose header declares w x h pixels, with almost no pixel data: a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize(

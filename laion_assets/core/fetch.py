@@ -24,28 +24,10 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion_assets.core.guard import IPNetwork, forbidden_reason, parse_networks
-from laion_assets.core.wat import USER_AGENT
+from laion_assets.core.settings import FetchSettings
 
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
-
-
-@dataclass(frozen=True)
-class FetchSettings:
-    user_agent: str = USER_AGENT
-    agent_token: str = "laion-assets"  # the robots.txt user-agent token we obey
-    connections: int = 64
-    per_host: int = 8
-    connect_timeout_s: float = 10.0
-    deadline_s: float = 30.0
-    max_bytes: int = 25 * 1024 * 1024
-    max_redirects: int = 5
-    retries: int = 2
-    backoff_s: float = 0.5
-    max_retry_after_s: float = 30.0
-    respect_robots_txt: bool = True
-    respect_x_robots_tag: bool = True
-    allow_networks: tuple[str, ...] = ()
 
 
 class PolicyRefusal(Exception):

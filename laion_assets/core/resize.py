@@ -16,32 +16,14 @@ from dataclasses import dataclass
 import imagehash
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+from laion_assets.core.settings import ENCODE_FORMATS, ResizeSettings
+
 # Decoded only when the bytes say they are one of these (never trusting Content-Type).
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
 class ImageError(ValueError):
     """An image that cannot become a sample; the message is recorded per row."""
-
-
-@dataclass(frozen=True)
-class ResizeSettings:
-    image_size: int = 256
-    resize_mode: str = "border"
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float = float("inf")
-    max_pixels: int = 89_478_485  # Pillow's own bomb threshold; checked before any pixel is decoded
-    keep_original: bool = False
-
-    def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, not {self.resize_mode!r}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"encode_format must be one of {sorted(ENCODE_FORMATS)}, not {self.encode_format!r}")
 
 
 @dataclass

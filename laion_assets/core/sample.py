@@ -5,7 +5,7 @@ record, CRLF headers, ia-web-commons JSON), whose pages link images that a local
 from `<mirror>/www/`. The pages exercise every extraction rule: relative, protocol-relative and
 `Head.Base` URLs, `data:`/`javascript:` sources, `.svg`/`.gif` images, missing and too-short alt texts,
 HTML entities and mojibake, list-form repeated headers, URLs repeated across pages and files, and
-image URLs that will 404.
+image URLs that will 404, that `www/robots.txt` disallows, or whose JPEG is truncated.
 """
 
 from __future__ import annotations
@@ -130,9 +130,16 @@ def build_sample_crawl(mirror: str | os.PathLike, settings: SampleSettings | Non
         if rng.random() < 0.04:
             name = f"missing-{i:05d}.jpg"  # linked but never served: a 404 for the downloader
         else:
-            (www / name).write_bytes(jpeg_bytes(render(scene, size, seed=settings.seed * 100_003 + i)))
+            data = jpeg_bytes(render(scene, size, seed=settings.seed * 100_003 + i))
+            if i % 29 == 5:
+                name = f"private/{i:05d}.jpg"  # served, but robots.txt disallows it: skipped_by_policy
+            elif i % 37 == 11:
+                data = data[: len(data) // 2]  # a truncated JPEG: failed_to_resize
+            (www / name).parent.mkdir(parents=True, exist_ok=True)
+            (www / name).write_bytes(data)
             report.images += 1
         pool.append((name, {lang: scene.caption(lang) for lang in LANGUAGES}))
+    (root / "www" / "robots.txt").write_text("User-agent: *\nDisallow: /img/private/\n")
     logo = "logo.jpg"
     logo_scene = random_scene(rng)
     (www / logo).write_bytes(jpeg_bytes(render(logo_scene, (400, 300), seed=7)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +39,19 @@ class Storage:
         return f"Storage({self.root!r})"
 
     # --- naming -------------------------------------------------------------------------------------
+    @staticmethod
+    def _check(key: str) -> str:
+        # A key is relative: "/x" would escape the root on a local disk.
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"storage keys are relative paths without '..': {key!r}")
+        return key
+
     def _s3_key(self, key: str) -> str:
+        key = self._check(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _path(self, key: str) -> Path:
-        return Path(self.root, key)
+        return Path(self.root, self._check(key))
 
     def uri(self, key: str) -> str:
         """The full location of a key: a local path or an s3:// URI."""
@@ -85,7 +94,7 @@ class Storage:
                 if p.is_file() and not p.name.startswith(".tmp-")
             ]
             return sorted(keys)
-        full = self._s3_key(prefix) + "/"
+        full = self._s3_key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         paginator = self.s3.get_paginator("list_objects_v2")
@@ -114,7 +123,7 @@ class Storage:
             return
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -134,7 +143,7 @@ class Storage:
         if os.stat(local_path).st_dev == os.stat(dest.parent).st_dev:
             os.replace(local_path, dest)
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
@@ -152,8 +161,27 @@ class Storage:
                 yield tmp
             return
         Path(self.root).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".tmp-stage-", dir=self.root) as tmp:
+        with tempfile.TemporaryDirectory(prefix=_tmp_prefix("stage-"), dir=self.root) as tmp:
             yield tmp
+
+    def remove_stale_temporaries(self, prefix: str = "") -> int:
+        """Delete what killed writers on this host left behind: staging folders under the root and
+        temporary files directly under prefix whose process is gone. Returns how many were removed."""
+        if self.is_s3:
+            return 0  # S3 uploads are atomic; staging lives in the local temp dir
+        removed = 0
+        for folder in {Path(self.root), self._path(prefix) if prefix else Path(self.root)}:
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if _left_by_dead_process(entry.name):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            entry.unlink()
+                    removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         if self.is_s3:
@@ -161,3 +189,26 @@ class Storage:
         else:
             with contextlib.suppress(FileNotFoundError):
                 self._path(key).unlink()
+
+
+def _tmp_prefix(kind: str = "") -> str:
+    # Host and pid in the name let a later run tell a dead writer's leftovers from a live one's.
+    return f".tmp-{kind}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _left_by_dead_process(name: str) -> bool:
+    host = socket.gethostname()
+    for kind in ("stage-", ""):
+        head = f".tmp-{kind}{host}-"
+        if name.startswith(head):
+            pid = name[len(head):].split("-", 1)[0]
+            if not pid.isdigit():
+                return False
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            return False
+    return False
