@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: venv demo test lint dev bench-extract
+.PHONY: venv demo test lint dev bench-extract bench-download
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,6 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 bench-extract: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_extract.py
+
+bench-download: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_download.py

@@ -55,4 +55,34 @@ def test_same_bytes_same_hashes_and_similar_images_close_phash():
     c = process_image(jpeg_bytes(render(Scene("circle", "red", "blue", "left"), (640, 480), seed=1), 40),
                       ResizeSettings())
     assert c.sha256 != a.sha256
-    assert bin(int(a.phash, 16) ^ int(c.phash, 16)).count("1") <= 8
+    other = process_image(jpeg_bytes(render(Scene("circle", "red", "blue", "right"), (640, 480), seed=1)),
+                          ResizeSettings())
+
+    def bits(x: str, y: str) -> int:
+        return bin(int(x, 16) ^ int(y, 16)).count("1")
+
+    # A recompressed copy stays close; the same picture mirrored is far.
+    assert bits(a.phash, c.phash) <= 12 < 20 < bits(a.phash, other.phash)
+
+
+def test_perceptual_hash_is_imagehash_phash_of_the_reduced_image():
+    import imagehash
+
+    from laion_assets.core.resize import perceptual_hash
+
+    for seed, size in enumerate([(256, 256), (256, 192), (64, 48), (700, 500)]):
+        img = render(Scene("circle", "red", "blue", "left"), size, seed=seed)
+        grey = img.convert("L")
+        factor = max(1, min(size) // 32)
+        expected = imagehash.phash(grey.reduce(factor) if factor > 1 else grey)
+        assert perceptual_hash(img) == str(expected)
+
+
+def test_transparency_is_matted_onto_white():
+    from PIL import Image as PILImage
+
+    clear = PILImage.new("RGBA", (300, 300), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    clear.save(buf, format="PNG")
+    out = process_image(buf.getvalue(), ResizeSettings())
+    assert PILImage.open(io.BytesIO(out.data)).getpixel((128, 128)) >= (250, 250, 250)
