@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {
@@ -99,8 +99,12 @@ def render(scene: Scene, size: tuple[int, int], seed: int, watermark: str | None
         draw.regular_polygon((cx, cy, r), 5, fill=fill)
         draw.regular_polygon((cx, cy, r * 0.9), 5, rotation=36, fill=fill)
     if watermark:
-        for i in range(3):
-            draw.text((rng.uniform(0, w * 0.5), h * (0.2 + 0.3 * i)), watermark, fill=(255, 255, 255))
+        # A stock-photo style mark: large light text across the picture, as the watermark head must find.
+        font = ImageFont.load_default(size=max(10, h // 7))
+        r, g, b = COLORS[scene.background]
+        shade = (30, 30, 30) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (235, 235, 235)
+        for i in range(2):
+            draw.text((rng.uniform(0, w * 0.3), h * (0.15 + 0.45 * i)), watermark, fill=shade, font=font)
     return img.filter(ImageFilter.SMOOTH)
 
 
