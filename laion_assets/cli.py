@@ -161,6 +161,64 @@ def download(
     click.echo(f"{output_dir}: {report.summary()}")
 
 
+@main.command("train-safety")
+@click.argument("labelled")
+@click.option("--output", "-o", required=True, help="Checkpoint to write (a .json card is written next to it).")
+@click.option("--epochs", default=40, show_default=True)
+@click.option("--name", default="safety-head", show_default=True, help="Recorded with every score.")
+def train_safety(labelled: str, output: str, epochs: int, name: str) -> None:
+    """Train the safety head on labelled embeddings: an .npz with `embeddings` (N x D) and `labels` (N, 1 =
+    unsafe), e.g. ViT-L/14 image embeddings of a labelled set."""
+    import numpy as np
+
+    from laion_assets.core import tags
+
+    data = np.load(labelled)
+    for needed in ("embeddings", "labels"):
+        if needed not in data:
+            raise click.ClickException(f"{labelled} has no array {needed!r} (it has {', '.join(data.files)})")
+    x, y = data["embeddings"], data["labels"]
+    head = tags.train_safety_head(x, y, epochs=epochs, log=click.echo)
+    accuracy = float(((tags.punsafe(head, x) > 0.5) == (y > 0.5)).mean())
+    tags.save_safety_head(head, output, {"name": name, "train_accuracy": accuracy, "samples": int(len(y))})
+    click.echo(f"{output}: {head.dim}-d safety head, training accuracy {accuracy:.3f} on {len(y)} samples")
+
+
+@main.command("train-watermark")
+@click.argument("folder")
+@click.option("--output", "-o", required=True, help="Checkpoint to write (a .json card is written next to it).")
+@click.option("--arch", default="efficientnet_b3a", show_default=True, help="A timm model name.")
+@click.option("--image-size", default=256, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--threshold", default=0.8, show_default=True, help="pwatermark above it: watermarked.")
+@click.option("--name", default="", help="Recorded with every score (default: the arch).")
+def train_watermark(folder: str, output: str, arch: str, image_size: int, epochs: int, batch_size: int,
+                    threshold: float, name: str) -> None:
+    """Train the watermark classifier on labelled image folders: FOLDER/clean/ and FOLDER/watermark/."""
+    from laion_assets.core import tags
+
+    images, labels = tags.load_image_folders(folder, image_size)
+    model = tags.train_watermark(images, labels, arch, epochs=epochs, batch_size=min(batch_size, len(images)),
+                                 log=click.echo)
+    accuracy = float(((tags.pwatermark(model, images) > 0.5) == (labels.numpy() == 1)).mean())
+    spec = tags.WatermarkSpec(name or arch, arch, output, image_size, threshold)
+    tags.save_watermark(model, spec, {"train_accuracy": accuracy, "samples": int(len(labels))})
+    click.echo(f"{output}: {arch} at {image_size} px, training accuracy {accuracy:.3f} on {len(labels)} images")
+
+
+@main.command("small-models")
+@click.option("--models-dir", default="data/models", show_default=True)
+def small_models_command(models_dir: str) -> None:
+    """Build (once) the small offline CLIPs and heads the tests and the demo use."""
+    from laion_assets.core.models import small_models
+
+    chosen = small_models(models_dir, log=click.echo)
+    click.echo(f"{models_dir}: {chosen.clip_en.name} (threshold {chosen.clip_en.threshold:.3f}),"
+               f" {chosen.clip_multi.name} (threshold {chosen.clip_multi.threshold:.3f}), safety head,"
+               f" {chosen.watermark.name}")
+
+
 @main.command()
 @click.option("--storage", default=None, help="Storage root (default: LAION_ASSETS_STORAGE or ./data).")
 def demo(storage: str | None) -> None:

@@ -105,10 +105,19 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
                          "image_shards")
             statuses.update({s: meta.get(s, 0) for s in STATUSES})
 
+    clip_totals: Counter[str] = Counter()
+    for bucket in layout.bucket_keys():
+        key = dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})
+        scores = _meta(run("clip_scores", key), "clip_scores")
+        clip_totals.update({"scored": scores.get("samples", 0), "kept": scores.get("kept", 0)})
+        clip_totals["embedded"] += _meta(run("image_embeddings", key), "image_embeddings").get("dagster/row_count", 0)
+        clip_totals["unsafe"] += _meta(run("safety_scores", key), "safety_scores").get("unsafe", 0)
+        clip_totals["watermarked"] += _meta(run("watermark_scores", key), "watermark_scores").get("watermarked", 0)
+
     store = resources["storage"].get()
     first_chunk = dg.MultiPartitionKey({"crawl": crawl, "chunk": layout.chunk_keys()[0]})
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
-               "images": statuses["success"], "statuses": dict(statuses)}
+               "images": statuses["success"], "statuses": dict(statuses), **clip_totals}
     print()
     print(f"Made, in {time.perf_counter() - start:.0f} s:")
     print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
@@ -120,6 +129,14 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
           f" {layout.buckets} buckets)")
     print(f"  image_shards         {store.uri(f'crawls/{crawl}/images')}  ({statuses['success']} images in"
           f" webdataset shards; " + ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:]) + ")")
+    print(f"  clip_scores          {store.uri(f'crawls/{crawl}/clip_scores')}  ({clip_totals['scored']} scored,"
+          f" {clip_totals['kept']} kept)")
+    print(f"  image_embeddings     {store.uri(f'crawls/{crawl}/embeddings')}  ({clip_totals['embedded']} image and"
+          " text embeddings, clip-retrieval layout)")
+    print(f"  safety_scores        {store.uri(f'crawls/{crawl}/safety_scores')}  ({clip_totals['unsafe']} unsafe)")
+    print(f"  watermark_scores     {store.uri(f'crawls/{crawl}/watermark_scores')}  ({clip_totals['watermarked']}"
+          " watermarked)")
+    print("  (small offline models, trained on the synthetic world, cached in data/models/)")
     print()
     print(f"Runs are recorded in {os.environ['DAGSTER_HOME']}; browse them with:")
     print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev     # then open http://127.0.0.1:3000")

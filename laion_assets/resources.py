@@ -71,6 +71,70 @@ class ImageFetchResource(dg.ConfigurableResource):
                              retries=self.retries, allow_networks=tuple(self.allow_networks))
 
 
+class ModelRegistryResource(dg.ConfigurableResource):
+    """Which models the CLIP stage uses. `preset` "small" (default): the offline set, trained on the synthetic
+    world and cached in `models_dir` on first use. "laion": LAION-5B's models (open_clip downloads B/32,
+    the multilingual B/32 and L/14 when first loaded; the two heads need checkpoint paths). Any field set
+    here overrides the preset; a CLIP is an open_clip architecture plus a pretrained tag or checkpoint path."""
+
+    preset: str = "small"
+    models_dir: str = "data/models"
+    clip_en_arch: str = ""
+    clip_en_pretrained: str = ""
+    clip_multi_arch: str = ""
+    clip_multi_pretrained: str = ""
+    embed_arch: str = ""
+    embed_pretrained: str = ""
+    threshold_en: float | None = None
+    threshold_multi: float | None = None
+    safety_head: str = ""
+    watermark_arch: str = ""
+    watermark_checkpoint: str = ""
+    watermark_image_size: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    decode_workers: int = 1
+
+    def model_set(self, log: Any = None) -> Any:
+        import dataclasses
+
+        from laion_assets.core import clip, models, tags
+
+        if self.preset == "small":
+            base = models.small_models(self.models_dir, log)
+        elif self.preset == "laion":
+            base = models.ModelSet(clip.LAION_EN, clip.LAION_MULTI, clip.LAION_EMBED, self.safety_head,
+                                   dataclasses.replace(tags.LAION_WATERMARK, checkpoint=self.watermark_checkpoint))
+        else:
+            raise ValueError(f"preset must be 'small' or 'laion', not {self.preset!r}")
+
+        def clip_of(spec: Any, arch: str, pretrained: str, threshold: float | None) -> Any:
+            changed = arch or pretrained
+            spec = dataclasses.replace(spec, arch=arch or spec.arch, pretrained=pretrained or spec.pretrained)
+            if changed:
+                spec = dataclasses.replace(spec, name=f"{spec.arch}/{os.path.basename(spec.pretrained)}")
+            return spec if threshold is None else dataclasses.replace(spec, threshold=threshold)
+
+        watermark = base.watermark
+        if self.watermark_arch or self.watermark_checkpoint or self.watermark_image_size:
+            watermark = dataclasses.replace(
+                watermark, arch=self.watermark_arch or watermark.arch,
+                checkpoint=self.watermark_checkpoint or watermark.checkpoint,
+                image_size=self.watermark_image_size or watermark.image_size)
+        return models.ModelSet(
+            clip_en=clip_of(base.clip_en, self.clip_en_arch, self.clip_en_pretrained, self.threshold_en),
+            clip_multi=clip_of(base.clip_multi, self.clip_multi_arch, self.clip_multi_pretrained, self.threshold_multi),
+            embed=clip_of(base.embed, self.embed_arch, self.embed_pretrained, None),
+            safety_head=self.safety_head or base.safety_head,
+            watermark=watermark,
+        )
+
+    def torch_device(self) -> Any:
+        from laion_assets.core.clip import pick_device
+
+        return pick_device(self.device)
+
+
 def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     """The resources for this environment: local paths unless the variables say otherwise."""
     env = dict(os.environ if env is None else env)
@@ -78,6 +142,10 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "storage": StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3),
         "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", DEFAULT_SOURCE)),
+        "models": ModelRegistryResource(
+            preset=env.get("LAION_ASSETS_MODELS", "small"),
+            models_dir=env.get("LAION_ASSETS_MODELS_DIR", "data/models"),
+        ),
         "image_fetch": ImageFetchResource(
             allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]
         ),

@@ -21,7 +21,8 @@ from laion_assets.resources import ImageFetchResource, resources_from_env
 LAYOUT = Layout(chunks=2, buckets=2)
 
 
-def materialize_stage(resources: dict, mirror: Path, crawl: str = SAMPLE_CRAWL) -> dict[str, list[dict]]:
+def materialize_stage(resources: dict, mirror: Path, crawl: str = SAMPLE_CRAWL, clip: bool = False
+                      ) -> dict[str, list[dict]]:
     """sample_crawl, then every partition of every stage, with the sample images served on a free loopback
     port; returns each asset's materialization metadata."""
     instance = dg.DagsterInstance.ephemeral()
@@ -49,6 +50,12 @@ def materialize_stage(resources: dict, mirror: Path, crawl: str = SAMPLE_CRAWL) 
         for bucket in LAYOUT.bucket_keys():
             run("image_shards", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}),
                 config={"samples_per_shard": 64})
+    if clip:
+        for bucket in LAYOUT.bucket_keys():
+            for name in ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores"):
+                run(name, dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
+        # A rerun with unchanged models only re-applies the thresholds to the stored similarities.
+        run("clip_scores", dg.MultiPartitionKey({"crawl": crawl, "bucket": LAYOUT.bucket_keys()[0]}))
     return meta
 
 
@@ -75,7 +82,7 @@ def test_definitions_load_and_validate():
 def test_stage_on_local_storage(tmp_path):
     resources = resources_from_env({"LAION_ASSETS_STORAGE": str(tmp_path / "data"),
                                     "LAION_ASSETS_SOURCE": str(tmp_path / "mirror")})
-    meta = materialize_stage(resources, tmp_path / "mirror")
+    meta = materialize_stage(resources, tmp_path / "mirror", clip=True)
     assert meta["wat_manifest"][0]["wat_files"] == 4
     pairs = sum(m["pairs"] for m in meta["candidate_pairs"])
     assert pairs > 500
@@ -91,6 +98,25 @@ def test_stage_on_local_storage(tmp_path):
     check_image_shards(meta)
     tars = sorted((tmp_path / "data/crawls" / SAMPLE_CRAWL / "images/buckets=2").glob("bucket=*/*.tar"))
     assert len(tars) == sum(m["shards"] for m in meta["image_shards"])
+    check_clip_stage(meta, tmp_path / "data/crawls" / SAMPLE_CRAWL)
+
+
+def check_clip_stage(meta: dict[str, list[dict]], root: Path) -> None:
+    import numpy as np
+
+    scores, embeddings = meta["clip_scores"], meta["image_embeddings"]
+    for shards, score, emb, safety, mark in zip(meta["image_shards"], scores, embeddings, meta["safety_scores"],
+                                                meta["watermark_scores"], strict=False):
+        assert score["samples"] == shards["success"] and 0 < score["kept"] <= score["samples"]
+        assert emb["dagster/row_count"] == score["kept"] == safety["samples"] == mark["samples"]
+    assert scores[-1]["refiltered_only"] is True
+    for i in range(LAYOUT.buckets):
+        base = root / f"embeddings/buckets={LAYOUT.buckets}"
+        img = np.load(base / f"img_emb/img_emb_{i}.npy")
+        txt = np.load(base / f"text_emb/text_emb_{i}.npy")
+        rows = pl.read_parquet(base / f"metadata/metadata_{i}.parquet")
+        assert img.shape == txt.shape and img.shape[0] == rows.height and img.dtype == np.float16
+        assert rows["key"].is_sorted()
 
 
 def test_unreadable_wat_fails_the_partition_but_keeps_the_rest(tmp_path):
@@ -147,7 +173,7 @@ def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["wat", "candidates", "buckets", "storage", "sample", "synthetic", "guard",
-                                    "settings", "resize", "fetch", "images"])
+                                    "settings", "resize", "fetch", "images", "clip", "tags", "models"])
 def test_every_stage_module_imports_without_dagster(module):
     import subprocess
     import sys
