@@ -193,13 +193,18 @@ def _collate(items: list[tuple[str, torch.Tensor, str, str, str, str]]) -> Batch
     return Batch(list(keys), torch.stack(tensors), list(errors), list(captions), list(languages), list(urls))
 
 
+def _one_thread(_worker_id: int) -> None:
+    # A decode worker needs one thread; torch's default (all cores) would fight the model for them.
+    torch.set_num_threads(1)
+
+
 def decoded_batches(tar_paths: list[str], transform: Any, size: int, batch_size: int, workers: int,
                     keep: frozenset[str] | None = None, pin: bool = False) -> Iterator[Batch]:
     dataset = _Decoded(sorted(tar_paths), transform, size, keep)
     workers = max(0, min(workers, len(tar_paths)))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, pin_memory=pin,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
+        prefetch_factor=4 if workers else None, persistent_workers=False, worker_init_fn=_one_thread,
     )
     yield from loader
 
@@ -246,7 +251,7 @@ def score_shards(tar_paths: list[str], english: LoadedClip, multilingual: Loaded
     for batch in decoded_batches(tar_paths, english.preprocess, english.image_size, batch_size, workers, pin=pin):
         sims = np.full(len(batch.keys), np.nan, dtype=np.float32)
         chosen = [english if is_english(lang) else multilingual for lang in batch.languages]
-        for model in (english, multilingual):
+        for model in [english] if multilingual is english else [english, multilingual]:
             idx = [i for i, m in enumerate(chosen) if m is model and not batch.errors[i]]
             if not idx:
                 continue
