@@ -402,7 +402,8 @@ def train_small_clip(name: str, languages: tuple[str, ...], out: str | os.PathLi
         if log and (step % 100 == 0 or step == steps - 1):
             log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
     model.eval()
-    loaded = LoadedClip(ClipSpec(name, SMALL_ARCH, ""), model, None, tokenizer, torch.device("cpu"))
+    preprocess = open_clip.image_transform(size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    loaded = LoadedClip(ClipSpec(name, SMALL_ARCH, ""), model, preprocess, tokenizer, torch.device("cpu"))
     matched, shuffled = held_out_similarities(loaded, 600, seed + 2, languages)
     threshold = calibrate_threshold(matched, shuffled)
     spec = ClipSpec(name, SMALL_ARCH, str(out), threshold)
@@ -414,9 +415,23 @@ def train_small_clip(name: str, languages: tuple[str, ...], out: str | os.PathLi
 
 def held_out_similarities(model: LoadedClip, n: int, seed: int, languages: tuple[str, ...]
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """Similarities of n held-out matched pairs and of the same images with shuffled captions."""
-    images, _, captions = synthetic_pairs(n, seed, model.image_size, languages)
-    img = model.encode_images(images)
+    """Similarities of n held-out matched pairs and of the same images with shuffled captions, the images
+    taking the real path: photo-sized render, JPEG, the download stage's 256 px border, CLIP preprocessing
+    (so that the calibrated threshold holds for what the pipeline stores)."""
+    from laion_assets.core.resize import process_image
+    from laion_assets.core.settings import ResizeSettings
+    from laion_assets.core.synthetic import jpeg_bytes, random_scene, render
+
+    rng = random.Random(seed)
+    tensors, captions = [], []
+    for i in range(n):
+        scene = random_scene(rng)
+        size = (rng.randint(320, 640), rng.randint(240, 480))
+        stored = process_image(jpeg_bytes(render(scene, size, seed=seed * 1_000_003 + i)), ResizeSettings()).data
+        with Image.open(io.BytesIO(stored)) as img:
+            tensors.append(model.preprocess(img.convert("RGB")))
+        captions.append(scene.caption(rng.choice(languages)))
+    img = model.encode_images(torch.stack(tensors))
     shuffled = captions[1:] + captions[:1]
     return (img * model.encode_texts(captions)).sum(1), (img * model.encode_texts(shuffled)).sum(1)
 
