@@ -55,6 +55,11 @@ def build_clip_assets(layout: Layout, image_shards: dg.AssetsDefinition) -> list
             raise dg.Failure(f"no image shards for {crawl} bucket {bucket}: materialize image_shards first")
         return keys, crawl, bucket
 
+    def kept_keys(store, crawl: str, bucket: str) -> frozenset[str]:
+        scores = _read_parquet(store, stage_key(crawl, "clip_scores", bucket, layout.buckets))
+        return frozenset(k for k, kept in zip(scores["key"].to_pylist(), scores["keep"].to_pylist(), strict=True)
+                         if kept)
+
     @dg.asset(partitions_def=parts, deps=[image_shards], kinds={"pytorch", "parquet"}, group_name="clip",
               pool="gpu")
     def clip_scores(context: dg.AssetExecutionContext, config: ScoreConfig, storage: StorageResource,
@@ -109,9 +114,7 @@ def build_clip_assets(layout: Layout, image_shards: dg.AssetsDefinition) -> list
 
         store = storage.get()
         keys, crawl, bucket = tars(context, store)
-        scores = _read_parquet(store, stage_key(crawl, "clip_scores", bucket, layout.buckets))
-        keep = frozenset(k for k, kept in zip(scores["key"].to_pylist(), scores["keep"].to_pylist(), strict=True)
-                         if kept)
+        keep = kept_keys(store, crawl, bucket)
         chosen = models.model_set(context.log.info)
         device = models.torch_device()
         model = clip.load_clip(chosen.embed, device)
@@ -169,9 +172,7 @@ def build_clip_assets(layout: Layout, image_shards: dg.AssetsDefinition) -> list
 
         store = storage.get()
         keys, crawl, bucket = tars(context, store)
-        scores = _read_parquet(store, stage_key(crawl, "clip_scores", bucket, layout.buckets))
-        keep = frozenset(k for k, kept in zip(scores["key"].to_pylist(), scores["keep"].to_pylist(), strict=True)
-                         if kept)
+        keep = kept_keys(store, crawl, bucket)
         chosen = models.model_set(context.log.info)
         device = models.torch_device()
         model = tags.load_watermark(chosen.watermark, device)
