@@ -5,7 +5,8 @@ record, CRLF headers, ia-web-commons JSON), whose pages link images that a local
 from `<mirror>/www/`. The pages exercise every extraction rule: relative, protocol-relative and
 `Head.Base` URLs, `data:`/`javascript:` sources, `.svg`/`.gif` images, missing and too-short alt texts,
 HTML entities and mojibake, list-form repeated headers, URLs repeated across pages and files, and
-image URLs that will 404, that `www/robots.txt` disallows, or whose JPEG is truncated.
+image URLs that will 404, that `www/robots.txt` disallows, or whose JPEG is truncated; every 9th image
+carries a text watermark.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def build_sample_crawl(mirror: str | os.PathLike, settings: SampleSettings | Non
         if rng.random() < 0.04:
             name = f"missing-{i:05d}.jpg"  # linked but never served: a 404 for the downloader
         else:
-            data = jpeg_bytes(render(scene, size, seed=settings.seed * 100_003 + i))
+            # Every 9th image carries a stock-photo text mark, for the watermark scores.
+            mark = "(c) stock" if i % 9 == 4 else None
+            data = jpeg_bytes(render(scene, size, seed=settings.seed * 100_003 + i, watermark=mark))
             if i % 29 == 5:
                 name = f"private/{i:05d}.jpg"  # served, but robots.txt disallows it: skipped_by_policy
             elif i % 37 == 11:
