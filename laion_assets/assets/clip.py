@@ -40,8 +40,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class ScoreConfig(dg.Config):
-    # When the bucket was scored before with the same models, only the keep flags are recomputed from the
-    # stored similarities (a threshold change re-filters without touching an image).
+    # When the bucket was scored before with the same models and its downloads have not changed since, only
+    # the keep flags are recomputed from the stored similarities (a threshold change re-filters without
+    # touching an image).
     reuse_similarities: bool = True
 
 
@@ -54,6 +55,18 @@ def build_clip_assets(layout: Layout, image_shards: dg.AssetsDefinition) -> list
         if not keys:
             raise dg.Failure(f"no image shards for {crawl} bucket {bucket}: materialize image_shards first")
         return keys, crawl, bucket
+
+    def downloaded_keys(store, crawl: str, bucket: str) -> list[str]:
+        """Keys of the bucket's successful downloads, sorted: what a valid clip_scores table covers."""
+        prefix = image_shards_prefix(crawl, bucket, layout.buckets)
+        rows = [k for k in store.list(prefix) if k.endswith(".parquet")]
+        keys: list[str] = []
+        with store.local_copies(rows) as paths:
+            for path in paths:
+                t = pq.read_table(path, columns=["key", "status"])
+                keys += [k for k, st in zip(t["key"].to_pylist(), t["status"].to_pylist(), strict=True)
+                         if st == "success"]
+        return sorted(keys)
 
     def kept_keys(store, crawl: str, bucket: str) -> frozenset[str]:
         scores = _read_parquet(store, stage_key(crawl, "clip_scores", bucket, layout.buckets))
@@ -75,7 +88,8 @@ def build_clip_assets(layout: Layout, image_shards: dg.AssetsDefinition) -> list
         thresholds = {m.name: m.threshold for m in (chosen.clip_en, chosen.clip_multi)}
         if config.reuse_similarities and store.exists(out):
             old = _read_parquet(store, out)
-            if set(old["model"].to_pylist()) <= set(thresholds):
+            same_models = set(old["model"].to_pylist()) <= set(thresholds)
+            if same_models and old["key"].to_pylist() == downloaded_keys(store, crawl, bucket):
                 table = clip.refilter(old, thresholds)
                 _write_parquet(store, out, table)
                 kept = sum(table["keep"].to_pylist())
