@@ -8,9 +8,15 @@ import time
 
 import click
 
-from laion_assets.core.candidates import ExtractSettings
-from laion_assets.core.sample import SampleSettings
-from laion_assets.core.settings import ENCODE_FORMATS, RESIZE_MODES, DownloadSettings, FetchSettings, ResizeSettings
+from laion_assets.core.settings import (
+    ENCODE_FORMATS,
+    RESIZE_MODES,
+    DownloadSettings,
+    ExtractSettings,
+    FetchSettings,
+    ResizeSettings,
+    SampleSettings,
+)
 from laion_assets.core.wat import DEFAULT_SOURCE, SourceSettings
 
 

@@ -28,6 +28,7 @@ import orjson
 import pyarrow as pa
 
 from laion_assets.core.buckets import CHUNK_MARKER, BucketWriter, candidates_chunk_prefix, write_chunk_marker
+from laion_assets.core.settings import ExtractSettings
 from laion_assets.core.storage import Storage
 from laion_assets.core.wat import (
     ReadStats,
@@ -54,18 +55,6 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = SCHEMA.names
-
-
-@dataclass(frozen=True)
-class ExtractSettings:
-    """The extraction rules' parameters (LAION-5B's values by default)."""
-
-    min_text_length: int = 5
-    max_text_length: int = 1000
-    drop_extensions: tuple[str, ...] = (".svg", ".svgz", ".gif")
-    # Alt texts repeat a lot within a crawl ("logo", product names); cleaning and language ID are pure
-    # functions of the raw text, so their results are cached per process.
-    text_cache_size: int = 200_000
 
 
 # Drop reasons returned by clean_url instead of a URL.

@@ -22,20 +22,8 @@ from pathlib import Path
 
 import orjson
 
+from laion_assets.core.settings import DEFAULT_IMAGE_BASE, SAMPLE_CRAWL, SampleSettings  # noqa: F401 - re-exported
 from laion_assets.core.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
-
-SAMPLE_CRAWL = "CC-MAIN-2099-01"
-DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    crawl: str = SAMPLE_CRAWL
-    image_base_url: str = DEFAULT_IMAGE_BASE
-    wat_files: int = 4
-    pages_per_file: int = 30
-    images_per_page: int = 5
-    seed: int = 0
 
 
 @dataclass

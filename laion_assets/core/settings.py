@@ -1,4 +1,4 @@
-"""Settings of the download stage, kept free of heavy imports so that the CLI starts fast."""
+"""Settings (and their defaults) of the stages, kept free of heavy imports so that the CLI starts fast."""
 
 from __future__ import annotations
 
@@ -56,3 +56,27 @@ class DownloadSettings:
     resize: ResizeSettings = field(default_factory=ResizeSettings)
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """The extraction rules' parameters (LAION-5B's values by default)."""
+
+    min_text_length: int = 5
+    max_text_length: int = 1000
+    drop_extensions: tuple[str, ...] = (".svg", ".svgz", ".gif")
+    # Alt texts repeat a lot within a crawl ("logo", product names); cleaning and language ID are pure
+    # functions of the raw text, so their results are cached per process.
+    text_cache_size: int = 200_000
+
+
+SAMPLE_CRAWL = "CC-MAIN-2099-01"
+DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    crawl: str = SAMPLE_CRAWL
+    image_base_url: str = DEFAULT_IMAGE_BASE
+    wat_files: int = 4
+    pages_per_file: int = 30
+    images_per_page: int = 5
+    seed: int = 0
