@@ -14,9 +14,7 @@ Usage: python benchmarks/bench_clip.py [--device auto|cpu|cuda] [--images-b32 51
 from __future__ import annotations
 
 import argparse
-import io
 import random
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import orjson
 import torch
 
 from laion_assets.core import clip
+from laion_assets.core.images import write_tar
 from laion_assets.core.resize import ResizeSettings, process_image
 from laion_assets.core.synthetic import jpeg_bytes, random_scene, render
 
@@ -42,17 +41,15 @@ def build_shards(n: int, per_shard: int = 256) -> list[str]:
         paths.append(str(path))
         if path.exists():
             continue
-        with tarfile.open(path, "w") as tar:
-            for i in range(lo, min(n, lo + per_shard)):
-                scene = random_scene(rng)
-                size = (rng.randint(320, 1024), rng.randint(240, 768))
-                data = process_image(jpeg_bytes(render(scene, size, seed=i)), ResizeSettings()).data
-                key = f"{shard:05d}{i - lo:04d}"
-                for name, body in (("jpg", data), ("txt", scene.caption("en").encode()),
-                                   ("json", orjson.dumps({"key": key, "language": "en"}))):
-                    info = tarfile.TarInfo(f"{key}.{name}")
-                    info.size = len(body)
-                    tar.addfile(info, io.BytesIO(body))
+        samples = []
+        for i in range(lo, min(n, lo + per_shard)):
+            scene = random_scene(rng)
+            size = (rng.randint(320, 1024), rng.randint(240, 768))
+            data = process_image(jpeg_bytes(render(scene, size, seed=i)), ResizeSettings()).data
+            key = f"{shard:05d}{i - lo:04d}"
+            samples.append((key, {"jpg": data, "txt": scene.caption("en").encode(),
+                                  "json": orjson.dumps({"key": key, "language": "en"})}))
+        write_tar(str(path), samples)
     return paths
 
 

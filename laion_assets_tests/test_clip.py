@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import orjson
 import pytest
 
 from laion_assets.core import clip, tags
+from laion_assets.core.images import write_tar
 from laion_assets.core.models import small_models
 from laion_assets.core.resize import ResizeSettings, process_image
 from laion_assets.core.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
@@ -32,14 +31,11 @@ def stored_jpeg(img) -> bytes:
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, str, str]]) -> str:
     """A webdataset tar as image_shards writes it: (key, jpg, caption, language)."""
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption, language in samples:
-            members = {"jpg": image, "json": orjson.dumps({"key": key, "url": f"http://x/{key}.jpg",
-                                                            "language": language}), "txt": caption.encode()}
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    def meta(key: str, language: str) -> bytes:
+        return orjson.dumps({"key": key, "url": f"http://x/{key}.jpg", "language": language})
+
+    write_tar(str(path), ((key, {"jpg": image, "txt": caption.encode(), "json": meta(key, language)})
+                          for key, image, caption, language in samples))
     return str(path)
 
 

@@ -21,7 +21,7 @@ import tarfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,22 +162,25 @@ def complete_shards(store: Storage, prefix: str) -> dict[int, str]:
     return found
 
 
-def count_rows(path: str, url_col: str = "url") -> int:
-    """Rows of a Parquet URL list, from its footer; a clear error when the URL column is missing."""
-    meta = pq.ParquetFile(path)
-    names = meta.schema_arrow.names
+def _open_url_list(path: str, url_col: str) -> pq.ParquetFile:
+    """A Parquet URL list, opened (footer only); a clear error when the URL column is missing."""
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
     if url_col not in names:
         raise ValueError(f"{path} has no column {url_col!r} (columns: {', '.join(names)})")
-    return meta.metadata.num_rows
+    return file
+
+
+def count_rows(path: str, url_col: str = "url") -> int:
+    """Rows of a Parquet URL list, from its footer."""
+    return _open_url_list(path, url_col).metadata.num_rows
 
 
 def read_inputs(path: str, url_col: str = "url", caption_col: str = "caption",
                 language_col: str = "language") -> Inputs:
     """The input columns of a Parquet URL list; missing caption/language columns read as empty."""
-    file = pq.ParquetFile(path)
+    file = _open_url_list(path, url_col)
     names = file.schema_arrow.names
-    if url_col not in names:
-        raise ValueError(f"{path} has no column {url_col!r} (columns: {', '.join(names)})")
     wanted = list(dict.fromkeys(c for c in (url_col, caption_col, language_col) if c in names))
     table = file.read(columns=wanted)
 
@@ -200,7 +203,7 @@ class ShardBuilder:
     """Collects one shard's results in any order; writes the shard in key order once all are in."""
 
     def __init__(self, shard: int, lo: int, hi: int, widths: tuple[int, int], staging: str) -> None:
-        self.shard, self.lo, self.hi = shard, lo, hi
+        self.shard, self.lo = shard, lo
         self.widths = widths
         self.name = shard_name(shard, widths[0])
         self.rows: list[dict[str, Any] | None] = [None] * (hi - lo)
@@ -235,19 +238,19 @@ class ShardBuilder:
         stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
         stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
         tar_path = os.path.join(self.staging, f"{self.name}.tar")
-        # The layout webdataset's TarWriter writes (members {key}.{field}, sorted fields, fixed owner),
-        # through tarfile directly: a third faster than TarWriter's streamed mode, with mtime 0 so that
-        # a rerun writes the same bytes.
-        with open(self.spill_path, "rb") as spill, tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row, files in zip(rows, self.images, strict=True):
-                if not files:
-                    continue
-                members = {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row)}
-                for name, offset, length in files:
-                    spill.seek(offset)
-                    members[name] = spill.read(length)
-                for name in sorted(members):
-                    _add_member(tar, f"{row['key']}.{name}", members[name])
+        with open(self.spill_path, "rb") as spill:
+
+            def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+                for row, files in zip(rows, self.images, strict=True):
+                    if not files:
+                        continue
+                    members = {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row)}
+                    for name, offset, length in files:
+                        spill.seek(offset)
+                        members[name] = spill.read(length)
+                    yield row["key"], members
+
+            write_tar(tar_path, samples())
         stats.bytes_written = os.path.getsize(tar_path)
         store.put_file(tar_path, _join(prefix, f"{self.name}.tar"))
         pq_path = os.path.join(self.staging, f"{self.name}.parquet")
@@ -258,16 +261,17 @@ class ShardBuilder:
         store.write_bytes(_join(prefix, f"{self.name}_stats.json"), stats.to_json())
         return stats
 
-    def discard(self) -> None:
-        self._spill.close()
-        if os.path.exists(self.spill_path):
-            os.unlink(self.spill_path)
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
-    tar.addfile(info, io.BytesIO(data))
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset tar: members `{key}.{field}` with fields sorted and a fixed owner, as webdataset's
+    TarWriter lays them out, written through tarfile directly (a third faster than TarWriter's streamed
+    mode) with mtime 0, so that the same samples always give the same bytes."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for name in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime, info.mode = len(members[name]), 0, 0o444
+                info.uname = info.gname = "bigdata"
+                tar.addfile(info, io.BytesIO(members[name]))
 
 
 def _row(key: str, url: str | None, caption: str | None, language: str | None) -> dict[str, Any]:
@@ -282,7 +286,7 @@ async def download_shards(
     store: Storage, prefix: str, staging: str, progress: ProgressFn | None = None,
 ) -> list[ShardStats]:
     """Download the planned shards in this process; one stream of URLs, shards committed as they fill."""
-    # Imported here: the parent of spawned workers never needs aiohttp or Pillow, and starts them sooner.
+    # Imported here: the parent of worker processes never needs aiohttp or Pillow, and starts them sooner.
     from laion_assets.core.fetch import Fetcher
     from laion_assets.core.resize import ImageError, process_image
     loop = asyncio.get_running_loop()
@@ -386,7 +390,7 @@ class _Job:
 
 
 def _worker(job: _Job, messages: Any) -> None:
-    """A spawned process: downloads its shards and reports progress and results on the queue."""
+    """A worker process: downloads its shards and reports progress and results on the queue."""
     try:
         store = Storage(job.store_root, _s3_client(job.store_root, job.endpoint_url))
         inputs = read_inputs(job.input_path, job.url_col, job.caption_col, job.language_col)
@@ -495,4 +499,4 @@ def _run_processes(
     return sorted(stats, key=lambda s: s.shard)
 
 
-__all__ = ["DownloadReport", "DownloadSettings", "ShardStats", "download", "shard_plan"]
+__all__ = ["DownloadReport", "DownloadSettings", "ShardStats", "download", "shard_plan", "write_tar"]
