@@ -335,10 +335,9 @@ def embed_shards(tar_paths: list[str], keep: frozenset[str], model: LoadedClip, 
 
 def synthetic_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """A rendered scene as the download stage stores it (padded square) and CLIP preprocessing sees it."""
-    side = max(img.size)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    arr = np.asarray(canvas.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    from laion_assets.core.resize import pad_square
+
+    arr = np.asarray(pad_square(img).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     arr = (arr - np.array(OPENAI_MEAN, np.float32)) / np.array(OPENAI_STD, np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 

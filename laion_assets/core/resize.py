@@ -76,6 +76,16 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
+def pad_square(img: Image.Image, side: int | None = None) -> Image.Image:
+    """img centred on a white square of `side` (default: its longer side), as the `border` mode stores it."""
+    side = side or max(img.size)
+    if img.size == (side, side):
+        return img
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Decoded RGB pixels; transparency is matted onto white, as img2dataset does."""
     img.load()
@@ -138,10 +148,7 @@ def process_image(data: bytes, settings: ResizeSettings) -> Processed:
                 left, top = (img.width - s) // 2, (img.height - s) // 2
                 img = img.crop((left, top, left + s, top + s))
             elif settings.resize_mode == "border":
-                if img.size != (s, s):
-                    canvas = Image.new("RGB", (s, s), (255, 255, 255))
-                    canvas.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
-                    img = canvas
+                img = pad_square(img, s)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:  # Pillow's own header check fired first

@@ -245,6 +245,7 @@ SAFETY_CONCEPT = "red"
 
 def synthetic_watermark_set(n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Half the renders carry a text mark; returned preprocessed as the watermark model sees shards."""
+    from laion_assets.core.resize import pad_square
     from laion_assets.core.synthetic import random_scene, render
 
     rng = random.Random(seed)
@@ -255,11 +256,8 @@ def synthetic_watermark_set(n: int, seed: int, size: int) -> tuple[torch.Tensor,
         w, h = rng.randint(128, 200), rng.randint(96, 150)
         mark = rng.choice(["(c) stock", "SAMPLE", "watermark", "shutterpix"]) if marked else None
         img = render(random_scene(rng), (w, h), seed=seed * 1_000_003 + i, watermark=mark)
-        side = max(img.size)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
         buf = io.BytesIO()
-        canvas.save(buf, format="JPEG", quality=90)  # as stored in the shards
+        pad_square(img).save(buf, format="JPEG", quality=90)  # as stored in the shards
         images.append(transform(Image.open(buf).convert("RGB")))
         labels.append(int(marked))
     return torch.stack(images), torch.tensor(labels)
