@@ -17,14 +17,16 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 
 from laion_assets.core.images import STATUSES
+from laion_assets.core.settings import DEFAULT_IMAGE_BASE
 from laion_assets.partitions import Layout
 from laion_assets.resources import resources_from_env
 
-SAMPLE_PORT = 8765  # the port in the sample crawl's image links (sample.DEFAULT_IMAGE_BASE)
+SAMPLE_PORT = urlsplit(DEFAULT_IMAGE_BASE).port  # where the sample crawl's image links point
 
 
 def _instance() -> dg.DagsterInstance:

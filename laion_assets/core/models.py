@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from laion_assets.core.clip import ClipSpec, held_out_similarities, load_clip, synthetic_pairs, train_small_clip
+from laion_assets.core.clip import ClipSpec, load_clip, synthetic_pairs, train_small_clip
 from laion_assets.core.synthetic import LANGUAGES
 from laion_assets.core.tags import (
     SAFETY_CONCEPT,
@@ -123,10 +123,3 @@ def _build_watermark(out: Path, say: Callable) -> None:
     accuracy = float(((pwatermark(model, hx) > 0.5) == (hy.numpy() == 1)).mean())
     save_watermark(model, spec, {"held_out_accuracy": accuracy})
     say(f"small watermark classifier: held-out accuracy {accuracy:.3f}")
-
-
-def clip_held_out(spec: ClipSpec, languages: tuple[str, ...], n: int = 400, seed: int = 99
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out matched and shuffled similarities of a small CLIP (for tests and model cards)."""
-    return held_out_similarities(load_clip(spec), n, seed, languages)
-
