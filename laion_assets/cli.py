@@ -1,23 +1,30 @@
-"""`laion-assets`: every stage without Dagster, on local paths, s3:// or https:// URLs."""
+"""`laion-assets`: every stage without Dagster, on local paths, s3:// or https:// URLs.
+
+Options come from the stages' settings dataclasses (`core/settings.py`), as the Dagster config does, so a
+default is the same in both. Heavy modules are imported inside the commands: `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import Any
 
 import click
 
+from laion_assets.cli_options import options, settings_from
 from laion_assets.core.settings import (
-    ENCODE_FORMATS,
-    RESIZE_MODES,
+    DEFAULT_SOURCE,
+    ClipSettings,
     DownloadSettings,
     ExtractSettings,
     FetchSettings,
+    ModelSettings,
     ResizeSettings,
     SampleSettings,
+    SourceSettings,
 )
-from laion_assets.core.wat import DEFAULT_SOURCE, SourceSettings
 
 
 @click.group()
@@ -25,24 +32,41 @@ def main() -> None:
     """Common Crawl to a LAION-5B-style image-text dataset."""
 
 
+def _locate(location: str) -> tuple[Any, str]:
+    """(Storage, key) of a file given as a local path or an s3:// URI."""
+    from laion_assets.core.storage import Storage
+
+    if location.startswith("s3://"):
+        bucket, _, key = location[len("s3://"):].partition("/")
+        return Storage(f"s3://{bucket}"), key
+    return Storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
+
+
+def _folder(location: str) -> Any:
+    """The Storage of a folder given as a local path or an s3:// prefix."""
+    from laion_assets.core.storage import Storage
+
+    return Storage(location.rstrip("/") if location.startswith("s3://") else location)
+
+
+# --- the Common Crawl stage ----------------------------------------------------------------------------------
+
 @main.command()
 @click.argument("wat_files", nargs=-1, required=True)
 @click.option("--output", "-o", required=True, help="Parquet file to write (one row per pair).")
 @click.option("--crawl", default="", help="Crawl ID recorded in the `crawl` column.")
-@click.option("--min-text-length", default=ExtractSettings.min_text_length, show_default=True)
-@click.option("--max-text-length", default=ExtractSettings.max_text_length, show_default=True)
-@click.option("--retries", default=SourceSettings.retries, show_default=True, help="Per remote WAT file.")
+@options(ExtractSettings)
+@options(SourceSettings, exclude=("base",))
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
-def extract(
-    wat_files: tuple[str, ...], output: str, crawl: str, min_text_length: int, max_text_length: int, retries: int,
-    quiet: bool,
-) -> None:
+def extract(wat_files: tuple[str, ...], output: str, crawl: str, quiet: bool, **kwargs: Any) -> None:
     """Extract (image URL, alt text, language) pairs from WAT files into one Parquet file."""
     import pyarrow.parquet as pq
 
-    from laion_assets.core.candidates import SCHEMA, extract_locations
+    from laion_assets.core.crawl.candidates import SCHEMA
+    from laion_assets.core.crawl.extract import extract_locations
 
-    settings = ExtractSettings(min_text_length=min_text_length, max_text_length=max_text_length)
+    settings = settings_from(ExtractSettings, kwargs)
+    source = settings_from(SourceSettings, kwargs)
     tmp = output + ".tmp"
     with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
 
@@ -50,34 +74,26 @@ def extract(
             if not quiet and len(wat_files) > 1:
                 click.echo(f"[{done}/{len(wat_files)}] {name}", err=True)
 
-        report = extract_locations(
-            ((w, w) for w in wat_files), crawl, writer.write_table, settings, SourceSettings(retries=retries),
-            progress=progress,
-        )
+        report = extract_locations(((w, w) for w in wat_files), crawl, writer.write_table, settings, source,
+                                   progress=progress)
     os.replace(tmp, output)
     click.echo(f"{output}: {report.summary()}")
     for name, err in report.failed_files:
         click.echo(f"failed: {name}: {err}", err=True)
-    if report.failed_files:
+    if report.failed_files and settings.fail_on_unreadable_wat:
         sys.exit(1)
 
 
 @main.command("sample-crawl")
 @click.option("--mirror", default=DEFAULT_SOURCE, show_default=True, help="Directory of the local mirror.")
-@click.option("--image-base-url", default=SampleSettings.image_base_url, show_default=True)
-@click.option("--wat-files", default=SampleSettings.wat_files, show_default=True)
-@click.option("--pages-per-file", default=SampleSettings.pages_per_file, show_default=True)
-def sample_crawl(mirror: str, image_base_url: str, wat_files: int, pages_per_file: int) -> None:
+@options(SampleSettings)
+def sample_crawl(mirror: str, **kwargs: Any) -> None:
     """Write the built-in sample crawl as a local Common Crawl mirror."""
-    from laion_assets.core.sample import build_sample_crawl
+    from laion_assets.core.offline.sample import build_sample_crawl
 
-    report = build_sample_crawl(
-        mirror, SampleSettings(image_base_url=image_base_url, wat_files=wat_files, pages_per_file=pages_per_file)
-    )
-    click.echo(
-        f"{report.crawl}: {len(report.wat_files)} WAT files, {report.pages} pages, {report.images} images"
-        f" in {report.mirror}"
-    )
+    report = build_sample_crawl(mirror, settings_from(SampleSettings, kwargs))
+    click.echo(f"{report.crawl}: {len(report.wat_files)} WAT files, {report.pages} pages, {report.images} images"
+               f" in {report.mirror}")
 
 
 @main.command()
@@ -87,7 +103,7 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
     """Exact dedup of pair files on the normalized URL (first occurrence in crawl order wins)."""
     import polars as pl
 
-    from laion_assets.core.buckets import unique_by_url
+    from laion_assets.core.crawl.dedup import unique_by_url
 
     start = time.perf_counter()
     pairs = pl.scan_parquet(list(inputs))
@@ -99,53 +115,29 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
     click.echo(f"{output}: {rows_in} pairs in, {rows_out} unique out, {time.perf_counter() - start:.2f} s")
 
 
+# --- the download stage ----------------------------------------------------------------------------------------
+
 @main.command()
 @click.argument("urls")
 @click.option("--output-dir", "-o", required=True, help="Directory or s3:// prefix for the shards.")
 @click.option("--url-col", default="url", show_default=True)
 @click.option("--caption-col", default="caption", show_default=True)
 @click.option("--language-col", default="language", show_default=True, help="Copied to the metadata if present.")
-@click.option("--image-size", default=ResizeSettings.image_size, show_default=True)
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=ResizeSettings.resize_mode,
-              show_default=True)
-@click.option("--encode-format", type=click.Choice(sorted(ENCODE_FORMATS)), default=ResizeSettings.encode_format,
-              show_default=True)
-@click.option("--encode-quality", default=ResizeSettings.encode_quality, show_default=True)
-@click.option("--min-image-size", default=ResizeSettings.min_image_size, show_default=True)
-@click.option("--max-aspect-ratio", default=ResizeSettings.max_aspect_ratio, show_default=True)
-@click.option("--keep-original", is_flag=True, help="Also store the downloaded bytes as {key}.original.{ext}.")
-@click.option("--processes", default=DownloadSettings.processes, show_default=True, help="0: one per CPU core.")
-@click.option("--samples-per-shard", default=DownloadSettings.samples_per_shard, show_default=True)
-@click.option("--connections", default=FetchSettings.connections, show_default=True, help="Per process.")
-@click.option("--per-host", default=FetchSettings.per_host, show_default=True, help="Connections per host.")
-@click.option("--deadline", default=FetchSettings.deadline_s, show_default=True, help="Seconds per URL, all in.")
-@click.option("--retries", default=FetchSettings.retries, show_default=True, help="On transient errors only.")
-@click.option("--user-agent", default=FetchSettings.user_agent, show_default=True)
-@click.option("--allow-network", multiple=True, help="CIDR exempt from the address guard (repeatable).")
+@options(DownloadSettings)
+@options(ResizeSettings)
+@options(FetchSettings)
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
-def download(
-    urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, image_size: int,
-    resize_mode: str, encode_format: str, encode_quality: int, min_image_size: int, max_aspect_ratio: float,
-    keep_original: bool, processes: int, samples_per_shard: int, connections: int, per_host: int,
-    deadline: float, retries: int, user_agent: str, allow_network: tuple[str, ...], quiet: bool,
-) -> None:
+def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, quiet: bool,
+             **kwargs: Any) -> None:
     """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
-    from laion_assets.core import images
-    from laion_assets.core.storage import Storage
+    from laion_assets.core.download.distributor import download as run_download
+    from laion_assets.core.download.reader import InputColumns
 
-    settings = DownloadSettings(
-        samples_per_shard=samples_per_shard, processes=processes,
-        fetch=FetchSettings(connections=connections, per_host=per_host, deadline_s=deadline, retries=retries,
-                            user_agent=user_agent, allow_networks=allow_network),
-        resize=ResizeSettings(image_size=image_size, resize_mode=resize_mode, encode_format=encode_format,
-                              encode_quality=encode_quality, min_image_size=min_image_size,
-                              max_aspect_ratio=max_aspect_ratio, keep_original=keep_original),
-    )
-    s3 = None
-    if output_dir.startswith("s3://"):
-        import boto3
-
-        s3 = boto3.client("s3")
+    try:
+        settings = settings_from(DownloadSettings, kwargs, fetch=settings_from(FetchSettings, kwargs),
+                                 resize=settings_from(ResizeSettings, kwargs))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
     tally = {"done": 0, "ok": 0, "shown": 0.0, "start": time.perf_counter()}
 
     def progress(done: int, ok: int) -> None:
@@ -158,14 +150,117 @@ def download(
             click.echo(f"{tally['done']} done, {tally['ok']} ok, {rate:.0f}/s", err=True)
 
     try:
-        report = images.download(
-            urls, Storage(output_dir.rstrip("/"), s3), "", settings, url_col=url_col, caption_col=caption_col,
-            language_col=language_col, progress=progress, log=None if quiet else lambda m: click.echo(m, err=True),
-        )
+        report = run_download(urls, _folder(output_dir), "", settings, InputColumns(url_col, caption_col, language_col),
+                              progress, None if quiet else lambda m: click.echo(m, err=True))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"{output_dir}: {report.summary()}")
 
+
+# --- the CLIP stage ----------------------------------------------------------------------------------------------
+
+@main.group()
+def clip() -> None:
+    """The CLIP stage on a finished download (a folder or s3:// prefix with its _manifest.json)."""
+
+
+def _model_set(settings: ModelSettings) -> Any:
+    from laion_assets.core.clip.registry import resolve
+
+    return resolve(settings, lambda m: click.echo(m, err=True))
+
+
+def _kept(scores_location: str) -> frozenset[str]:
+    from laion_assets.core.clip.scores import kept_keys
+
+    store, key = _locate(scores_location)
+    return kept_keys(store.read_parquet(key, columns=["key", "keep"]))
+
+
+@clip.command("score")
+@click.argument("shards")
+@click.option("--output", "-o", required=True, help="Parquet file of scores (a row per sample).")
+@options(ClipSettings)
+@options(ModelSettings)
+def clip_score(shards: str, output: str, **kwargs: Any) -> None:
+    """CLIP similarity of every sample and keep; an existing output from the same weights and images is only
+    re-filtered with the current thresholds."""
+    from laion_assets.core.clip.scores import score_bucket
+
+    models = settings_from(ModelSettings, kwargs)
+    settings = settings_from(ClipSettings, kwargs, models=models)
+    store, key = _locate(output)
+    previous = store.read_parquet(key) if store.exists(key) else None
+    table, report = score_bucket(_folder(shards), "", _model_set(models), models, previous,
+                                 settings.reuse_similarities, lambda m: click.echo(m, err=True))
+    store.write_parquet(key, table)
+    how = "re-filtered stored similarities" if report.refiltered_only else f"{report.seconds:.1f} s"
+    click.echo(f"{output}: {report.samples} samples, {report.kept} kept, {report.failed} failed to decode ({how})")
+
+
+@clip.command("embed")
+@click.argument("shards")
+@click.option("--scores", required=True, help="The scores of `clip score`: only kept samples are embedded.")
+@click.option("--output-dir", "-o", required=True, help="Folder or s3:// prefix in clip-retrieval's layout.")
+@click.option("--index", default=0, show_default=True, help="Number of the files: img_emb/img_emb_<index>.npy.")
+@options(ModelSettings)
+def clip_embed(shards: str, scores: str, output_dir: str, index: int, **kwargs: Any) -> None:
+    """Image and text embeddings of the kept samples (img_emb/, text_emb/, metadata/)."""
+    from laion_assets.core import paths
+    from laion_assets.core.clip.embeddings import embed_bucket, write_embeddings
+
+    models = settings_from(ModelSettings, kwargs)
+    img, txt, meta, report = embed_bucket(_folder(shards), "", _kept(scores), _model_set(models).embed, models,
+                                          lambda m: click.echo(m, err=True))
+    write_embeddings(_folder(output_dir), paths.embedding_files("", index), img, txt, meta)
+    click.echo(f"{output_dir}: {img.shape[0]} embeddings of {img.shape[1]} dimensions ({report.failed} failed to"
+               f" decode, {report.seconds:.1f} s)")
+
+
+@clip.command("safety")
+@click.argument("embeddings")
+@click.option("--index", default=0, show_default=True, help="Which img_emb_<index>.npy to score.")
+@click.option("--output", "-o", required=True, help="Parquet file of punsafe per sample.")
+@options(ModelSettings)
+def clip_safety(embeddings: str, index: int, output: str, **kwargs: Any) -> None:
+    """punsafe of every embedded sample from the safety head."""
+    from laion_assets.core import paths
+    from laion_assets.core.clip import embeddings as emb
+    from laion_assets.core.clip import safety
+
+    chosen = _model_set(settings_from(ModelSettings, kwargs))
+    if not chosen.safety_head:
+        raise click.ClickException("no safety head configured (--safety-head)")
+    img, _, meta = emb.read_embeddings(_folder(embeddings), paths.embedding_files("", index))
+    head, card = safety.load_safety_head(chosen.safety_head)
+    try:
+        table = safety.safety_table(meta["key"], img, head, card.get("name", chosen.safety_head),
+                                    chosen.safety_threshold)
+    except safety.SafetyDimensionError as err:
+        raise click.ClickException(str(err)) from err
+    store, key = _locate(output)
+    store.write_parquet(key, table)
+    click.echo(f"{output}: {table.num_rows} samples, {sum(table['unsafe'].to_pylist())} unsafe")
+
+
+@clip.command("watermark")
+@click.argument("shards")
+@click.option("--scores", required=True, help="The scores of `clip score`: only kept samples are tagged.")
+@click.option("--output", "-o", required=True, help="Parquet file of pwatermark per sample.")
+@options(ModelSettings)
+def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None:
+    """pwatermark of every kept sample from the watermark classifier."""
+    from laion_assets.core.clip.watermark import watermark_bucket
+
+    models = settings_from(ModelSettings, kwargs)
+    table, report = watermark_bucket(_folder(shards), "", _kept(scores), _model_set(models).watermark, models,
+                                     lambda m: click.echo(m, err=True))
+    store, key = _locate(output)
+    store.write_parquet(key, table)
+    click.echo(f"{output}: {report['samples']} samples, {report['watermarked']} watermarked")
+
+
+# --- models ----------------------------------------------------------------------------------------------------
 
 @main.command("train-safety")
 @click.argument("labelled")
@@ -177,16 +272,16 @@ def train_safety(labelled: str, output: str, epochs: int, name: str) -> None:
     unsafe), e.g. ViT-L/14 image embeddings of a labelled set."""
     import numpy as np
 
-    from laion_assets.core import tags
+    from laion_assets.core.clip import safety
 
     data = np.load(labelled)
     for needed in ("embeddings", "labels"):
         if needed not in data:
             raise click.ClickException(f"{labelled} has no array {needed!r} (it has {', '.join(data.files)})")
     x, y = data["embeddings"], data["labels"]
-    head = tags.train_safety_head(x, y, epochs=epochs, log=click.echo)
-    accuracy = float(((tags.punsafe(head, x) > 0.5) == (y > 0.5)).mean())
-    tags.save_safety_head(head, output, {"name": name, "train_accuracy": accuracy, "samples": int(len(y))})
+    head = safety.train_safety_head(x, y, epochs=epochs, log=click.echo)
+    accuracy = float(((safety.punsafe(head, x) > 0.5) == (y > 0.5)).mean())
+    safety.save_safety_head(head, output, {"name": name, "train_accuracy": accuracy, "samples": int(len(y))})
     click.echo(f"{output}: {head.dim}-d safety head, training accuracy {accuracy:.3f} on {len(y)} samples")
 
 
@@ -202,22 +297,22 @@ def train_safety(labelled: str, output: str, epochs: int, name: str) -> None:
 def train_watermark(folder: str, output: str, arch: str, image_size: int, epochs: int, batch_size: int,
                     threshold: float, name: str) -> None:
     """Train the watermark classifier on labelled image folders: FOLDER/clean/ and FOLDER/watermark/."""
-    from laion_assets.core import tags
+    from laion_assets.core.clip import watermark
 
-    images, labels = tags.load_image_folders(folder, image_size)
-    model = tags.train_watermark(images, labels, arch, epochs=epochs, batch_size=min(batch_size, len(images)),
-                                 log=click.echo)
-    accuracy = float(((tags.pwatermark(model, images) > 0.5) == (labels.numpy() == 1)).mean())
-    spec = tags.WatermarkSpec(name or arch, arch, output, image_size, threshold)
-    tags.save_watermark(model, spec, {"train_accuracy": accuracy, "samples": int(len(labels))})
+    images, labels = watermark.load_image_folders(folder, image_size)
+    model = watermark.train_watermark(images, labels, arch, epochs=epochs, batch_size=min(batch_size, len(images)),
+                                      log=click.echo)
+    accuracy = float(((watermark.pwatermark(model, images) > 0.5) == (labels.numpy() == 1)).mean())
+    spec = watermark.WatermarkSpec(name or arch, arch, output, image_size, threshold)
+    watermark.save_watermark(model, spec, {"train_accuracy": accuracy, "samples": int(len(labels))})
     click.echo(f"{output}: {arch} at {image_size} px, training accuracy {accuracy:.3f} on {len(labels)} images")
 
 
 @main.command("small-models")
-@click.option("--models-dir", default="data/models", show_default=True)
+@click.option("--models-dir", default=ModelSettings.models_dir, show_default=True)
 def small_models_command(models_dir: str) -> None:
     """Build (once) the small offline CLIPs and heads the tests and the demo use."""
-    from laion_assets.core.models import small_models
+    from laion_assets.core.offline.small_models import small_models
 
     chosen = small_models(models_dir, log=click.echo)
     click.echo(f"{models_dir}: {chosen.clip_en.name} (threshold {chosen.clip_en.threshold:.3f}),"

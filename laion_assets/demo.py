@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 
 import dagster as dg
 
-from laion_assets.core.images import STATUSES
+from laion_assets.core import paths
+from laion_assets.core.download.report import STATUSES
+from laion_assets.core.paths import Layout
 from laion_assets.core.settings import DEFAULT_IMAGE_BASE
-from laion_assets.partitions import Layout
 from laion_assets.resources import resources_from_env
 
 SAMPLE_PORT = urlsplit(DEFAULT_IMAGE_BASE).port  # where the sample crawl's image links point
@@ -124,20 +125,26 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     print(f"Made, in {time.perf_counter() - start:.0f} s:")
     print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
           f" {sample['images']} images)")
-    print(f"  wat_manifest         {store.uri(f'crawls/{crawl}/wat_manifest.parquet')}  ({manifest['wat_files']} WAT"
+    first_bucket = layout.bucket_keys()[0]
+
+    def where(key: str) -> str:  # the folder of the first bucket's file: where all buckets' files are
+        return store.uri(key.rsplit("/", 1)[0])
+
+    print(f"  wat_manifest         {store.uri(paths.wat_manifest(crawl))}  ({manifest['wat_files']} WAT"
           f" files in {layout.chunks} chunks)")
-    print(f"  candidate_pairs      {store.uri(f'crawls/{crawl}/candidates')}  ({pairs} pairs)")
-    print(f"  unique_pairs         {store.uri(f'crawls/{crawl}/unique_pairs')}  ({unique} unique URLs in"
-          f" {layout.buckets} buckets)")
-    print(f"  image_shards         {store.uri(f'crawls/{crawl}/images')}  ({statuses['success']} images in"
-          f" webdataset shards; " + ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:]) + ")")
-    print(f"  clip_scores          {store.uri(f'crawls/{crawl}/clip_scores')}  ({clip_totals['scored']} scored,"
-          f" {clip_totals['kept']} kept)")
-    print(f"  image_embeddings     {store.uri(f'crawls/{crawl}/embeddings')}  ({clip_totals['embedded']} image and"
+    print(f"  candidate_pairs      {store.uri(paths.candidates(crawl, layout))}  ({pairs} pairs)")
+    print(f"  unique_pairs         {where(paths.unique_pairs(crawl, first_bucket, layout))}  ({unique} unique URLs"
+          f" in {layout.buckets} buckets)")
+    print(f"  image_shards         {where(paths.image_shards(crawl, first_bucket, layout))}  ({statuses['success']}"
+          " images in webdataset shards; " + ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:]) + ")")
+    print(f"  clip_scores          {where(paths.clip_scores(crawl, first_bucket, layout))}  ({clip_totals['scored']}"
+          f" scored, {clip_totals['kept']} kept)")
+    print(f"  image_embeddings     {store.uri(paths.embeddings(crawl, layout))}  ({clip_totals['embedded']} image and"
           " text embeddings, clip-retrieval layout)")
-    print(f"  safety_scores        {store.uri(f'crawls/{crawl}/safety_scores')}  ({clip_totals['unsafe']} unsafe)")
-    print(f"  watermark_scores     {store.uri(f'crawls/{crawl}/watermark_scores')}  ({clip_totals['watermarked']}"
-          " watermarked)")
+    print(f"  safety_scores        {where(paths.safety_scores(crawl, first_bucket, layout))}  ({clip_totals['unsafe']}"
+          " unsafe)")
+    print(f"  watermark_scores     {where(paths.watermark_scores(crawl, first_bucket, layout))}"
+          f"  ({clip_totals['watermarked']} watermarked)")
     print("  (small offline models, trained on the synthetic world, cached in data/models/)")
     print()
     print(f"Runs are recorded in {os.environ['DAGSTER_HOME']}; browse them with:")

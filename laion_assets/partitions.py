@@ -1,49 +1,28 @@
 """Partitions: a dynamic one per crawl, crawl x chunk for the parse stage, crawl x bucket after dedup.
 
 Chunk and bucket counts are fixed when the code location loads (partition keys must be), from
-`LAION_ASSETS_CHUNKS` / `LAION_ASSETS_BUCKETS`; production uses e.g. 512 and 256.
+`LAION_ASSETS_CHUNKS` / `LAION_ASSETS_BUCKETS` (`core.paths.Layout`); production uses e.g. 512 and 256.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
 
 import dagster as dg
 
-from laion_assets.core.buckets import bucket_key, chunk_key
+from laion_assets.core.paths import Layout
 
 crawl_partitions = dg.DynamicPartitionsDefinition(name="crawls")
 
 
-@dataclass(frozen=True)
-class Layout:
-    chunks: int = 4
-    buckets: int = 4
+def chunk_partitions(layout: Layout) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {"crawl": crawl_partitions, "chunk": dg.StaticPartitionsDefinition(layout.chunk_keys())})
 
-    @classmethod
-    def from_env(cls) -> Layout:
-        return cls(
-            chunks=int(os.environ.get("LAION_ASSETS_CHUNKS", cls.chunks)),
-            buckets=int(os.environ.get("LAION_ASSETS_BUCKETS", cls.buckets)),
-        )
 
-    def chunk_keys(self) -> list[str]:
-        return [chunk_key(i, self.chunks) for i in range(self.chunks)]
-
-    def bucket_keys(self) -> list[str]:
-        return [bucket_key(i, self.buckets) for i in range(self.buckets)]
-
-    def chunk_partitions(self) -> dg.MultiPartitionsDefinition:
-        return dg.MultiPartitionsDefinition(
-            {"crawl": crawl_partitions, "chunk": dg.StaticPartitionsDefinition(self.chunk_keys())}
-        )
-
-    def bucket_partitions(self) -> dg.MultiPartitionsDefinition:
-        return dg.MultiPartitionsDefinition(
-            {"crawl": crawl_partitions, "bucket": dg.StaticPartitionsDefinition(self.bucket_keys())}
-        )
+def bucket_partitions(layout: Layout) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {"crawl": crawl_partitions, "bucket": dg.StaticPartitionsDefinition(layout.bucket_keys())})
 
 
 def crawl_of(context: dg.AssetExecutionContext) -> str:
@@ -57,6 +36,10 @@ def dimension(context: dg.AssetExecutionContext, name: str) -> str:
     key = context.partition_key
     assert isinstance(key, dg.MultiPartitionKey)
     return key.keys_by_dimension[name]
+
+
+def crawl_and_bucket(context: dg.AssetExecutionContext) -> tuple[str, str]:
+    return crawl_of(context), dimension(context, "bucket")
 
 
 # chunk -> bucket is all-to-all within one crawl: the shuffle through storage. (Both mappings are

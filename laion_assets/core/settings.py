@@ -1,43 +1,115 @@
-"""Settings (and their defaults) of the stages, kept free of heavy imports so that the CLI starts fast."""
+"""The settings of every stage: one frozen dataclass per stage (or per part of a stage), with defaults and help.
+
+The CLI generates its options from these fields (`laion_assets/cli_options.py`) and the Dagster `Config`
+classes and resources generate theirs (`laion_assets/config.py`), so a default lives in exactly one place.
+Field metadata: `help` (shown by `--help` and in the launchpad) and `cli` (the option's name when it is not
+the field name with dashes). Kept free of heavy imports so that the CLI starts fast.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
-from laion_assets.core.wat import USER_AGENT
-
+# One honest identity for every request the project makes (crawl files and images alike).
+USER_AGENT = "laion-assets/0.1 (image-text dataset builder; +https://github.com/laion-assets/laion_assets)"
+DEFAULT_SOURCE = "data/sample-mirror"
+DEFAULT_STORAGE = "data"
+DEFAULT_MODELS_DIR = "data/models"
+SAMPLE_CRAWL = "CC-MAIN-2099-01"
+DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+MODEL_PRESETS = ("small", "laion")
+
+
+def setting(default: Any, help: str, cli: str | None = None) -> Any:  # noqa: A002 - click's own word
+    """A settings field with its help text (and CLI option name when it differs from the field's)."""
+    metadata = {"help": help, **({"cli": cli} if cli else {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --- the Common Crawl stage ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where crawl files come from and how hard to try reading them."""
+
+    base: str = setting(DEFAULT_SOURCE, "Crawl source: a local mirror, s3://commoncrawl or "
+                                        "https://data.commoncrawl.org.", cli="--source")
+    retries: int = setting(4, "Retries per remote WAT file (transient errors only).")
+    timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
+    backoff_s: float = setting(1.0, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
 
 
 @dataclass(frozen=True)
+class ExtractSettings:
+    """The extraction rules' parameters (LAION-5B's values by default)."""
+
+    min_text_length: int = setting(5, "Alt texts shorter than this (after cleaning) are dropped.")
+    max_text_length: int = setting(1000, "Alt texts are truncated to this many characters.")
+    drop_extensions: tuple[str, ...] = setting((".svg", ".svgz", ".gif"), "Image URL endings that are dropped.",
+                                               cli="--drop-extension")
+    # Alt texts repeat a lot within a crawl ("logo", product names); cleaning and language ID are pure
+    # functions of the raw text, so their results are cached per process.
+    text_cache_size: int = setting(200_000, "Cleaned alt texts cached per process.")
+    # A WAT file unreadable after retries fails the partition (after the chunk's other files are written), so
+    # that Dagster shows it as failed and a retry redoes it; the CLI exits with status 1.
+    fail_on_unreadable_wat: bool = setting(True, "Fail when a WAT file cannot be read after retries.")
+
+
+# --- the sample crawl (offline) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleSettings:
+    crawl: str = setting(SAMPLE_CRAWL, "Crawl ID of the sample crawl.")
+    image_base_url: str = setting(DEFAULT_IMAGE_BASE, "Where the sample pages link their images.")
+    wat_files: int = setting(4, "WAT files in the sample crawl.")
+    pages_per_file: int = setting(30, "HTML pages per WAT file.")
+    images_per_page: int = setting(5, "Images shown per page.")
+    seed: int = setting(0, "Seed of everything random in the sample crawl.")
+
+
+# --- the download stage --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class FetchSettings:
-    user_agent: str = USER_AGENT
-    agent_token: str = "laion-assets"  # the robots.txt user-agent token we obey
-    connections: int = 64
-    per_host: int = 8
-    connect_timeout_s: float = 10.0
-    deadline_s: float = 30.0
-    max_bytes: int = 25 * 1024 * 1024
-    max_redirects: int = 5
-    retries: int = 2
-    backoff_s: float = 0.5
-    max_retry_after_s: float = 30.0
-    respect_robots_txt: bool = True
-    respect_x_robots_tag: bool = True
-    allow_networks: tuple[str, ...] = ()
+    """Politeness and safety of image fetching: deployment settings, on by default."""
+
+    user_agent: str = setting(USER_AGENT, "User-Agent of every request.")
+    agent_token: str = setting("laion-assets", "The robots.txt and X-Robots-Tag user-agent token we obey.")
+    connections: int = setting(64, "Requests in flight at once, per process.")
+    per_host: int = setting(8, "Requests in flight at once per host.")
+    connect_timeout_s: float = setting(10.0, "Connect and read-gap timeout in seconds.", cli="--connect-timeout")
+    deadline_s: float = setting(30.0, "Seconds per URL, all in (redirects and retries), counted from when the "
+                                      "request holds its connection slot.", cli="--deadline")
+    max_bytes: int = setting(25 * 1024 * 1024, "Largest response body accepted, in bytes.")
+    max_redirects: int = setting(5, "Redirects followed per URL, each hop re-checked.")
+    retries: int = setting(2, "Retries on timeouts, 5xx and connection resets (never 4xx, DNS or refused).")
+    backoff_s: float = setting(0.5, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
+    max_retry_after_s: float = setting(30.0, "Longest Retry-After honoured, in seconds.", cli="--max-retry-after")
+    respect_robots_txt: bool = setting(True, "Obey each host's robots.txt (RFC 9309).")
+    respect_x_robots_tag: bool = setting(True, "Skip images whose X-Robots-Tag says noai, noimageai, noindex or "
+                                               "noimageindex.")
+    respect_tdmrep: bool = setting(True, "Skip images reserved by TDMRep (tdm-reservation header or the origin's "
+                                         "/.well-known/tdmrep.json).")
+    allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
+                                              cli="--allow-network")
 
 
 @dataclass(frozen=True)
 class ResizeSettings:
-    image_size: int = 256
-    resize_mode: str = "border"
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float = float("inf")
-    max_pixels: int = 89_478_485  # Pillow's own bomb threshold; checked before any pixel is decoded
-    keep_original: bool = False
+    """What each stored image looks like; every field changes the shards' bytes."""
+
+    image_size: int = setting(256, "Target size in pixels.")
+    resize_mode: str = setting("border", f"One of {', '.join(RESIZE_MODES)} (as img2dataset).")
+    encode_format: str = setting("jpg", f"One of {', '.join(ENCODE_FORMATS)}.")
+    encode_quality: int = setting(95, "JPEG/WebP quality.")
+    min_image_size: int = setting(0, "Images whose smaller side is under this fail with failed_to_resize.")
+    max_aspect_ratio: float = setting(0.0, "Images whose aspect ratio is over this fail (0: no limit).")
+    max_pixels: int = setting(89_478_485, "Pixel budget checked from the header before any decoding.")
+    keep_original: bool = setting(False, "Also store the downloaded bytes as {key}.original.{ext}.")
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -48,35 +120,67 @@ class ResizeSettings:
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    samples_per_shard: int = 10_000
-    processes: int = 1
-    resize_threads: int = 1
-    in_flight: int = 256  # URLs being fetched or resized at once, per process
-    fetch: FetchSettings = field(default_factory=FetchSettings)
-    resize: ResizeSettings = field(default_factory=ResizeSettings)
+    """The download stage: shard layout and parallelism, plus how to fetch and how to store each image."""
+
+    samples_per_shard: int = setting(10_000, "URLs per shard.")
+    processes: int = setting(1, "Worker processes (0: one per CPU core); with fewer shards than processes the "
+                                "shards are split between them.")
+    resize_threads: int = setting(1, "Decode/resize threads per process.")
+    in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")
+    fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
+    resize: ResizeSettings = dataclasses.field(default_factory=ResizeSettings)
+
+
+# --- the CLIP stage --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which models the CLIP stage uses. `preset` small (offline, trained on the synthetic world and cached in
+    models_dir) or laion (LAION-5B's); any other field set overrides the preset."""
+
+    preset: str = setting("small", f"Model set: {' or '.join(MODEL_PRESETS)}.")
+    models_dir: str = setting(DEFAULT_MODELS_DIR, "Where the small offline models are built and cached.")
+    clip_en_arch: str = setting("", "open_clip architecture of the English CLIP.")
+    clip_en_pretrained: str = setting("", "Pretrained tag or checkpoint path of the English CLIP.")
+    clip_multi_arch: str = setting("", "open_clip architecture of the multilingual CLIP.")
+    clip_multi_pretrained: str = setting("", "Pretrained tag or checkpoint path of the multilingual CLIP.")
+    embed_arch: str = setting("", "open_clip architecture of the embedding CLIP (ViT-L/14 in LAION).")
+    embed_pretrained: str = setting("", "Pretrained tag or checkpoint path of the embedding CLIP.")
+    threshold_en: float | None = setting(None, "Similarity threshold of English captions (default: the model's).")
+    threshold_multi: float | None = setting(None, "Similarity threshold of other captions (default: the model's).")
+    safety_head: str = setting("", "Checkpoint of the safety head (train-safety writes one).")
+    watermark_arch: str = setting("", "timm architecture of the watermark classifier.")
+    watermark_checkpoint: str = setting("", "Checkpoint of the watermark classifier (train-watermark writes one).")
+    watermark_image_size: int = setting(0, "Input size of the watermark classifier (0: the checkpoint's).")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto (CUDA when present).")
+    batch_size: int = setting(256, "Images per model batch.")
+    decode_workers: int = setting(1, "DataLoader processes decoding the shards.")
+
+    def __post_init__(self) -> None:
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"preset must be one of {MODEL_PRESETS}, not {self.preset!r}")
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
-    """The extraction rules' parameters (LAION-5B's values by default)."""
+class ClipSettings:
+    """The CLIP stage: the models, and whether a rerun may re-filter from stored similarities."""
 
-    min_text_length: int = 5
-    max_text_length: int = 1000
-    drop_extensions: tuple[str, ...] = (".svg", ".svgz", ".gif")
-    # Alt texts repeat a lot within a crawl ("logo", product names); cleaning and language ID are pure
-    # functions of the raw text, so their results are cached per process.
-    text_cache_size: int = 200_000
+    # When the bucket was scored before by the same weights on the same image bytes, only the keep flags are
+    # recomputed from the stored similarities (a threshold change re-filters without touching an image).
+    reuse_similarities: bool = setting(True, "Re-filter stored similarities when images and weights are unchanged.")
+    models: ModelSettings = dataclasses.field(default_factory=ModelSettings)
 
 
-SAMPLE_CRAWL = "CC-MAIN-2099-01"
-DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
+def scalar_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a settings class that are plain values (nested settings excluded)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    crawl: str = SAMPLE_CRAWL
-    image_base_url: str = DEFAULT_IMAGE_BASE
-    wat_files: int = 4
-    pages_per_file: int = 30
-    images_per_page: int = 5
-    seed: int = 0
+def settings_hash(*settings: Any) -> str:
+    """A short, stable hash of settings values (what changes an output), for completion markers."""
+    import hashlib
+    import json
+
+    doc = [{"class": type(s).__name__, **dataclasses.asdict(s)} if dataclasses.is_dataclass(s) else s
+           for s in settings]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]

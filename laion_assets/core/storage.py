@@ -1,42 +1,83 @@
 """One place that reads and writes the pipeline's files, on a local directory or under `s3://bucket/prefix`.
 
-Every write is atomic: a local file is written under a temporary name and renamed, an S3 object is a
-single PUT (or a completed multipart upload), so a killed run never leaves a half-file that a rerun
-would trust.
+Every write is atomic: a local file is written under a temporary name, fsynced and renamed (with the
+permissions a plain `open` would give it), an S3 object is a single PUT (or a completed multipart upload), so a
+killed run never leaves a half-file that a rerun would trust.
+
+A `Storage` pickles without its S3 client and rebuilds it from the same `S3Options` (endpoint, region,
+credentials), so worker processes see exactly what the parent does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3: what boto3 needs beyond its own environment variables and config files."""
+
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    profile_name: str | None = None
+    use_ssl: bool = True
+    verify: bool | str | None = None
+    max_attempts: int = 5
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(profile_name=self.profile_name)
+        kwargs = {k: v for k, v in asdict(self).items()
+                  if k not in ("profile_name", "max_attempts") and v is not None}
+        return session.client("s3", config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+                              **kwargs)
 
 
 class Storage:
     """A storage root: a local directory or `s3://bucket/prefix`; keys are `/`-separated relative paths."""
 
-    def __init__(self, root: str, s3_client: Any = None) -> None:
+    def __init__(self, root: str, s3_options: S3Options | None = None) -> None:
         self.root = root.rstrip("/") if root.startswith("s3://") else str(Path(root).absolute())
         self.is_s3 = root.startswith("s3://")
+        self.s3_options = s3_options or S3Options()
+        self._s3: Any = None
         if self.is_s3:
             bucket, _, prefix = root[len("s3://") :].partition("/")
             if not bucket:
                 raise ValueError(f"storage root {root!r} names no bucket")
             self.bucket = bucket
             self.prefix = prefix.strip("/")
-            if s3_client is None:
-                import boto3
 
-                s3_client = boto3.client("s3")
-            self.s3 = s3_client
+    @property
+    def s3(self) -> Any:
+        if self._s3 is None:
+            self._s3 = self.s3_options.client()
+        return self._s3
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_s3": None}  # clients do not pickle; the options rebuild one
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
+
+    def child(self, prefix: str) -> Storage:
+        """The same storage rooted at a prefix under this root."""
+        return Storage(self.uri(self._check(prefix)) if self.is_s3 else str(self._path(prefix)), self.s3_options)
 
     # --- naming -------------------------------------------------------------------------------------
     @staticmethod
@@ -125,13 +166,17 @@ class Storage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a committed file gets what open() would give
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        _fsync_dir(dest.parent)
 
     def put_file(self, local_path: str, key: str) -> None:
         """Commit a finished local file under key (moved when both are on one disk, else copied)."""
@@ -141,17 +186,23 @@ class Storage:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if os.stat(local_path).st_dev == os.stat(dest.parent).st_dev:
+            _fsync_file(local_path)
+            os.chmod(local_path, _FILE_MODE)
             os.replace(local_path, dest)
+            _fsync_dir(dest.parent)
             return
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
+            _fsync_file(tmp)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        _fsync_dir(dest.parent)
 
     @contextlib.contextmanager
     def staging_dir(self) -> Iterator[str]:
@@ -183,12 +234,66 @@ class Storage:
                     removed += 1
         return removed
 
+    # --- typed helpers ----------------------------------------------------------------------------------
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, doc: Any) -> None:
+        self.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
+
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+        import pyarrow.parquet as pq
+
+        if not self.is_s3:
+            return pq.read_table(self._path(key), columns=columns)
+        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
+    def write_parquet(self, key: str, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(key, buf.getvalue())
+
     def delete(self, key: str) -> None:
         if self.is_s3:
             self.s3.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
         else:
             with contextlib.suppress(FileNotFoundError):
                 self._path(key).unlink()
+
+
+def _current_umask() -> int:
+    # Read, not set: os.umask() both reads and sets, which would race with other threads.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself is durable only once its directory is.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _tmp_prefix(kind: str = "") -> str:

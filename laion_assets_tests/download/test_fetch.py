@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from laion_assets.core.fetch import Fetcher, FetchSettings, opt_out
-from laion_assets.core.synthetic import Scene, jpeg_bytes, render
+from laion_assets.core.download.fetch import Fetcher, opt_out
+from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
+from laion_assets.core.settings import FetchSettings
 from laion_assets_tests.handlers import cut_after, drip, endless, first_then, respond
 
 JPEG = jpeg_bytes(render(Scene("square", "green", "white", "center"), (320, 240), seed=3))

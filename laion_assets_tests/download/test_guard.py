@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from laion_assets.core.guard import forbidden_reason, parse_networks
+from laion_assets.core.download.guard import forbidden_reason, parse_networks
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laion_assets.core.fetch import FetchSettings
-from laion_assets.core.images import DownloadSettings, download
-from laion_assets.core.resize import ResizeSettings
+from laion_assets.core.download.distributor import download
+from laion_assets.core.download.plan import read_manifest
+from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
+from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import Storage
-from laion_assets.core.synthetic import Scene, jpeg_bytes, render
 from laion_assets_tests.handlers import cut_after, drip, endless, first_then, png_header_only, respond
 
 JPEG = jpeg_bytes(render(Scene("square", "green", "white", "center"), (640, 480), seed=3))
@@ -98,7 +98,10 @@ def test_every_bad_input_gets_one_row_with_a_clear_status(loopback, tmp_path):
             assert row["error_message"] and fragment in row["error_message"], (url, row["error_message"])
     assert report.statuses["success"] == 4 and report.shards == 3
     assert sorted(os.listdir(out)) == sorted(
-        f"{s:05d}{ext}" for s in range(3) for ext in (".tar", ".parquet", "_stats.json"))
+        ["_manifest.json", *(f"{s:05d}{ext}" for s in range(3) for ext in (".tar", ".parquet", "_stats.json"))])
+    manifest = read_manifest(Storage(str(out)), "")
+    assert [s.name for s in manifest.shards] == ["00000", "00001", "00002"] and manifest.rows == len(cases)
+    assert [s.count for s in manifest.shards] == [8, 8, 4] and manifest.statuses == dict(report.statuses)
     # The tar holds the successes only, each as jpg + txt + json, in key order.
     with tarfile.open(out / "00000.tar") as tar:
         names = tar.getnames()

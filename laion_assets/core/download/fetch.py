@@ -23,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from laion_assets.core.guard import IPNetwork, forbidden_reason, parse_networks
+from laion_assets.core.download.guard import IPNetwork, forbidden_reason, parse_networks
 from laion_assets.core.settings import FetchSettings
 
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})

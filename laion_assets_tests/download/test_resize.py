@@ -7,8 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from laion_assets.core.resize import ImageError, ResizeSettings, process_image, sniff
-from laion_assets.core.synthetic import Scene, jpeg_bytes, render
+from laion_assets.core.download.resize import ImageError, process_image, sniff
+from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
+from laion_assets.core.settings import ResizeSettings
 from laion_assets_tests.handlers import png_header_only
 
 
@@ -68,7 +69,7 @@ def test_same_bytes_same_hashes_and_similar_images_close_phash():
 def test_perceptual_hash_is_imagehash_phash_of_the_reduced_image():
     import imagehash
 
-    from laion_assets.core.resize import perceptual_hash
+    from laion_assets.core.download.resize import perceptual_hash
 
     for seed, size in enumerate([(256, 256), (256, 192), (64, 48), (700, 500)]):
         img = render(Scene("circle", "red", "blue", "left"), size, seed=seed)

@@ -7,21 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pytest
 
-from laion_assets.core import clip, tags
-from laion_assets.core.images import write_tar
-from laion_assets.core.models import small_models
-from laion_assets.core.resize import ResizeSettings, process_image
-from laion_assets.core.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
-
-MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
-
-
-@pytest.fixture(scope="session")
-def models():
-    """The small offline set: built once (about 2.5 minutes on 2 cores) and cached like the demo's."""
-    return small_models(MODELS_DIR)
+from laion_assets.core.clip import embeddings, safety, scores, watermark
+from laion_assets.core.clip.models import load_clip, pick_device
+from laion_assets.core.download.resize import process_image
+from laion_assets.core.download.writer import write_tar
+from laion_assets.core.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
+from laion_assets.core.settings import ResizeSettings
 
 
 def stored_jpeg(img) -> bytes:
@@ -58,10 +50,10 @@ def test_filter_keeps_matched_and_drops_shuffled_pairs(models, tmp_path):
     shift = captions[7:] + captions[:7]
     shift_lang = languages[7:] + languages[:7]
     shuffled = [(k, img, c, lang) for (k, img, _, _), c, lang in zip(pairs, shift, shift_lang, strict=True)]
-    english, multi = clip.load_clip(models.clip_en), clip.load_clip(models.clip_multi)
-    matched_scores, report = clip.score_shards([write_shard(tmp_path / "m.tar", pairs)], english, multi,
+    english, multi = load_clip(models.clip_en), load_clip(models.clip_multi)
+    matched_scores, report = scores.score_shards([write_shard(tmp_path / "m.tar", pairs)], english, multi,
                                                batch_size=64, workers=1)
-    shuffled_scores, _ = clip.score_shards([write_shard(tmp_path / "s.tar", shuffled)], english, multi,
+    shuffled_scores, _ = scores.score_shards([write_shard(tmp_path / "s.tar", shuffled)], english, multi,
                                            batch_size=64, workers=1)
     kept = np.mean(matched_scores["keep"].to_pylist())
     dropped = 1 - np.mean(shuffled_scores["keep"].to_pylist())
@@ -72,7 +64,8 @@ def test_filter_keeps_matched_and_drops_shuffled_pairs(models, tmp_path):
     assert {r["model"] for r in rows if r["language"] != "en"} == {models.clip_multi.name}
     assert report.samples == 240 and report.failed == 0
     # A stricter threshold re-filters from the stored similarities alone.
-    strict = clip.refilter(matched_scores, {models.clip_en.name: 2.0, models.clip_multi.name: 2.0})
+    strict = scores.refilter(matched_scores, {scores.spec_weights(models.clip_en): 2.0,
+                                             scores.spec_weights(models.clip_multi): 2.0})
     assert not any(strict["keep"].to_pylist()) and strict["similarity"] == matched_scores["similarity"]
 
 
@@ -80,15 +73,15 @@ def test_embeddings_are_aligned_deterministic_and_a_corrupt_image_fails_alone(mo
     pairs = held_out(40, seed=9)
     pairs[3] = (pairs[3][0], pairs[3][1][: len(pairs[3][1]) // 3], pairs[3][2], pairs[3][3])  # truncated JPEG
     shard = write_shard(tmp_path / "a.tar", pairs)
-    english, multi = clip.load_clip(models.clip_en), clip.load_clip(models.clip_multi)
-    scores, report = clip.score_shards([shard], english, multi, batch_size=16, workers=1)
-    bad = scores.to_pylist()[3]
+    english, multi = load_clip(models.clip_en), load_clip(models.clip_multi)
+    table, report = scores.score_shards([shard], english, multi, batch_size=16, workers=1)
+    bad = table.to_pylist()[3]
     assert bad["status"] == "failed_to_decode" and not bad["keep"] and "cannot decode" in bad["error_message"]
     assert report.failed == 1 and report.samples == 40
-    keep = frozenset(k for k, kept in zip(scores["key"].to_pylist(), scores["keep"].to_pylist(), strict=True) if kept)
-    embed = clip.load_clip(models.embed)
-    img, txt, meta, _ = clip.embed_shards([shard], keep, embed, batch_size=16, workers=1)
-    again = clip.embed_shards([shard], keep, embed, batch_size=16, workers=1)
+    keep = scores.kept_keys(table)
+    embed = load_clip(models.embed)
+    img, txt, meta, _ = embeddings.embed_shards([shard], keep, embed, batch_size=16, workers=1)
+    again = embeddings.embed_shards([shard], keep, embed, batch_size=16, workers=1)
     assert np.array_equal(img, again[0]) and np.array_equal(txt, again[1]) and meta.equals(again[2])
     np.save(tmp_path / "img_emb_0.npy", img)
     loaded = np.load(tmp_path / "img_emb_0.npy")
@@ -101,12 +94,12 @@ def test_embeddings_are_aligned_deterministic_and_a_corrupt_image_fails_alone(mo
 
 
 def test_safety_head_separates_its_concept(models):
-    from laion_assets.core.models import _safety_set
+    from laion_assets.core.offline.small_models import SAFETY_CONCEPT, _safety_set
 
-    head, card = tags.load_safety_head(models.safety_head)
+    head, card = safety.load_safety_head(models.safety_head)
     x, y = _safety_set(models.embed, 400, seed=77)
-    accuracy = np.mean((tags.punsafe(head, x) > 0.5) == (y > 0.5))
-    assert accuracy >= 0.9 and card["concept"] == tags.SAFETY_CONCEPT
+    accuracy = np.mean((safety.punsafe(head, x) > 0.5) == (y > 0.5))
+    assert accuracy >= 0.9 and card["concept"] == SAFETY_CONCEPT
 
 
 def test_watermark_head_separates_marked_from_clean(models, tmp_path):
@@ -121,9 +114,9 @@ def test_watermark_head_separates_marked_from_clean(models, tmp_path):
         samples.append((f"{i:09d}", stored_jpeg(img), scene.caption("en"), "en"))
         truth.append(marked)
     shard = write_shard(tmp_path / "w.tar", samples)
-    model = tags.load_watermark(models.watermark)
-    table, report = tags.watermark_shards([shard], frozenset(s[0] for s in samples), model, models.watermark,
-                                          clip.pick_device("cpu"), batch_size=32, workers=1)
+    model = watermark.load_watermark(models.watermark)
+    table, report = watermark.watermark_shards([shard], frozenset(s[0] for s in samples), model, models.watermark,
+                                          pick_device("cpu"), batch_size=32, workers=1)
     accuracy = np.mean((np.array(table["pwatermark"].to_pylist()) > 0.5) == np.array(truth))
     assert accuracy >= 0.9, accuracy
     assert report["samples"] == 160
@@ -141,7 +134,7 @@ def test_train_clis_on_files(tmp_path):
     result = CliRunner().invoke(main, ["train-safety", str(tmp_path / "labelled.npz"), "-o", str(tmp_path / "s.pt"),
                                        "--epochs", "30"])
     assert result.exit_code == 0, result.output
-    head, card = tags.load_safety_head(tmp_path / "s.pt")
+    head, card = safety.load_safety_head(tmp_path / "s.pt")
     assert head.dim == 16 and card["train_accuracy"] > 0.9
     for label in ("clean", "watermark"):
         (tmp_path / "imgs" / label).mkdir(parents=True)
@@ -154,6 +147,6 @@ def test_train_clis_on_files(tmp_path):
                                        "--arch", "mobilenetv3_small_050", "--image-size", "64", "--epochs", "1",
                                        "--batch-size", "8"])
     assert result.exit_code == 0, result.output
-    spec = tags.watermark_spec_from_checkpoint(tmp_path / "w.pt")
+    spec = watermark.watermark_spec_from_checkpoint(tmp_path / "w.pt")
     assert spec.image_size == 64 and spec.arch == "mobilenetv3_small_050"
-    assert tags.load_watermark(spec) is not None
+    assert watermark.load_watermark(spec) is not None

@@ -1,17 +1,11 @@
-"""Safety and watermark tags: `punsafe` from a head on the image embedding, `pwatermark` from an image
-classifier; with the training code for both, which also builds the small offline heads.
-
-LAION's safety detector is an MLP on the normalized ViT-L/14 image embedding (768 -> 64 -> 512 -> 256 -> 1,
-sigmoid; unsafe above 0.5). LAION's watermark detector is timm's EfficientNet-B3a with a two-class head on
-256x256 inputs (watermark above 0.8). Both are loaded from checkpoint paths written by the code here.
+"""`pwatermark`: LAION's watermark detector shape, timm's EfficientNet-B3a with a two-class head on 256x256 inputs
+(watermark above 0.8), loaded from a checkpoint written by the training code here (`laion-assets
+train-watermark`), and the per-bucket scores.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,80 +18,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from laion_assets.core.clip import decoded_batches
+from laion_assets.core.clip import checkpoints
+from laion_assets.core.clip.models import pick_device
+from laion_assets.core.clip.shards import complete_shards, decoded_batches
+from laion_assets.core.settings import ModelSettings
+from laion_assets.core.storage import Storage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Log = Callable[[str], None]
 
-
-# --- safety ------------------------------------------------------------------------------------------
-
-class SafetyHead(nn.Module):
-    """LAION's safety MLP shape: dim -> 64 -> 512 -> 256 -> 1 (a logit; sigmoid gives punsafe)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.net = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 512), nn.ReLU(),
-                                 nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
-def _normalized(embeddings: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
-    return nn.functional.normalize(x, dim=-1)
-
-
-def train_safety_head(embeddings: np.ndarray, labels: np.ndarray, epochs: int = 40, seed: int = 0,
-                      log: Log | None = None) -> SafetyHead:
-    """Binary cross-entropy on (embedding, unsafe 0/1) pairs; classes are weighted to balance them."""
-    torch.manual_seed(seed)
-    x, y = _normalized(embeddings), torch.from_numpy(np.asarray(labels, dtype=np.float32))
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} embeddings but {len(y)} labels")
-    head = SafetyHead(x.shape[1])
-    positive = float(y.mean()) if len(y) else 0.5
-    if positive in (0.0, 1.0):
-        raise ValueError("the labels need both classes")
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - positive) / positive))
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for lo in range(0, len(x), 128):
-            idx = order[lo:lo + 128]
-            loss = loss_fn(head(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if log and (epoch % 10 == 0 or epoch == epochs - 1):
-            log(f"safety head: epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
-    return head.eval()
-
-
-@torch.inference_mode()
-def punsafe(head: SafetyHead, embeddings: np.ndarray) -> np.ndarray:
-    if len(embeddings) == 0:
-        return np.zeros(0, np.float32)
-    return torch.sigmoid(head(_normalized(embeddings))).numpy().astype(np.float32)
-
-
-def save_safety_head(head: SafetyHead, path: str | os.PathLike[str], card: dict[str, Any]) -> None:
-    _save(path, {"kind": "safety", "dim": head.dim, "state_dict": head.state_dict()},
-          {"kind": "safety", "dim": head.dim, **card})
-
-
-def load_safety_head(path: str | os.PathLike[str]) -> tuple[SafetyHead, dict[str, Any]]:
-    ckpt = _load(path, "safety")
-    head = SafetyHead(int(ckpt["dim"]))
-    head.load_state_dict(ckpt["state_dict"])
-    return head.eval(), _card(path)
-
-
-# --- watermark -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class WatermarkSpec:
@@ -164,13 +94,13 @@ def pwatermark(model: nn.Module, images: torch.Tensor, device: torch.device | No
 
 
 def save_watermark(model: nn.Module, spec: WatermarkSpec, card: dict[str, Any]) -> None:
-    _save(spec.checkpoint, {"kind": "watermark", "arch": spec.arch, "state_dict": model.state_dict()},
+    checkpoints.save(spec.checkpoint, {"kind": "watermark", "arch": spec.arch, "state_dict": model.state_dict()},
           {"kind": "watermark", "name": spec.name, "arch": spec.arch, "image_size": spec.image_size,
            "threshold": spec.threshold, **card})
 
 
 def load_watermark(spec: WatermarkSpec, device: torch.device | str = "cpu") -> nn.Module:
-    ckpt = _load(spec.checkpoint, "watermark")
+    ckpt = checkpoints.load(spec.checkpoint, "watermark")
     model = create_watermark_model(spec.arch)
     model.load_state_dict(ckpt["state_dict"])
     model = model.to(device).eval()
@@ -180,7 +110,7 @@ def load_watermark(spec: WatermarkSpec, device: torch.device | str = "cpu") -> n
 
 
 def watermark_spec_from_checkpoint(path: str | os.PathLike[str]) -> WatermarkSpec:
-    card = _card(path)
+    card = checkpoints.card(path)
     return WatermarkSpec(card["name"], card["arch"], str(path), int(card["image_size"]), float(card["threshold"]))
 
 
@@ -236,53 +166,11 @@ def load_image_folders(root: str | os.PathLike[str], size: int) -> tuple[torch.T
     return torch.stack(tensors), torch.tensor(labels)
 
 
-# --- small offline heads -----------------------------------------------------------------------------
-
-# The synthetic world's stand-in for "unsafe": every image whose shape is red. (Colour is what a 32 px CLIP
-# sees best; the head only has to find a concept in the embedding, as LAION's does.)
-SAFETY_CONCEPT = "red"
-
-
-def synthetic_watermark_set(n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the renders carry a text mark; returned preprocessed as the watermark model sees shards."""
-    from laion_assets.core.resize import pad_square
-    from laion_assets.core.synthetic import random_scene, render
-
-    rng = random.Random(seed)
-    transform = watermark_transform(size)
-    images, labels = [], []
-    for i in range(n):
-        marked = i % 2 == 1
-        w, h = rng.randint(128, 200), rng.randint(96, 150)
-        mark = rng.choice(["(c) stock", "SAMPLE", "watermark", "shutterpix"]) if marked else None
-        img = render(random_scene(rng), (w, h), seed=seed * 1_000_003 + i, watermark=mark)
-        buf = io.BytesIO()
-        pad_square(img).save(buf, format="JPEG", quality=90)  # as stored in the shards
-        images.append(transform(Image.open(buf).convert("RGB")))
-        labels.append(int(marked))
-    return torch.stack(images), torch.tensor(labels)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-def _save(path: str | os.PathLike[str], payload: dict[str, Any], card: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    Path(str(path) + ".json").write_text(json.dumps(card, indent=2))
-
-
-def _load(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{kind} checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("kind") != kind:
-        raise ValueError(f"{path} is not a {kind} checkpoint (it is {ckpt.get('kind')!r})")
-    return ckpt
-
-
-def _card(path: str | os.PathLike[str]) -> dict[str, Any]:
-    card = Path(str(path) + ".json")
-    return json.loads(card.read_text()) if card.exists() else {}
+def watermark_bucket(store: Storage, shards_prefix: str, keep: frozenset[str], spec: WatermarkSpec,
+                     settings: ModelSettings, log: Log | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """pwatermark of the kept samples of a finished download."""
+    device = pick_device(settings.device)
+    model = load_watermark(spec, device)
+    shards = complete_shards(store, shards_prefix)
+    with store.local_copies([s.tar for s in shards]) as local:
+        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log)

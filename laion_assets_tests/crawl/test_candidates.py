@@ -10,19 +10,10 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from laion_assets.core.candidates import (
-    BAD_EXTENSION,
-    BAD_SCHEME,
-    BAD_URL,
-    ExtractCounts,
-    PairExtractor,
-    clean_text,
-    extract_locations,
-    normalize_url,
-    resolve_url,
-)
-from laion_assets.core.sample import _warc_member
-from laion_assets.core.wat import ReadStats, iter_metadata_records
+from laion_assets.core.crawl.candidates import Drop, clean_text, normalize_url, resolve_url
+from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor, extract_locations
+from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
+from laion_assets.core.offline.sample import _warc_member
 
 WAT_501 = "CC-MAIN-2016-40-00000.first501.warc.wat.gz"
 
@@ -144,15 +135,15 @@ def test_only_http_urls_and_no_svg_or_gif_survive(real):
 @pytest.mark.parametrize(
     ("raw", "want"),
     [
-        ("data:image/gif;base64,R0lGOD", BAD_SCHEME),
-        ("javascript:void(0)", BAD_SCHEME),
-        ("mailto:someone@example.org", BAD_SCHEME),
-        ("ftp://example.org/a.jpg", BAD_SCHEME),
-        ("file:///etc/passwd", BAD_SCHEME),
-        ("/img/logo.SVG", BAD_EXTENSION),
-        ("anim.gif?x=1", BAD_EXTENSION),
-        ("", BAD_URL),
-        ("http://[::1/a.jpg", BAD_URL),
+        ("data:image/gif;base64,R0lGOD", Drop.SCHEME),
+        ("javascript:void(0)", Drop.SCHEME),
+        ("mailto:someone@example.org", Drop.SCHEME),
+        ("ftp://example.org/a.jpg", Drop.SCHEME),
+        ("file:///etc/passwd", Drop.SCHEME),
+        ("/img/logo.SVG", Drop.EXTENSION),
+        ("anim.gif?x=1", Drop.EXTENSION),
+        ("", Drop.INVALID_URL),
+        ("http://[::1/a.jpg", Drop.INVALID_URL),
         ("HTTP://Example.ORG:80/A.jpg#frag", "http://example.org/A.jpg"),
         ("https://example.org:443?x=1", "https://example.org/?x=1"),
         ("//cdn.example.org/a b.jpg", "https://cdn.example.org/a%20b.jpg"),
@@ -310,7 +301,7 @@ def test_remote_wat_is_retried_after_a_server_error(realdata, loopback):
         h.wfile.write(body)
 
     loopback.routes["/wat.gz"] = flaky
-    from laion_assets.core.wat import SourceSettings
+    from laion_assets.core.settings import SourceSettings
 
     tables = []
     report = extract_locations([(f"{loopback.base}/wat.gz", "wat.gz")], "c", tables.append,

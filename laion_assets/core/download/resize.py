@@ -127,7 +127,7 @@ def process_image(data: bytes, settings: ResizeSettings) -> Processed:
                 raise ImageError(f"image of {w}x{h} pixels is over the budget of {settings.max_pixels}")
             if min(w, h) < settings.min_image_size:
                 raise ImageError(f"image of {w}x{h} is under min_image_size {settings.min_image_size}")
-            if max(w, h) / max(1, min(w, h)) > settings.max_aspect_ratio:
+            if settings.max_aspect_ratio and max(w, h) / max(1, min(w, h)) > settings.max_aspect_ratio:
                 raise ImageError(f"aspect ratio of {w}x{h} is over {settings.max_aspect_ratio}")
             tw, th = _target_size(w, h, settings)
             if fmt == "JPEG" and settings.resize_mode != "no":

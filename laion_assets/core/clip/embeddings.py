@@ -1,0 +1,115 @@
+"""ViT-L/14 image and text embeddings of the kept samples, in clip-retrieval's layout, written so that a crash
+never leaves arrays beside metadata they do not belong to.
+
+A bucket's three files are written in this order: the old metadata is removed first (from then on the bucket
+reads as incomplete), then the two arrays, then the new metadata, which records the arrays' sha256 and row
+count. `read_embeddings` checks both, so a reader either gets the three files of one write or a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, pick_device
+from laion_assets.core.clip.scores import StageReport
+from laion_assets.core.clip.shards import complete_shards, decoded_batches
+from laion_assets.core.paths import EmbeddingKeys
+from laion_assets.core.settings import ModelSettings
+from laion_assets.core.storage import Storage
+
+EMBED_META_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                               ("language", pa.string())])
+_IMG_SHA, _TXT_SHA, _ROWS = b"laion_assets.img_emb_sha256", b"laion_assets.text_emb_sha256", b"laion_assets.rows"
+
+
+class IncompleteEmbeddingsError(RuntimeError):
+    """A bucket's embedding files are missing or do not belong together (a write was interrupted)."""
+
+
+def embed_shards(tar_paths: list[str], keep: frozenset[str], model: LoadedClip, batch_size: int = 256,
+                 workers: int = 1, log: Log | None = None) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
+    """L2-normalized image and text embeddings (float16) of the kept samples, row-aligned with metadata
+    sorted by key; a sample whose image fails to decode here is left out and counted."""
+    start = time.perf_counter()
+    report = StageReport()
+    keys: list[str] = []
+    meta: list[dict[str, str]] = []
+    img_parts: list[np.ndarray] = []
+    txt_parts: list[np.ndarray] = []
+    pin = model.device.type == "cuda"
+    for batch in decoded_batches(tar_paths, model.preprocess, model.image_size, batch_size, workers, keep, pin):
+        idx = [i for i, e in enumerate(batch.errors) if not e]
+        report.samples += len(batch.keys)
+        report.failed += len(batch.keys) - len(idx)
+        if not idx:
+            continue
+        img_parts.append(model.encode_images(batch.images[idx]).astype(np.float16))
+        txt_parts.append(model.encode_texts([batch.captions[i] for i in idx]).astype(np.float16))
+        for i in idx:
+            keys.append(batch.keys[i])
+            meta.append({"key": batch.keys[i], "url": batch.urls[i], "caption": batch.captions[i],
+                         "language": batch.languages[i]})
+        if log:
+            log(f"embedded {len(keys)} samples")
+    dim = model.model.visual.output_dim
+    img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float16)
+    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float16)
+    order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, dtype=np.int64)
+    report.kept = len(keys)
+    report.by_model = {model.spec.name: len(keys)}
+    report.seconds = time.perf_counter() - start
+    table = pa.Table.from_pylist([meta[i] for i in order], schema=EMBED_META_SCHEMA)
+    return img[order], txt[order], table, report
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def write_embeddings(store: Storage, keys: EmbeddingKeys, img: np.ndarray, txt: np.ndarray, meta: pa.Table) -> None:
+    """The three files of one bucket: old metadata removed first, arrays, then metadata naming the arrays."""
+    if not img.shape[0] == txt.shape[0] == meta.num_rows:
+        raise ValueError(f"embeddings are not row-aligned: {img.shape[0]} image, {txt.shape[0]} text,"
+                         f" {meta.num_rows} metadata rows")
+    store.delete(keys.metadata)
+    img_bytes, txt_bytes = _npy_bytes(img), _npy_bytes(txt)
+    store.write_bytes(keys.img, img_bytes)
+    store.write_bytes(keys.text, txt_bytes)
+    tagged = meta.replace_schema_metadata({
+        **(meta.schema.metadata or {}), _IMG_SHA: hashlib.sha256(img_bytes).hexdigest().encode(),
+        _TXT_SHA: hashlib.sha256(txt_bytes).hexdigest().encode(), _ROWS: str(meta.num_rows).encode()})
+    store.write_parquet(keys.metadata, tagged)
+
+
+def read_embeddings(store: Storage, keys: EmbeddingKeys) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """A bucket's image and text embeddings and their metadata, checked to belong to one write."""
+    if not store.exists(keys.metadata):
+        raise IncompleteEmbeddingsError(f"{store.uri(keys.metadata)} is missing: the embeddings were not written "
+                                        "completely (rematerialize image_embeddings)")
+    meta = store.read_parquet(keys.metadata)
+    tags = meta.schema.metadata or {}
+    img_bytes, txt_bytes = store.read_bytes(keys.img), store.read_bytes(keys.text)
+    if (hashlib.sha256(img_bytes).hexdigest().encode() != tags.get(_IMG_SHA)
+            or hashlib.sha256(txt_bytes).hexdigest().encode() != tags.get(_TXT_SHA)):
+        raise IncompleteEmbeddingsError(f"the arrays beside {store.uri(keys.metadata)} are not the ones it was "
+                                        "written with (an interrupted write): rematerialize image_embeddings")
+    img, txt = np.load(io.BytesIO(img_bytes)), np.load(io.BytesIO(txt_bytes))
+    return img, txt, meta.replace_schema_metadata(None)
+
+
+def embed_bucket(store: Storage, shards_prefix: str, keep: frozenset[str], spec: ClipSpec, settings: ModelSettings,
+                 log: Log | None = None) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
+    """Embeddings of the kept samples of a finished download, with the model's name in the metadata."""
+    model = load_clip(spec, pick_device(settings.device))
+    shards = complete_shards(store, shards_prefix)
+    with store.local_copies([s.tar for s in shards]) as local:
+        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log)
+    meta = meta.append_column("model", pa.array([spec.name] * meta.num_rows, pa.string()))
+    return img, txt, meta, report

@@ -1,0 +1,167 @@
+"""Which shards a download makes, which of them are already complete, and the list it leaves when done.
+
+A shard is complete only if its `_stats.json` matches the plan: the same input rows (a fingerprint of their
+url, caption and language), the same row range and the same output settings (size, mode, format, quality...).
+A mismatch redoes the shard; shards beyond a shrunk plan are removed. The bucket's `_manifest.json` (the
+complete shards with their counts) is removed when a download starts and written when it ends, so a reader
+never sees an orphan or half-written shard.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+from laion_assets.core import paths
+from laion_assets.core.download.reader import Inputs
+from laion_assets.core.download.report import STATUSES, ShardStats
+from laion_assets.core.settings import DownloadSettings, settings_hash
+from laion_assets.core.storage import Storage
+
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shard: int
+    name: str
+    lo: int  # first input row
+    hi: int  # end input row
+    fingerprint: str  # of the input rows [lo, hi)
+
+    def key(self, index: int, widths: tuple[int, int]) -> str:
+        """The sample key of input row `index`, as img2dataset makes it: shard digits, then row digits."""
+        return f"{self.shard:0{widths[0]}d}{index - self.lo:0{widths[1]}d}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: tuple[ShardPlan, ...]
+    widths: tuple[int, int]
+    settings: str  # hash of what changes the output's bytes
+    rows: int
+
+    def matches(self, stats: ShardStats, shard: ShardPlan) -> bool:
+        return (stats.rows == [shard.lo, shard.hi] and stats.input_fingerprint == shard.fingerprint
+                and stats.settings == self.settings and stats.count == shard.hi - shard.lo)
+
+
+def key_widths(rows: int, samples_per_shard: int) -> tuple[int, int]:
+    """Digits of the shard and sample parts of a key, as img2dataset chooses them."""
+    shards = max(1, math.ceil(rows / samples_per_shard))
+    return max(5, math.ceil(math.log10(shards + 1))), max(1, math.ceil(math.log10(samples_per_shard)))
+
+
+def make_plan(inputs: Inputs, settings: DownloadSettings) -> Plan:
+    rows, per = inputs.num_rows, settings.samples_per_shard
+    if per < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, not {per}")
+    widths = key_widths(rows, per)
+    bounds = [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+    shards = tuple(ShardPlan(s, f"{s:0{widths[0]}d}", lo, hi, inputs.fingerprint(lo, hi))
+                   for s, (lo, hi) in enumerate(bounds))
+    return Plan(shards, widths, settings_hash(settings.resize, {"samples_per_shard": per, "widths": widths}), rows)
+
+
+@dataclass
+class ResumeState:
+    done: dict[str, ShardStats] = field(default_factory=dict)  # complete shards that match the plan
+    todo: list[ShardPlan] = field(default_factory=list)
+    redone: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def resume(store: Storage, prefix: str, plan: Plan) -> ResumeState:
+    """Sort the plan's shards into complete and to do; clear markers that no longer match, and the files of
+    shards the plan no longer has."""
+    state = ResumeState()
+    planned = {s.name: s for s in plan.shards}
+    files: dict[str, list[str]] = {}
+    for key in store.list(prefix):
+        match = _SHARD_FILE.match(key[len(paths.join(prefix, "")):])
+        if match:
+            files.setdefault(match.group(1), []).append(key)
+    for name, keys in sorted(files.items()):
+        if name not in planned:
+            for key in sorted(keys, key=lambda k: not k.endswith("_stats.json")):  # the marker first
+                store.delete(key)
+            state.removed.append(name)
+            continue
+        marker = paths.shard(prefix, name).stats
+        if marker not in keys:
+            continue
+        stats = ShardStats.from_json(store.read_bytes(marker))
+        if plan.matches(stats, planned[name]):
+            state.done[name] = stats
+        else:
+            store.delete(marker)  # no longer trusted, even if this run is killed before redoing it
+            state.redone += 1
+    state.todo = [s for s in plan.shards if s.name not in state.done]
+    return state
+
+
+# --- the list of complete shards ---------------------------------------------------------------------------
+
+@dataclass
+class ShardEntry:
+    name: str
+    tar: str  # file names, relative to the download's prefix
+    rows: str
+    stats: str
+    count: int
+    successes: int
+
+
+@dataclass
+class ShardsManifest:
+    """A finished download: every shard of the plan, complete. Written last."""
+
+    rows: int
+    settings: str
+    statuses: dict[str, int]
+    shards: list[ShardEntry]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ShardsManifest:
+        doc = orjson.loads(data)
+        return cls(doc["rows"], doc["settings"], doc["statuses"], [ShardEntry(**s) for s in doc["shards"]])
+
+    def keys(self, prefix: str) -> list[paths.ShardKeys]:
+        return [paths.ShardKeys(paths.join(prefix, s.tar), paths.join(prefix, s.rows), paths.join(prefix, s.stats))
+                for s in self.shards]
+
+
+def build_manifest(plan: Plan, stats: dict[str, ShardStats]) -> ShardsManifest:
+    missing = [s.name for s in plan.shards if s.name not in stats]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} are not complete; the manifest lists complete downloads only")
+    totals = {s: sum(st.statuses.get(s, 0) for st in stats.values()) for s in STATUSES}
+    entries = []
+    for s in plan.shards:
+        keys = paths.shard("", s.name)
+        entries.append(ShardEntry(s.name, keys.tar, keys.rows, keys.stats, stats[s.name].count,
+                                  stats[s.name].statuses.get("success", 0)))
+    return ShardsManifest(plan.rows, plan.settings, totals, entries)
+
+
+class IncompleteDownloadError(RuntimeError):
+    """The image shards a stage wants to read are not complete (no manifest)."""
+
+
+def read_manifest(store: Storage, prefix: str) -> ShardsManifest:
+    key = paths.shards_manifest(prefix)
+    if not store.exists(key):
+        raise IncompleteDownloadError(f"no complete download at {store.uri(prefix)} (its {paths.SHARDS_MANIFEST} is "
+                                      "missing: the download has not finished)")
+    return ShardsManifest.from_json(store.read_bytes(key))
+
+
+def manifest_summary(manifest: ShardsManifest) -> dict[str, Any]:
+    return {"shards": len(manifest.shards), "rows": manifest.rows, **manifest.statuses}

@@ -1,0 +1,69 @@
+"""Reading a Parquet URL list: the input columns, and a fingerprint of any slice of it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """Which columns of the URL list hold what; caption and language may be missing (read as empty)."""
+
+    url: str = "url"
+    caption: str = "caption"
+    language: str = "language"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The input columns as Arrow (compact); Python strings are made one shard at a time."""
+
+    table: pa.Table  # url, caption, language
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, lo: int, hi: int) -> list[tuple[str | None, str | None, str | None]]:
+        part = self.table.slice(lo, hi - lo)
+        return list(zip(*(part[c].to_pylist() for c in ("url", "caption", "language")), strict=True))
+
+    def fingerprint(self, lo: int, hi: int) -> str:
+        """A hash of rows [lo, hi): a shard made from other rows (an edited or reordered input) never matches."""
+        digest = hashlib.blake2b(digest_size=16)
+        for row in self.rows(lo, hi):
+            for value in row:
+                # 0x1f separates values, 0x00 marks a null, so ("a", None) and ("a", "") differ.
+                digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass"))
+                digest.update(b"\x1f")
+        return digest.hexdigest()
+
+
+def open_url_list(path: str, url_col: str) -> pq.ParquetFile:
+    """A Parquet URL list, opened (footer only); a clear error when the URL column is missing."""
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    if url_col not in names:
+        raise ValueError(f"{path} has no column {url_col!r} (columns: {', '.join(names)})")
+    return file
+
+
+def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
+    """The input columns of a Parquet URL list; missing caption/language columns read as empty."""
+    columns = columns or InputColumns()
+    file = open_url_list(path, columns.url)
+    names = file.schema_arrow.names
+    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language) if c in names))
+    table = file.read(columns=wanted)
+
+    def column(name: str) -> pa.Array:
+        if name not in table.column_names:
+            return pa.nulls(table.num_rows, pa.string())
+        return table[name].cast(pa.string())
+
+    return Inputs(pa.table({"url": column(columns.url), "caption": column(columns.caption),
+                            "language": column(columns.language)}))

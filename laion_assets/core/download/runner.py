@@ -1,0 +1,153 @@
+"""One process's share of a download: one asyncio loop over its URLs as a single stream (no stall at shard
+ends), with decode/resize/encode in a thread pool (Pillow releases the GIL) and shard writing in another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from laion_assets.core.download.plan import Plan, ShardPlan
+from laion_assets.core.download.reader import Inputs
+from laion_assets.core.download.report import ShardStats
+from laion_assets.core.download.writer import Piece, PieceBuilder, new_row, write_shard
+from laion_assets.core.settings import DownloadSettings
+from laion_assets.core.storage import Storage
+
+ProgressFn = Callable[[int, int], None]  # (samples done since the last call, of which successes)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Rows [lo, hi) of one shard: the whole shard, or a piece of it when shards are fewer than processes."""
+
+    shard: ShardPlan
+    lo: int
+    hi: int
+
+
+@dataclass
+class RunResult:
+    shards: list[ShardStats] = field(default_factory=list)  # shards written whole by this process
+    pieces: list[Piece] = field(default_factory=list)  # pieces of shards split between processes
+
+
+class Progress:
+    """Counts finished URLs and hands them to a callback at most every `every_s` seconds."""
+
+    def __init__(self, callback: ProgressFn | None, every_s: float = 0.5) -> None:
+        self.callback, self.every_s = callback, every_s
+        self.done = self.ok = 0
+        self.last = time.monotonic()
+
+    def add(self, success: bool) -> None:
+        self.done += 1
+        self.ok += success
+        if time.monotonic() - self.last > self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.callback and self.done:
+            self.callback(self.done, self.ok)
+        self.done = self.ok = 0
+        self.last = time.monotonic()
+
+
+def _extension(data: bytes) -> str:
+    from laion_assets.core.download.resize import sniff
+
+    fmt = (sniff(data) or "bin").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+
+
+class ShardRunner:
+    """Downloads work items in this process; whole shards are committed as they fill, pieces are returned."""
+
+    def __init__(self, inputs: Inputs, plan: Plan, settings: DownloadSettings, store: Storage, prefix: str,
+                 staging: str, progress: ProgressFn | None = None) -> None:
+        self.inputs, self.plan, self.settings = inputs, plan, settings
+        self.store, self.prefix, self.staging = store, prefix, staging
+        self.progress = Progress(progress)
+
+    async def run(self, work: list[WorkItem]) -> RunResult:
+        # Imported here: the parent of worker processes never needs aiohttp or Pillow, and starts them sooner.
+        from laion_assets.core.download.fetch import Fetcher
+
+        self._loop = asyncio.get_running_loop()
+        self._resize_pool = ThreadPoolExecutor(self.settings.resize_threads, thread_name_prefix="resize")
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._slots = asyncio.Semaphore(self.settings.in_flight)
+        self._writes: list[asyncio.Future[ShardStats]] = []
+        self._result = RunResult()
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async with Fetcher(self.settings.fetch) as fetcher:
+                for item in work:
+                    builder = PieceBuilder(item.shard, item.lo, item.hi, self.staging)
+                    for index, (url, caption, language) in enumerate(self.inputs.rows(item.lo, item.hi), start=item.lo):
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._one(fetcher, builder, index, url, caption, language))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            for fut in self._writes:
+                self._result.shards.append(await fut)
+            self.progress.flush()
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._resize_pool.shutdown(wait=False, cancel_futures=True)
+            self._writer_pool.shutdown(wait=True)
+        return self._result
+
+    async def _one(self, fetcher: Any, builder: PieceBuilder, index: int, url: str | None, caption: str | None,
+                   language: str | None) -> None:
+        row = new_row(builder.shard.key(index, self.plan.widths), url, caption, language)
+        try:
+            files = await self._fetch_and_resize(fetcher, url, row)
+        except Exception as err:  # noqa: BLE001 - the fetcher never raises; this guards against our own bugs
+            row.update(status="failed_to_download", error_message=f"{type(err).__name__}: {err}", final_url=None)
+            files = {}
+        finally:
+            self._slots.release()
+        if builder.add(index, row, files):
+            piece = builder.finish()
+            if builder.whole:
+                self._writes.append(self._loop.run_in_executor(
+                    self._writer_pool, write_shard, [piece], self.store, self.prefix, self.plan.settings, self.staging))
+            else:
+                self._result.pieces.append(piece)
+        self.progress.add(row["status"] == "success")
+
+    async def _fetch_and_resize(self, fetcher: Any, url: str | None, row: dict[str, Any]) -> dict[str, bytes]:
+        """Fill the row with what happened; the sample's files (tar field -> bytes) when it succeeded."""
+        from laion_assets.core.download.resize import ImageError, process_image
+
+        if not url:
+            row["error_message"] = "no URL"
+            return {}
+        fetched = await fetcher.fetch(url)
+        row.update(status=fetched.status, error_message=fetched.error or None, http_status=fetched.http_status,
+                   final_url=fetched.final_url, bytes_downloaded=len(fetched.body))
+        if fetched.status != "success":
+            return {}
+        resize = self.settings.resize
+        try:
+            p = await self._loop.run_in_executor(self._resize_pool, process_image, fetched.body, resize)
+        except ImageError as err:
+            row.update(status="failed_to_resize", error_message=str(err))
+            return {}
+        except Exception as err:  # noqa: BLE001 - a decoder bug costs one row, not the run
+            row.update(status="failed_to_resize", error_message=f"{type(err).__name__}: {err}")
+            return {}
+        row.update(width=p.width, height=p.height, original_width=p.original_width,
+                   original_height=p.original_height, sha256=p.sha256, phash=p.phash)
+        files = {resize.encode_format: p.data}
+        if p.original is not None:
+            files[f"original.{_extension(p.original)}"] = p.original
+        return files

@@ -1,0 +1,177 @@
+"""Every storage path of the pipeline, relative to the storage root (a local directory or `s3://bucket/prefix`).
+
+Nothing else formats a path: the stages, assets, CLI, demo and tests ask this module. The chunk and bucket
+counts are part of the paths of everything they split (`chunks=512/buckets=256/`), so files split another way
+can never be mixed up.
+
+    crawls/<crawl>/wat_manifest.parquet
+    crawls/<crawl>/candidates/chunks=<n>/buckets=<m>/chunk=<c>/bucket=<b>.parquet  (+ _report.json, last)
+    crawls/<crawl>/unique_pairs/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/images/buckets=<m>/bucket=<b>/<shard>.tar|.parquet|_stats.json  (+ _manifest.json, last)
+    crawls/<crawl>/clip_scores/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/embeddings/buckets=<m>/{img_emb,text_emb,metadata}/...          (clip-retrieval layout)
+    crawls/<crawl>/safety_scores/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/watermark_scores/buckets=<m>/bucket=<b>.parquet
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+CHUNK_MARKER = "_report.json"
+SHARDS_MANIFEST = "_manifest.json"
+
+
+def key_width(n: int) -> int:
+    return max(4, len(str(n - 1)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a crawl is split: chunks of its WAT listing for the parse stage, URL-hash buckets after it.
+
+    Fixed when the code location loads (partition keys must be), from `LAION_ASSETS_CHUNKS` and
+    `LAION_ASSETS_BUCKETS`; production uses e.g. 512 and 256."""
+
+    chunks: int = 4
+    buckets: int = 4
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Layout:
+        env = os.environ if env is None else env
+        return cls(chunks=int(env.get("LAION_ASSETS_CHUNKS", cls.chunks)),
+                   buckets=int(env.get("LAION_ASSETS_BUCKETS", cls.buckets)))
+
+    def chunk_key(self, chunk: int) -> str:
+        return str(chunk).zfill(key_width(self.chunks))
+
+    def bucket_key(self, bucket: int) -> str:
+        return str(bucket).zfill(key_width(self.buckets))
+
+    def chunk_keys(self) -> list[str]:
+        return [self.chunk_key(i) for i in range(self.chunks)]
+
+    def bucket_keys(self) -> list[str]:
+        return [self.bucket_key(i) for i in range(self.buckets)]
+
+
+def join(prefix: str, name: str) -> str:
+    """A key under a prefix ("" is the storage root itself)."""
+    return f"{prefix.rstrip('/')}/{name}" if prefix else name
+
+
+def crawl_root(crawl: str) -> str:
+    return f"crawls/{crawl}"
+
+
+# --- the Common Crawl stage ------------------------------------------------------------------------------
+
+def wat_listing(crawl: str) -> str:
+    """Relative to the crawl source, not the storage root: Common Crawl's own layout."""
+    return f"crawl-data/{crawl}/wat.paths.gz"
+
+
+def crawl_data() -> str:
+    """The folder of a crawl source that lists its crawls (one folder each)."""
+    return "crawl-data"
+
+
+def wat_manifest(crawl: str) -> str:
+    return f"{crawl_root(crawl)}/wat_manifest.parquet"
+
+
+def candidates(crawl: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/candidates/chunks={layout.chunks}/buckets={layout.buckets}"
+
+
+def candidates_chunk(crawl: str, chunk: str, layout: Layout) -> str:
+    return f"{candidates(crawl, layout)}/chunk={chunk}"
+
+
+def candidates_file(crawl: str, chunk: str, bucket: str, layout: Layout) -> str:
+    return f"{candidates_chunk(crawl, chunk, layout)}/{bucket_file(bucket)}"
+
+
+def candidates_marker(crawl: str, chunk: str, layout: Layout) -> str:
+    return f"{candidates_chunk(crawl, chunk, layout)}/{CHUNK_MARKER}"
+
+
+def bucket_file(bucket: str) -> str:
+    return f"bucket={bucket}.parquet"
+
+
+def unique_pairs(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/unique_pairs/buckets={layout.buckets}/{bucket_file(bucket)}"
+
+
+# --- the download stage ----------------------------------------------------------------------------------
+
+def image_shards(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/images/buckets={layout.buckets}/bucket={bucket}"
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """The three files of one webdataset shard, as img2dataset names them; `stats` is written last."""
+
+    tar: str
+    rows: str
+    stats: str
+
+    def all(self) -> tuple[str, str, str]:
+        return self.tar, self.rows, self.stats
+
+
+def shard(prefix: str, name: str) -> ShardKeys:
+    return ShardKeys(join(prefix, f"{name}.tar"), join(prefix, f"{name}.parquet"), join(prefix, f"{name}_stats.json"))
+
+
+def shard_of_stats(prefix: str, key: str) -> str | None:
+    """The shard name of a `_stats.json` key under prefix, or None when the key is something else."""
+    name = key[len(join(prefix, "")):]
+    if name.endswith("_stats.json") and "/" not in name and name[: -len("_stats.json")].isdigit():
+        return name[: -len("_stats.json")]
+    return None
+
+
+def shards_manifest(prefix: str) -> str:
+    """The list of a download's complete shards, written last: what the CLIP stage reads."""
+    return join(prefix, SHARDS_MANIFEST)
+
+
+# --- the CLIP stage --------------------------------------------------------------------------------------
+
+def clip_scores(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/clip_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
+
+
+def embeddings(crawl: str, layout: Layout) -> str:
+    """clip-retrieval's layout for the whole crawl: img_emb/img_emb_<i>.npy and friends, one file per bucket."""
+    return f"{crawl_root(crawl)}/embeddings/buckets={layout.buckets}"
+
+
+@dataclass(frozen=True)
+class EmbeddingKeys:
+    """One bucket's three embedding files; `metadata` is written last and names the arrays it goes with."""
+
+    img: str
+    text: str
+    metadata: str
+
+
+def embedding_files(prefix: str, index: int) -> EmbeddingKeys:
+    return EmbeddingKeys(join(prefix, f"img_emb/img_emb_{index}.npy"), join(prefix, f"text_emb/text_emb_{index}.npy"),
+                         join(prefix, f"metadata/metadata_{index}.parquet"))
+
+
+def bucket_embeddings(crawl: str, bucket: str, layout: Layout) -> EmbeddingKeys:
+    return embedding_files(embeddings(crawl, layout), int(bucket))
+
+
+def safety_scores(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/safety_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
+
+
+def watermark_scores(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/watermark_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
