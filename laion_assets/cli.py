@@ -159,7 +159,21 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 
 # --- the CLIP stage ----------------------------------------------------------------------------------------------
 
-@main.group()
+class _ClipGroup(click.Group):
+    """Turns the stage's expected errors (an unfinished download, missing or mixed embeddings, a missing
+    checkpoint) into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from laion_assets.core.clip.embeddings import IncompleteEmbeddingsError
+        from laion_assets.core.download.plan import IncompleteDownloadError
+
+        try:
+            return super().invoke(ctx)
+        except (IncompleteDownloadError, IncompleteEmbeddingsError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from err
+
+
+@main.group(cls=_ClipGroup)
 def clip() -> None:
     """The CLIP stage on a finished download (a folder or s3:// prefix with its _manifest.json)."""
 

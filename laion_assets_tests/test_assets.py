@@ -15,6 +15,7 @@ from laion_assets.core import paths
 from laion_assets.core.download.report import STATUSES
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import SAMPLE_CRAWL
+from laion_assets.core.storage import Storage
 from laion_assets.definitions import build_assets, build_definitions
 from laion_assets.demo import image_server
 from laion_assets.resources import ImageFetchResource, resources_from_env
@@ -100,11 +101,13 @@ def test_stage_on_local_storage(tmp_path):
     shard_dirs = [tmp_path / "data" / paths.image_shards(SAMPLE_CRAWL, b, LAYOUT) for b in LAYOUT.bucket_keys()]
     tars = [p for d in shard_dirs for p in d.glob("*.tar")]
     assert len(tars) == sum(m["shards"] for m in meta["image_shards"])
-    check_clip_stage(meta, tmp_path / "data")
+    check_clip_stage(meta, resources["storage"].get())
 
 
-def check_clip_stage(meta: dict[str, list[dict]], root: Path) -> None:
+def check_clip_stage(meta: dict[str, list[dict]], store: Storage) -> None:
     import numpy as np
+
+    from laion_assets.core.clip.embeddings import read_embeddings
 
     scores, embeddings = meta["clip_scores"], meta["image_embeddings"]
     for shards, score, emb, safety, mark in zip(meta["image_shards"], scores, embeddings, meta["safety_scores"],
@@ -113,9 +116,8 @@ def check_clip_stage(meta: dict[str, list[dict]], root: Path) -> None:
         assert emb["dagster/row_count"] == score["kept"] == safety["samples"] == mark["samples"]
     assert scores[-1]["refiltered_only"] is True
     for bucket in LAYOUT.bucket_keys():
-        files = paths.bucket_embeddings(SAMPLE_CRAWL, bucket, LAYOUT)
-        img, txt = np.load(root / files.img), np.load(root / files.text)
-        rows = pl.read_parquet(root / files.metadata)
+        img, txt, table = read_embeddings(store, paths.bucket_embeddings(SAMPLE_CRAWL, bucket, LAYOUT))
+        rows = pl.from_arrow(table)
         assert img.shape == txt.shape and img.shape[0] == rows.height and img.dtype == np.float16
         assert rows["key"].is_sorted()
 
@@ -157,7 +159,7 @@ def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
     resources = resources_from_env({"LAION_ASSETS_STORAGE": "s3://laion-test/run1",
                                     "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
                                     "AWS_ENDPOINT_URL": s3_server})
-    meta = materialize_stage(resources, tmp_path / "mirror")
+    meta = materialize_stage(resources, tmp_path / "mirror", clip=True)
     rows_out = sum(m["rows_out"] for m in meta["unique_pairs"])
     assert meta["unique_pairs"][0]["dagster/uri"].startswith("s3://laion-test/run1/crawls/")
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="laion-test", Prefix="run1/")["Contents"]]
@@ -172,6 +174,9 @@ def test_stage_on_s3(s3_server, tmp_path, monkeypatch):
     check_image_shards(meta)
     stats = [k for k in keys if "/images/" in k and k.endswith("_stats.json")]
     assert len(stats) == sum(m["shards"] for m in meta["image_shards"])
+    store = resources["storage"].get()
+    assert store.uri(paths.clip_scores(SAMPLE_CRAWL, "0000", LAYOUT)).startswith("s3://laion-test/run1/")
+    check_clip_stage(meta, store)
 
 
 def _core_modules() -> list[str]:

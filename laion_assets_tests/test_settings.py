@@ -1,0 +1,123 @@
+"""One settings dataclass per stage: the CLI options and the Dagster config and resources offer the same fields
+with the same defaults, and build the same settings objects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from laion_assets.assets.clip import ScoreConfig
+from laion_assets.assets.crawl import ExtractConfig, SampleCrawlConfig
+from laion_assets.assets.download import DownloadConfig, download_settings
+from laion_assets.cli import main
+from laion_assets.config import settings_from
+from laion_assets.core.settings import (
+    ClipSettings,
+    DownloadSettings,
+    ExtractSettings,
+    FetchSettings,
+    ModelSettings,
+    ResizeSettings,
+    SampleSettings,
+    SourceSettings,
+    scalar_fields,
+    settings_hash,
+)
+from laion_assets.resources import CrawlSourceResource, ImageFetchResource, ModelRegistryResource
+
+COMMANDS = {
+    ("extract",): [ExtractSettings, (SourceSettings, ("base",))],
+    ("sample-crawl",): [SampleSettings],
+    ("download",): [DownloadSettings, ResizeSettings, FetchSettings],
+    ("clip", "score"): [ClipSettings, ModelSettings],
+    ("clip", "embed"): [ModelSettings],
+    ("clip", "safety"): [ModelSettings],
+    ("clip", "watermark"): [ModelSettings],
+}
+CONFIGS = [
+    (ExtractConfig, [ExtractSettings]), (SampleCrawlConfig, [SampleSettings]),
+    (DownloadConfig, [DownloadSettings, ResizeSettings]), (ScoreConfig, [ClipSettings]),
+    (CrawlSourceResource, [SourceSettings]), (ImageFetchResource, [FetchSettings]),
+    (ModelRegistryResource, [ModelSettings]),
+]
+
+
+def command(path: tuple[str, ...]):
+    cmd = main
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def normalized(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
+def test_cli_options_are_the_settings_fields(path):
+    params = {p.name: p for p in command(path).params}
+    for entry in COMMANDS[path]:
+        cls, exclude = entry if isinstance(entry, tuple) else (entry, ())
+        for field in scalar_fields(cls):
+            if field.name in exclude:
+                assert field.name not in params
+                continue
+            assert field.name in params, f"{' '.join(path)} has no option for {cls.__name__}.{field.name}"
+            assert normalized(params[field.name].default) == normalized(field.default), field.name
+            assert params[field.name].help == field.metadata["help"]
+
+
+@pytest.mark.parametrize(("config", "classes"), CONFIGS, ids=lambda x: getattr(x, "__name__", ""))
+def test_dagster_config_fields_are_the_settings_fields(config, classes):
+    fields = config.model_fields
+    expected = {f.name: f for cls in classes for f in scalar_fields(cls)}
+    assert set(fields) == set(expected)
+    for name, field in expected.items():
+        assert normalized(fields[name].default) == normalized(field.default), name
+        assert fields[name].description == field.metadata["help"]
+
+
+def test_defaults_build_the_default_settings():
+    assert download_settings(DownloadConfig(), ImageFetchResource()) == DownloadSettings()
+    assert settings_from(ExtractSettings, ExtractConfig()) == ExtractSettings()
+    assert ModelRegistryResource().settings() == ModelSettings()
+    assert CrawlSourceResource().settings() == SourceSettings()
+    # A list in the launchpad is a tuple in the settings (hashable, frozen).
+    fetch = ImageFetchResource(allow_networks=["127.0.0.1/32"]).settings()
+    assert fetch.allow_networks == ("127.0.0.1/32",)
+
+
+def test_the_cli_builds_the_settings_it_is_given(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_download(urls, store, prefix, settings, columns, progress, log):
+        seen["settings"] = settings
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("laion_assets.core.download.distributor.download", fake_download)
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(main, ["download", "u.parquet", "-o", str(tmp_path), "--deadline", "7",
+                                       "--image-size", "128", "--allow-network", "127.0.0.1/32", "--no-respect-tdmrep",
+                                       "--processes", "3"])
+    assert "stop here" in result.output
+    expected = DownloadSettings(processes=3, resize=ResizeSettings(image_size=128),
+                                fetch=FetchSettings(deadline_s=7, allow_networks=("127.0.0.1/32",),
+                                                    respect_tdmrep=False))
+    assert seen["settings"] == expected
+
+
+def test_bad_values_are_refused_with_the_allowed_ones():
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        ResizeSettings(resize_mode="squash")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        ModelSettings(preset="huge")
+
+
+def test_settings_hash_changes_with_what_changes_the_output():
+    base = settings_hash(ResizeSettings())
+    assert base == settings_hash(ResizeSettings())
+    for change in ({"image_size": 128}, {"resize_mode": "center_crop"}, {"encode_format": "webp"},
+                   {"encode_quality": 90}):
+        assert settings_hash(dataclasses.replace(ResizeSettings(), **change)) != base

@@ -1,0 +1,101 @@
+"""The storage helper: atomic, durable writes with normal permissions; S3 options that survive pickling."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+
+import pyarrow as pa
+import pytest
+
+from laion_assets.core import storage as storage_module
+from laion_assets.core.storage import S3Options, Storage
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_committed_files_get_the_permissions_open_would_give(tmp_path, umask_022, monkeypatch):
+    # The mode is read from the process once; a test-set umask must be seen the same way.
+    monkeypatch.setattr(storage_module, "_FILE_MODE", 0o666 & ~0o022)
+    store = Storage(str(tmp_path / "root"))
+    store.write_bytes("a/b.json", b"{}")
+    store.write_parquet("a/c.parquet", pa.table({"x": [1]}))
+    with store.staging_dir() as stage:
+        local = os.path.join(stage, "d.bin")
+        with open(local, "wb") as fh:
+            fh.write(b"x")
+        os.chmod(local, 0o600)  # as tempfile.mkstemp leaves a staging file
+        store.put_file(local, "a/d.bin")
+    for name in ("b.json", "c.parquet", "d.bin"):
+        assert mode(tmp_path / "root/a" / name) == 0o644, name
+    assert not [p for p in (tmp_path / "root/a").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_umask_is_read_without_changing_it():
+    before = os.umask(0o027)
+    try:
+        assert storage_module._current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what the test set
+    finally:
+        os.umask(before)
+
+
+def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    Storage(str(tmp_path)).write_bytes("x.bin", b"data")
+    # The file's data before the rename, its directory after it.
+    assert calls == ["fsync", "rename", "fsync"]
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    store = Storage(str(tmp_path))
+    store.write_bytes("x.bin", b"old")
+
+    def broken(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_bytes("x.bin", b"new")
+    assert (tmp_path / "x.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_storage_pickles_with_its_s3_options_and_without_a_client():
+    options = S3Options(endpoint_url="http://127.0.0.1:8333", region_name="eu-west-1", aws_access_key_id="k",
+                        aws_secret_access_key="s", aws_session_token="t")
+    store = Storage("s3://bucket/prefix", options)
+    assert store.s3.meta.region_name == "eu-west-1"  # a client exists in this process
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.s3_options == options and copy._s3 is None
+    assert copy.s3.meta.endpoint_url == "http://127.0.0.1:8333"
+    credentials = copy.s3._request_signer._credentials
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == ("k", "s", "t")
+
+
+@pytest.mark.parametrize("key", ["/etc/passwd", "../x", "a/../../x"])
+def test_keys_cannot_escape_the_root(tmp_path, key):
+    with pytest.raises(ValueError, match="relative paths"):
+        Storage(str(tmp_path)).write_bytes(key, b"x")
