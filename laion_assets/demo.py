@@ -67,92 +67,96 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def run_demo(storage: str | None = None) -> dict[str, Any]:
-    from laion_assets.definitions import build_assets
+class _Demo:
+    """Materializes assets one partition at a time in the demo's Dagster instance, and adds up their metadata."""
 
+    def __init__(self, resources: dict[str, Any], layout: Layout) -> None:
+        from laion_assets.definitions import build_assets
+
+        self.resources, self.layout = resources, layout
+        self.instance = _instance()
+        self.assets = build_assets(layout)
+        self.by_name = {a.key.to_user_string(): a for a in self.assets}
+
+    def run(self, name: str, partition: str | dg.MultiPartitionKey | None = None) -> dict[str, Any]:
+        result = dg.materialize(self.assets, selection=[self.by_name[name]], partition_key=partition,
+                                instance=self.instance, resources=self.resources, raise_on_error=True,
+                                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+        print(f"  materialized {name}" + (f" [{partition}]" if partition else ""), flush=True)
+        return _meta(result, name)
+
+    def per_bucket(self, name: str, crawl: str) -> list[dict[str, Any]]:
+        return [self.run(name, dg.MultiPartitionKey({"crawl": crawl, "bucket": b})) for b in self.layout.bucket_keys()]
+
+    def per_chunk(self, name: str, crawl: str) -> list[dict[str, Any]]:
+        return [self.run(name, dg.MultiPartitionKey({"crawl": crawl, "chunk": c})) for c in self.layout.chunk_keys()]
+
+
+def _total(metas: list[dict[str, Any]], key: str) -> int:
+    return sum(m.get(key, 0) for m in metas)
+
+
+def run_demo(storage: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     env = dict(os.environ)
     if storage:
         env["LAION_ASSETS_STORAGE"] = storage
     env.setdefault("LAION_ASSETS_ALLOW_NETWORKS", "127.0.0.1/32")  # the demo's image server
-    resources = resources_from_env(env)
-    layout = Layout.from_env()
-    instance = _instance()
-    assets = build_assets(layout)
-    by_name = {a.key.to_user_string(): a for a in assets}
-
-    def run(name: str, partition: str | dg.MultiPartitionKey | None = None) -> dg.ExecuteInProcessResult:
-        result = dg.materialize(assets, selection=[by_name[name]], partition_key=partition, instance=instance,
-                                resources=resources, raise_on_error=True,
-                                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
-        print(f"  materialized {name}" + (f" [{partition}]" if partition else ""), flush=True)
-        return result
-
+    demo = _Demo(resources_from_env(env), Layout.from_env())
     print("laion_assets demo: the sample crawl through the asset graph")
-    sample = _meta(run("sample_crawl"), "sample_crawl")
+    sample = demo.run("sample_crawl")
     crawl = sample["crawl"]
-    manifest = _meta(run("wat_manifest", crawl), "wat_manifest")
-    pairs = 0
-    for chunk in layout.chunk_keys():
-        pairs += _meta(run("candidate_pairs", dg.MultiPartitionKey({"crawl": crawl, "chunk": chunk})),
-                       "candidate_pairs").get("pairs", 0)
-    unique = 0
-    for bucket in layout.bucket_keys():
-        unique += _meta(run("unique_pairs", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})),
-                        "unique_pairs").get("rows_out", 0)
-
-    statuses: Counter[str] = Counter()
+    manifest = demo.run("wat_manifest", crawl)
+    pairs = _total(demo.per_chunk("candidate_pairs", crawl), "pairs")
+    unique = _total(demo.per_bucket("unique_pairs", crawl), "rows_out")
     with image_server(os.path.join(sample["mirror"], "www")):
-        for bucket in layout.bucket_keys():
-            meta = _meta(run("image_shards", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})),
-                         "image_shards")
-            statuses.update({s: meta.get(s, 0) for s in STATUSES})
-
-    clip_totals: Counter[str] = Counter()
-    for bucket in layout.bucket_keys():
-        key = dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket})
-        scores = _meta(run("clip_scores", key), "clip_scores")
-        clip_totals.update({"scored": scores.get("samples", 0), "kept": scores.get("kept", 0)})
-        clip_totals["embedded"] += _meta(run("image_embeddings", key), "image_embeddings").get("dagster/row_count", 0)
-        clip_totals["unsafe"] += _meta(run("safety_scores", key), "safety_scores").get("unsafe", 0)
-        clip_totals["watermarked"] += _meta(run("watermark_scores", key), "watermark_scores").get("watermarked", 0)
-
-    store = resources["storage"].get()
-    first_chunk = dg.MultiPartitionKey({"crawl": crawl, "chunk": layout.chunk_keys()[0]})
+        shards = demo.per_bucket("image_shards", crawl)
+    statuses = Counter({s: _total(shards, s) for s in STATUSES})
+    scores = demo.per_bucket("clip_scores", crawl)
+    totals = {"scored": _total(scores, "samples"), "kept": _total(scores, "kept"),
+              "embedded": _total(demo.per_bucket("image_embeddings", crawl), "dagster/row_count"),
+              "unsafe": _total(demo.per_bucket("safety_scores", crawl), "unsafe"),
+              "watermarked": _total(demo.per_bucket("watermark_scores", crawl), "watermarked")}
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
-               "images": statuses["success"], "statuses": dict(statuses), **clip_totals}
-    print()
-    print(f"Made, in {time.perf_counter() - start:.0f} s:")
-    print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
-          f" {sample['images']} images)")
-    first_bucket = layout.bucket_keys()[0]
+               "images": statuses["success"], "statuses": dict(statuses), **totals}
+    _print_made(summary, sample, demo.resources["storage"].get(), demo.layout, time.perf_counter() - start)
+    return summary
+
+
+def _print_made(summary: dict[str, Any], sample: dict[str, Any], store: Any, layout: Layout, seconds: float) -> None:
+    crawl, statuses, bucket = summary["crawl"], summary["statuses"], layout.bucket_keys()[0]
 
     def where(key: str) -> str:  # the folder of the first bucket's file: where all buckets' files are
         return store.uri(key.rsplit("/", 1)[0])
 
-    print(f"  wat_manifest         {store.uri(paths.wat_manifest(crawl))}  ({manifest['wat_files']} WAT"
-          f" files in {layout.chunks} chunks)")
-    print(f"  candidate_pairs      {store.uri(paths.candidates(crawl, layout))}  ({pairs} pairs)")
-    print(f"  unique_pairs         {where(paths.unique_pairs(crawl, first_bucket, layout))}  ({unique} unique URLs"
-          f" in {layout.buckets} buckets)")
-    print(f"  image_shards         {where(paths.image_shards(crawl, first_bucket, layout))}  ({statuses['success']}"
-          " images in webdataset shards; " + ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:]) + ")")
-    print(f"  clip_scores          {where(paths.clip_scores(crawl, first_bucket, layout))}  ({clip_totals['scored']}"
-          f" scored, {clip_totals['kept']} kept)")
-    print(f"  image_embeddings     {store.uri(paths.embeddings(crawl, layout))}  ({clip_totals['embedded']} image and"
-          " text embeddings, clip-retrieval layout)")
-    print(f"  safety_scores        {where(paths.safety_scores(crawl, first_bucket, layout))}  ({clip_totals['unsafe']}"
-          " unsafe)")
-    print(f"  watermark_scores     {where(paths.watermark_scores(crawl, first_bucket, layout))}"
-          f"  ({clip_totals['watermarked']} watermarked)")
-    print("  (small offline models, trained on the synthetic world, cached in data/models/)")
+    others = ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:])
     print()
-    print(f"Runs are recorded in {os.environ['DAGSTER_HOME']}; browse them with:")
-    print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev     # then open http://127.0.0.1:3000")
+    print(f"Made, in {seconds:.0f} s:")
+    print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
+          f" {sample['images']} images)")
+    print(f"  wat_manifest         {store.uri(paths.wat_manifest(crawl))}  ({summary['wat_files']} WAT files in"
+          f" {layout.chunks} chunks)")
+    print(f"  candidate_pairs      {store.uri(paths.candidates(crawl, layout))}  ({summary['pairs']} pairs)")
+    print(f"  unique_pairs         {where(paths.unique_pairs(crawl, bucket, layout))}  ({summary['unique_pairs']}"
+          f" unique URLs in {layout.buckets} buckets)")
+    print(f"  image_shards         {where(paths.image_shards(crawl, bucket, layout))}  ({summary['images']} images in"
+          f" webdataset shards; {others})")
+    print(f"  clip_scores          {where(paths.clip_scores(crawl, bucket, layout))}  ({summary['scored']} scored,"
+          f" {summary['kept']} kept)")
+    print(f"  image_embeddings     {store.uri(paths.embeddings(crawl, layout))}  ({summary['embedded']} image and"
+          " text embeddings, clip-retrieval layout)")
+    print(f"  safety_scores        {where(paths.safety_scores(crawl, bucket, layout))}  ({summary['unsafe']} unsafe)")
+    print(f"  watermark_scores     {where(paths.watermark_scores(crawl, bucket, layout))}  ({summary['watermarked']}"
+          " watermarked)")
+    print("  (small offline models, trained on the synthetic world, cached in data/models/)")
+    home = os.environ["DAGSTER_HOME"]
+    first_chunk = dg.MultiPartitionKey({"crawl": crawl, "chunk": layout.chunk_keys()[0]})
+    print()
+    print(f"Runs are recorded in {home}; browse them with:")
+    print(f"  DAGSTER_HOME={home} .venv/bin/dagster dev     # then open http://127.0.0.1:3000")
     print("To rematerialize image_shards there, serve the sample images and let the guard allow them:")
     print(f"  .venv/bin/python -m http.server {SAMPLE_PORT} --bind 127.0.0.1 -d {sample['mirror']}/www &")
     print("  export LAION_ASSETS_ALLOW_NETWORKS=127.0.0.1/32")
     print("Rematerialize one partition from the command line, e.g.:")
-    print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster asset materialize -m laion_assets.definitions"
+    print(f"  DAGSTER_HOME={home} .venv/bin/dagster asset materialize -m laion_assets.definitions"
           f" --select candidate_pairs --partition '{first_chunk}'")
-    return summary

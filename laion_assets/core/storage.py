@@ -75,10 +75,6 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
 
-    def child(self, prefix: str) -> Storage:
-        """The same storage rooted at a prefix under this root."""
-        return Storage(self.uri(self._check(prefix)) if self.is_s3 else str(self._path(prefix)), self.s3_options)
-
     # --- naming -------------------------------------------------------------------------------------
     @staticmethod
     def _check(key: str) -> str:
