@@ -1,10 +1,31 @@
 """Download speed: `laion-assets download` against img2dataset 1.47, side by side, on one URL list.
 
-Input: about 1,000 synthetic photo-like JPEGs (random sizes from 320x240 to 1280x720, noisy, so they
-compress like photos) served by nginx on 127.0.0.1. Both tools get the same Parquet URL list and the same
-settings: 256 px, border, JPEG, webdataset output, 2 processes, 100 samples per shard (so that both have
-shards for both processes). Runs alternate between the tools; the median wall time of each gives images
-per second and the ratio. Successes must be identical.
+Input: about 1,000 synthetic photo-like JPEGs (noisy, so they compress and decode like photos) served by nginx
+on 127.0.0.1, in one of two size distributions (--sizes):
+
+* laion (default): widths and heights follow the quantiles LAION-5B's announcement post publishes for
+  laion2B-en (https://laion.ai/blog/laion-5b/, "Dataset Statistics", quantiles 0.05 to 0.95 in steps of
+  0.05; median 340 x 320, 5%..95% 132..1050 wide and 125..1014 high). Each side is drawn by inverse
+  transform through a piecewise log-linear quantile function over those 19 points; below 5% and above 95%
+  the outermost segment is continued (so about 109..132 and 1050..1148 px wide; the real tails are longer,
+  which makes this slightly kind to the largest images), then clamped to 32..4096 px. Width and height
+  share one draw, as the sides of photos go together, plus a small independent jitter per side for aspect
+  ratios: a Gaussian copula with correlation 0.95 between the two sides' normal scores, so each side keeps
+  its published marginal exactly. With 0.95 the share of images with both sides over 256, 512 and 1024 px
+  comes out at about 58%, 21% and 3.5% against the post's 57%, 21% and 3.3% (1324M, 488M and 76M of 2.32B),
+  and aspect ratios run from about 0.7 to 1.8 (5%..95%). The shared draw walks the golden-ratio sequence
+  rather than a random one so that 1,000 images already sit close to the published quantiles (their median
+  is 338 x 316); the jitter is seeded.
+* fixed: uniform random sizes from 320x240 to 1280x720, as this benchmark used before.
+* both: the whole comparison for each, one after the other, with both result blocks and ratios.
+
+Images are seeded and deterministic (the first N of a larger set are the same images) and kept in
+benchmarks/work/download/www-laion/ and www-fixed/ for reuse; their names carry their sizes. The output
+shows each distribution's median and 5%/95% widths and heights as generated.
+
+Both tools get the same Parquet URL list and the same settings: 256 px, border, JPEG, webdataset output,
+2 processes, 100 samples per shard (so that both have shards for both processes). Runs alternate between
+the tools; the median wall time of each gives images per second and the ratio. Successes must be identical.
 
 Ours runs with every politeness and safety check on (robots.txt per host, X-Robots-Tag, the address guard
 with 127.0.0.1/32 allowed, byte cap, deadline, pixel budget, sha256 and phash per image). img2dataset
@@ -13,12 +34,13 @@ checks X-Robots-Tag only.
 img2dataset gets its own virtual environment under benchmarks/work/ (its pins clash with ours); nginx is
 installed with apt-get when it is missing.
 
-Usage: python benchmarks/bench_download.py [--images 1000] [--runs 3] [--processes 2]
+Usage: python benchmarks/bench_download.py [--sizes laion|fixed|both] [--images 1000] [--runs 3] [--processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import shutil
 import socket
@@ -31,11 +53,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.synthetic import jpeg_bytes, random_scene, render
+from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work" / "download"
 PEER_VENV = HERE / "work" / "i2d-venv"
+
+# laion2B-en width and height quantiles at 0.05, 0.10, ..., 0.95 (https://laion.ai/blog/laion-5b/).
+LAION_P = [round(0.05 * (i + 1), 2) for i in range(19)]
+LAION_WIDTH = [132, 160, 180, 210, 225, 240, 262, 300, 309, 340, 400, 450, 480, 512, 600, 656, 760, 960, 1050]
+LAION_HEIGHT = [125, 150, 166, 188, 208, 225, 250, 270, 300, 320, 350, 380, 418, 470, 500, 600, 672, 800, 1014]
+# Shares of laion2B-en with both sides over 256, 512 and 1024 px: 1324M, 488M and 76M of 2.32B.
+LAION_BOTH_OVER = {256: 1324 / 2320, 512: 488 / 2320, 1024: 76 / 2320}
+SIDE_CORRELATION = 0.95  # between the normal scores of width and height; see the module docstring
+MIN_SIDE, MAX_SIDE = 32, 4096
+GOLDEN = (math.sqrt(5) - 1) / 2
 
 NGINX_CONF = """
 daemon off;
@@ -85,21 +117,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_images(root: Path, count: int) -> list[str]:
-    """Deterministic photo-like JPEGs; reused when already there."""
+def log_linear_quantile(values: list[int], u: float) -> float:
+    """Inverse CDF through (LAION_P[i], values[i]), linear in log size; the end segments are continued."""
+    i = min(max(int((u - LAION_P[0]) / 0.05), 0), len(LAION_P) - 2)
+    t = (u - LAION_P[i]) / (LAION_P[i + 1] - LAION_P[i])
+    return math.exp(math.log(values[i]) + t * (math.log(values[i + 1]) - math.log(values[i])))
+
+
+def laion_size(index: int, rng: random.Random) -> tuple[int, int]:
+    """Image `index`'s (width, height) from laion2B-en's quantiles: a shared draw plus seeded jitter per side.
+
+    The shared draw is the golden-ratio sequence (0.5 + index * 0.618...) mod 1, so that any first N images
+    cover the quantiles evenly instead of by chance; the jitter comes from `rng`.
+    """
+    normal = statistics.NormalDist()
+    shared = normal.inv_cdf((0.5 + index * GOLDEN) % 1.0)
+    jitter = math.sqrt(1.0 - SIDE_CORRELATION**2)
+    u_w = normal.cdf(SIDE_CORRELATION * shared + jitter * rng.gauss(0.0, 1.0))
+    u_h = normal.cdf(SIDE_CORRELATION * shared + jitter * rng.gauss(0.0, 1.0))
+    w = round(log_linear_quantile(LAION_WIDTH, u_w))
+    h = round(log_linear_quantile(LAION_HEIGHT, u_h))
+    return min(max(w, MIN_SIDE), MAX_SIDE), min(max(h, MIN_SIDE), MAX_SIDE)
+
+
+def build_images(root: Path, count: int, sizes: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Deterministic photo-like JPEGs of the chosen size distribution; reused when already there."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(1234)
-    names = []
+    rng = random.Random(1234 if sizes == "fixed" else 5_850_000_000)
+    names, dims = [], []
+    made = 0
     for i in range(count):
-        w = rng.randint(320, 1280)
-        h = rng.randint(240, 720)
+        if sizes == "fixed":
+            w, h = rng.randint(320, 1280), rng.randint(240, 720)
+        else:
+            w, h = laion_size(i, rng)
         scene = random_scene(rng)
-        name = f"{i:05d}.jpg"
+        name = f"{i:05d}-{w}x{h}.jpg"
         path = root / name
         if not path.exists():
+            if made == 0:
+                print(f"  generating images in {root} ...", flush=True)
             path.write_bytes(jpeg_bytes(render(scene, (w, h), seed=i)))
+            made += 1
         names.append(name)
-    return names
+        dims.append((w, h))
+    return names, dims
+
+
+def describe(root: Path, names: list[str], dims: list[tuple[int, int]], sizes: str) -> list[str]:
+    """What was measured: the generated sizes' median and 5%/95%, bytes, and joint shares."""
+    def q(values: list[int]) -> str:
+        cuts = statistics.quantiles(values, n=20, method="inclusive")
+        return f"median {cuts[9]:.0f} (5% {cuts[0]:.0f}, 95% {cuts[18]:.0f})"
+
+    widths, heights = [w for w, _ in dims], [h for _, h in dims]
+    kib = statistics.mean((root / n).stat().st_size for n in names) / 1024
+    both = {t: sum(1 for w, h in dims if w > t and h > t) / len(dims) for t in LAION_BOTH_OVER}
+    shares = "/".join(f"{100 * s:.1f}%" for s in both.values())
+    published = "/".join(f"{100 * s:.1f}%" for s in LAION_BOTH_OVER.values())
+    lines = [f"width  {q(widths)}", f"height {q(heights)}",
+             f"both sides over 256/512/1024 px: {shares}" + (f" (laion2B-en: {published})" if sizes == "laion" else ""),
+             f"mean JPEG {kib:.0f} KiB, {sum(w * h for w, h in dims) / len(dims) / 1e6:.2f} Mpx"]
+    return lines
 
 
 def start_nginx(nginx: str, root: Path, port: int) -> subprocess.Popen:
@@ -132,20 +211,16 @@ def run(cmd: list[str], out: Path) -> float:
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--samples-per-shard", type=int, default=100)
-    args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    img2dataset = ensure_peer()
-    nginx = ensure_nginx()
-    root = WORK / "www"
-    names = build_images(root, args.images)
+def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str) -> float:
+    """The whole side-by-side run on one size distribution; prints its block and returns the ratio."""
+    root = WORK / f"www-{sizes}"
+    title = "laion2B-en quantiles" if sizes == "laion" else "uniform 320x240..1280x720"
+    print(f"\n== sizes: {sizes} ({title}), {args.images} images ==", flush=True)
+    names, dims = build_images(root, args.images, sizes)
+    for line in describe(root, names, dims, sizes):
+        print(f"  {line}")
     port = free_port()
-    urls = WORK / "urls.parquet"
+    urls = WORK / f"urls-{sizes}.parquet"
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names],
                              "caption": [f"synthetic photo {n}" for n in names]}), urls)
     ours_bin = shutil.which("laion-assets", path=str(Path(sys.executable).parent)) or "laion-assets"
@@ -171,13 +246,35 @@ def main() -> None:
         server.wait()
     peer_ok, ours_ok = successes(peer_out), successes(ours_out)
     peer_s, ours_s = statistics.median(times["img2dataset"]), statistics.median(times["ours"])
+    ratio = (ours_ok / ours_s) / (peer_ok / peer_s)
     print()
-    print(f"{args.images} images, {args.processes} processes, 256 px border JPEG, webdataset, nginx on 127.0.0.1")
+    print(f"{len(names)} images ({sizes} sizes), {args.processes} processes, 256 px border JPEG, webdataset,"
+          f" nginx on 127.0.0.1")
     print(f"img2dataset 1.47:       median {peer_s:.2f} s  {peer_ok / peer_s:7.1f} images/s  ({peer_ok} ok)")
     print(f"laion-assets download:  median {ours_s:.2f} s  {ours_ok / ours_s:7.1f} images/s  ({ours_ok} ok)")
-    print(f"ratio (ours / img2dataset images per second): {(ours_ok / ours_s) / (peer_ok / peer_s):.2f}x")
+    print(f"ratio (ours / img2dataset images per second): {ratio:.2f}x")
     if peer_ok != ours_ok:
         print(f"WARNING: success counts differ ({peer_ok} vs {ours_ok})")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", choices=["laion", "fixed", "both"], default="laion",
+                        help="image size distribution: laion2B-en's quantiles, the old uniform one, or both")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--samples-per-shard", type=int, default=100)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    img2dataset = ensure_peer()
+    nginx = ensure_nginx()
+    ratios = {sizes: compare(sizes, args, img2dataset, nginx)
+              for sizes in (["laion", "fixed"] if args.sizes == "both" else [args.sizes])}
+    if len(ratios) > 1:
+        print("\nratios (ours / img2dataset images per second): "
+              + ", ".join(f"{sizes} sizes {ratio:.2f}x" for sizes, ratio in ratios.items()))
 
 
 if __name__ == "__main__":
