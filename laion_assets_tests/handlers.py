@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -77,3 +79,37 @@ def png_header_only(w: int, h: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+class Gauge:
+    """Counts the requests a server is answering at once, and the most it ever answered at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = self.most = 0
+
+    def __enter__(self) -> Gauge:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def slow(then: Handler, delay_s: float, gauge: Gauge | None = None) -> Handler:
+    """`then`, after `delay_s` seconds of silence (before the status line); counted by `gauge` while it runs."""
+    def handler(h: Any) -> None:
+        with gauge or contextlib.nullcontext():
+            time.sleep(delay_s)
+            try:
+                then(h)
+            except OSError:
+                pass  # the client gave up first
+    return handler
+
+
+def redirect(location: str, status: int = 302) -> Handler:
+    return respond(status, headers={"Location": location})

@@ -3,23 +3,59 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from laion_assets.core.download.fetch import Fetcher, opt_out
+from laion_assets.core.download.fetch import Fetcher, FetchResult, opt_out
 from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets.core.settings import FetchSettings
-from laion_assets_tests.handlers import cut_after, drip, endless, first_then, respond
+from laion_assets_tests.conftest import LoopbackServer
+from laion_assets_tests.handlers import Gauge, cut_after, drip, endless, first_then, redirect, respond, slow
 
 JPEG = jpeg_bytes(render(Scene("square", "green", "white", "center"), (320, 240), seed=3))
 FAST = dict(allow_networks=("127.0.0.1/32",), deadline_s=5.0, backoff_s=0.01, connect_timeout_s=2.0)
+
+
+# One server per module, cleared for each test: closing one costs half a second (serve_forever polls that often),
+# and every test here needs one. Each test makes its own Fetcher, so no policy cache outlives a test.
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[tuple[LoopbackServer, LoopbackServer]]:
+    servers = LoopbackServer(), LoopbackServer()
+    yield servers
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def loopback(_servers) -> LoopbackServer:
+    for server in _servers:
+        server.routes.clear()
+        server.hits.clear()
+    return _servers[0]
+
+
+@pytest.fixture
+def second(_servers, loopback) -> LoopbackServer:
+    """Another host (another port) for tests that need two."""
+    return _servers[1]
 
 
 def fetch(url: str, **overrides) -> object:
     async def go():
         async with Fetcher(FetchSettings(**{**FAST, **overrides})) as f:
             return await f.fetch(url)
+
+    return asyncio.run(go())
+
+
+def fetch_together(urls: list[str], **overrides) -> list[FetchResult]:
+    """The URLs all at once through one Fetcher, as the runner sends them."""
+    async def go() -> list[FetchResult]:
+        async with Fetcher(FetchSettings(**{**FAST, **overrides})) as f:
+            return await asyncio.gather(*(f.fetch(url) for url in urls))
 
     return asyncio.run(go())
 
@@ -105,3 +141,146 @@ def test_connection_closed_mid_body(loopback):
     loopback.routes["/cut.jpg"] = cut_after(JPEG, 500)
     r = fetch(f"{loopback.base}/cut.jpg", retries=1)
     assert r.status == "failed_to_download" and r.attempts == 2 and r.error
+
+
+# --- retries ----------------------------------------------------------------------------------------------------
+
+NO_POLICIES = dict(respect_robots_txt=False, respect_tdmrep=False)
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 502, 503])
+def test_transient_statuses_are_retried(loopback, status):
+    loopback.routes["/t.jpg"], _ = first_then(respond(status), respond(200, JPEG))
+    r = fetch(f"{loopback.base}/t.jpg")
+    assert r.status == "success" and r.attempts == 2
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410])
+def test_other_4xx_are_not_retried(loopback, status):
+    loopback.routes["/t.jpg"] = respond(status)
+    r = fetch(f"{loopback.base}/t.jpg")
+    assert r.status == "failed_to_download" and r.attempts == 1 and r.http_status == status
+
+
+def test_read_timeout_is_retried(loopback):
+    loopback.routes["/t.jpg"], _ = first_then(slow(respond(200, JPEG), 0.8), respond(200, JPEG))
+    r = fetch(f"{loopback.base}/t.jpg", connect_timeout_s=0.3)
+    assert r.status == "success" and r.attempts == 2
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_connection_is_not_retried():
+    # aiohttp's ClientConnectorError is a ClientOSError, which used to be retried as a "reset".
+    r = fetch(f"http://127.0.0.1:{free_port()}/a.jpg", **NO_POLICIES)
+    assert r.status == "failed_to_download" and r.attempts == 1 and "Cannot connect" in r.error
+
+
+def test_refused_origin_fails_while_reading_robots_txt():
+    # Not a policy: the site is down. No image request follows, and its row says so.
+    r = fetch(f"http://127.0.0.1:{free_port()}/a.jpg")
+    assert r.status == "failed_to_download" and r.attempts == 0
+    assert "Cannot connect" in r.error and "robots.txt" in r.error
+
+
+def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
+    """Answers getaddrinfo for the names in `answers` (and fails `.invalid` names, as RFC 6761 has every resolver
+    do) without asking any server; returns the names asked, in order."""
+    asked: list[str] = []
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name in answers:
+            asked.append(name)
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0)) if ":" in a else
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[name]]
+        if name.endswith(".invalid"):
+            asked.append(name)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await real(self, host, port, family=family, type=type, proto=proto, flags=flags)
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_dns_failure_is_not_retried(monkeypatch):
+    asked = fake_dns(monkeypatch, {})
+    r = fetch("http://no-such-host.invalid/a.jpg", **NO_POLICIES)
+    assert r.status == "failed_to_download" and r.attempts == 1 and "cannot resolve" in r.error
+    assert asked == ["no-such-host.invalid"]
+    asked.clear()
+    r = fetch("http://no-such-host.invalid/a.jpg")  # robots.txt first: the one lookup, and no image request
+    assert r.status == "failed_to_download" and r.attempts == 0 and "cannot resolve" in r.error
+    assert asked == ["no-such-host.invalid"]
+
+
+def test_retry_that_would_outlast_the_deadline_is_not_waited_for(loopback):
+    loopback.routes["/busy.jpg"] = respond(503, headers={"Retry-After": "20"})
+    start = time.monotonic()
+    r = fetch(f"{loopback.base}/busy.jpg", deadline_s=2.0)
+    assert r.status == "failed_to_download" and r.error == "HTTP 503" and r.attempts == 1
+    assert time.monotonic() - start < 1.5
+
+
+# --- the guarded resolver ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "addresses",
+    [["127.0.0.1", "10.0.0.1"], ["169.254.169.254", "127.0.0.1"], ["127.0.0.1", "::ffff:10.0.0.1"],
+     ["::ffff:169.254.169.254", "127.0.0.1"], ["127.0.0.1", "127.0.0.2"]],
+)
+def test_a_name_resolving_to_any_forbidden_address_is_refused(loopback, monkeypatch, addresses):
+    asked = fake_dns(monkeypatch, {"mixed.test": addresses, "clean.test": ["127.0.0.1"]})
+    loopback.static("/m.jpg", JPEG)
+    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg")
+    assert r.status == "failed_to_download" and "forbidden" in r.error and r.body == b""
+    assert loopback.hits == {}  # not even robots.txt
+    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg", **NO_POLICIES)
+    assert r.status == "failed_to_download" and "forbidden" in r.error and r.attempts == 1
+    assert loopback.hits == {}
+    # The same fake answering allowed addresses only connects: the refusals above are the guard's.
+    assert fetch(f"http://clean.test:{loopback.port}/m.jpg").status == "success"
+    assert loopback.hits["/m.jpg"] == 1 and asked.count("mixed.test") == 2
+
+
+# --- slots and the deadline --------------------------------------------------------------------------------
+
+def test_deadline_starts_when_the_request_holds_its_host_slot(loopback):
+    # 16 URLs of 0.25 s on one host, 2 at a time: 2 s in all, each under its 1 s deadline. The deadline used to
+    # start in the queue, failing the URLs that waited longest.
+    gauge = Gauge()
+    for i in range(16):
+        loopback.routes[f"/q{i}.jpg"] = slow(respond(200, JPEG), 0.25, gauge)
+    results = fetch_together([f"{loopback.base}/q{i}.jpg" for i in range(16)], per_host=2, deadline_s=1.0,
+                             retries=0)
+    assert [r.status for r in results] == ["success"] * 16, {r.error for r in results}
+    assert gauge.most == 2
+
+
+def test_global_connection_limit_is_a_queue_too(loopback, second):
+    gauge = Gauge()
+    urls = []
+    for server in (loopback, second):
+        for i in range(4):
+            server.routes[f"/g{i}.jpg"] = slow(respond(200, JPEG), 0.2, gauge)
+            urls.append(f"{server.base}/g{i}.jpg")
+    results = fetch_together(urls, per_host=8, connections=2, deadline_s=0.6, retries=0)
+    assert [r.status for r in results] == ["success"] * 8, {r.error for r in results}
+    assert gauge.most == 2
+
+
+def test_waiting_for_a_redirect_targets_host_stops_the_deadline(loopback, second):
+    # Five URLs redirect to one slow host served one at a time (1 s in all, deadline 0.6 s each).
+    gauge = Gauge()
+    second.routes["/img.jpg"] = slow(respond(200, JPEG), 0.2, gauge)
+    for i in range(5):
+        loopback.routes[f"/r{i}"] = redirect(f"{second.base}/img.jpg?from={i}")
+    results = fetch_together([f"{loopback.base}/r{i}" for i in range(5)], per_host=1, deadline_s=0.6, retries=0)
+    assert [r.status for r in results] == ["success"] * 5, {r.error for r in results}
+    assert gauge.most == 1 and {r.final_url for r in results} == {f"{second.base}/img.jpg?from={i}" for i in range(5)}

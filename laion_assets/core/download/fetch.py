@@ -1,21 +1,40 @@
 """Polite and safe HTTP fetching of image URLs with aiohttp.
 
-Safety: only http(s); every host is resolved by a guarded resolver that refuses forbidden addresses and
-caches what it checked, and the connector connects to exactly those addresses (no second lookup, so
-DNS rebinding cannot slip through); redirects are followed by hand, each hop re-checked, at most
-`max_redirects`; a byte cap per response and a total deadline per URL (retries and redirects included).
-Politeness: an honest User-Agent, robots.txt per host (fetched once, cached, obeyed for our token),
-`X-Robots-Tag` opt-outs, a per-host concurrency limit, backoff honouring `Retry-After` on 429/503, and
-retries only on transient errors (timeouts, 5xx, resets), never on 404.
+Safety: only http(s); every host is resolved by a guarded resolver that refuses forbidden addresses (one
+forbidden address in the answer refuses the host) and caches what it checked, and the connector connects to
+exactly those addresses (no second lookup, so DNS rebinding cannot slip through); redirects are followed by
+hand, each hop re-checked, at most `max_redirects`; a byte cap per response.
+
+Politeness: an honest User-Agent; robots.txt (RFC 9309) and TDMRep (`/.well-known/tdmrep.json` and the
+`tdm-reservation` header) per origin, see `robots.py`; `X-Robots-Tag` opt-outs; at most `per_host` requests
+per host and `connections` in all.
+
+One URL goes: check the target; the policy lookups of its origin (read once per origin, under their own
+timeout); take a slot of its host, then a global one; then the deadline (`deadline_s`) starts, covering the
+requests, redirects and retries, so that time queued behind a busy host or a policy lookup is not counted
+against it. A redirect to another host hands both slots back and waits for the new host's (so no URL ever
+holds two hosts' slots, and two URLs redirecting across each other's hosts cannot wait on each other); that
+wait and the new origin's policy lookups stop the deadline's clock. The aiohttp connector has no limit of its
+own: it must never queue a request that holds its slots.
+
+Retries (`retries`, backoff doubling from `backoff_s`, or `Retry-After` up to `max_retry_after_s`): timeouts
+of a connect or a read (not the deadline), HTTP 5xx, 408, 425 and 429, connection resets and bodies cut short.
+Not retried: other 4xx, DNS failures, refused connections, TLS errors, forbidden addresses, and a retry whose
+wait would outlast the deadline.
+
+Outcomes: "success"; "skipped_by_policy" (robots.txt, TDMRep, X-Robots-Tag; `error` says which and why);
+"failed_to_download" (`error` says why; an origin that cannot be reached while reading its robots.txt or
+tdmrep.json fails there, with no image request sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import time
-import urllib.robotparser
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -24,14 +43,28 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion_assets.core.download.guard import IPNetwork, forbidden_reason, parse_networks
+from laion_assets.core.download.robots import (
+    POLICY_MAX_BYTES,
+    POLICY_MAX_REDIRECTS,
+    POLICY_TIMEOUT_S,
+    ROBOTS_PATH,
+    TDMREP_PATH,
+    PolicyCache,
+    PolicyFile,
+    RobotsPolicy,
+    TdmPolicy,
+    tdm_header_refusal,
+    whole_lines,
+)
 from laion_assets.core.settings import FetchSettings
 
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
+RETRY_STATUSES = frozenset({408, 425, 429})
 
 
 class PolicyRefusal(Exception):
-    """The URL must not be fetched (robots.txt, X-Robots-Tag): recorded as skipped_by_policy."""
+    """The URL must not be fetched (robots.txt, TDMRep, X-Robots-Tag): recorded as skipped_by_policy."""
 
 
 class FetchFailure(Exception):
@@ -49,6 +82,10 @@ class ForbiddenAddress(OSError):
     pass
 
 
+class ResolveFailure(OSError):
+    """The name did not resolve (a DNS failure is not retried)."""
+
+
 @dataclass
 class FetchResult:
     status: str  # success | failed_to_download | skipped_by_policy
@@ -56,7 +93,7 @@ class FetchResult:
     error: str = ""
     http_status: int | None = None
     final_url: str = ""
-    attempts: int = 0
+    attempts: int = 0  # image requests tried (0: refused before any was sent)
 
 
 class GuardedResolver(AbstractResolver):
@@ -77,7 +114,7 @@ class GuardedResolver(AbstractResolver):
         try:
             infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=socket.AF_UNSPEC)
         except socket.gaierror as err:
-            raise OSError(f"cannot resolve {host}: {err}") from err
+            raise ResolveFailure(f"cannot resolve {host}: {err}") from err
         results: list[ResolveResult] = []
         refused = []
         for fam, _, proto, _, sockaddr in infos:
@@ -127,41 +164,154 @@ def opt_out(x_robots_tag: str, agent_token: str) -> str | None:
     return None
 
 
+def _transient(err: BaseException) -> bool:
+    """Whether another try may succeed: a timeout, a reset, a connection closed early, a body cut short.
+
+    ClientConnectorError (DNS, refused, TLS, forbidden address) is a ClientOSError too, but another try meets
+    the same answer.
+    """
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(err, (aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                            aiohttp.ClientOSError, ConnectionResetError))
+
+
+def _describe(err: BaseException) -> str:
+    os_error = getattr(err, "os_error", None)
+    if isinstance(os_error, (ForbiddenAddress, ResolveFailure)):
+        return str(os_error)  # aiohttp's own text of these reads "[None]"
+    return f"{type(err).__name__}: {err}"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
+    """The first `cap` bytes of the body, and whether there was more."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            break
+    data = b"".join(chunks)
+    return data[:cap], len(data) > cap
+
+
+@contextlib.asynccontextmanager
+async def _paused(deadline: asyncio.Timeout) -> AsyncIterator[None]:
+    """Stops the deadline's clock for a wait that is not the request's own (another host's slot, its policies)."""
+    when = deadline.when()
+    if when is None or deadline.expired():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline.reschedule(None)
+    try:
+        yield
+    finally:
+        if not deadline.expired():
+            deadline.reschedule(when + loop.time() - start)
+
+
+class _HostLimits:
+    """A semaphore of `per_host` slots per host, dropped when nobody holds or waits for it (crawls meet millions
+    of hosts)."""
+
+    def __init__(self, per_host: int) -> None:
+        self._per_host = per_host
+        self._hosts: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    async def acquire(self, host: str) -> None:
+        entry = self._hosts.get(host)
+        if entry is None:
+            entry = self._hosts[host] = (asyncio.Semaphore(self._per_host), [0])
+        entry[1][0] += 1
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._leave(host)
+            raise
+
+    def release(self, host: str) -> None:
+        self._hosts[host][0].release()
+        self._leave(host)
+
+    def _leave(self, host: str) -> None:
+        users = self._hosts[host][1]
+        users[0] -= 1
+        if users[0] == 0:
+            del self._hosts[host]
+
+
+class _Slots:
+    """The slots one URL holds: its current host's, then a global one; at most one host's at a time."""
+
+    def __init__(self, hosts: _HostLimits, connections: asyncio.Semaphore) -> None:
+        self._hosts, self._connections = hosts, connections
+        self.host: str | None = None
+
+    async def hold(self, host: str) -> None:
+        if host == self.host:
+            return
+        self.release()
+        await self._hosts.acquire(host)
+        try:
+            await self._connections.acquire()
+        except BaseException:
+            self._hosts.release(host)
+            raise
+        self.host = host
+
+    def release(self) -> None:
+        if self.host is not None:
+            self._connections.release()
+            self._hosts.release(self.host)
+            self.host = None
+
+
 class Fetcher:
-    """One per event loop: a session, the robots.txt cache and the per-host limits."""
+    """One per event loop: a session, the policy caches of origins and the connection slots."""
 
     def __init__(self, settings: FetchSettings) -> None:
         self.settings = settings
         self._allow = parse_networks(settings.allow_networks)
-        self._robots: dict[str, asyncio.Future[urllib.robotparser.RobotFileParser | None]] = {}
-        self._hosts: dict[str, asyncio.Semaphore] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Fetcher:
-        connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(self._allow), use_dns_cache=False, limit=self.settings.connections,
-            limit_per_host=self.settings.per_host, enable_cleanup_closed=True,
-        )
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s,
-                                        sock_read=self.settings.connect_timeout_s)
+        s = self.settings
+        # limit=0: our semaphores bound the image requests, and a request holding its slots must never queue in
+        # the connector. Policy reads hold no slot (at most one per origin being looked up).
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._allow), use_dns_cache=False, limit=0,
+                                         limit_per_host=0, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.connect_timeout_s)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers={"User-Agent": self.settings.user_agent},
+            connector=connector, timeout=timeout, headers={"User-Agent": s.user_agent},
             auto_decompress=True, trust_env=False,
         )
+        self._hosts = _HostLimits(s.per_host)
+        self._connections = asyncio.Semaphore(s.connections)
+        policy_timeout = min(POLICY_TIMEOUT_S, s.deadline_s)
+        self._robots = PolicyCache(ROBOTS_PATH, self._read_policy_file, RobotsPolicy.from_file, policy_timeout)
+        self._tdmrep = PolicyCache(TDMREP_PATH, self._read_policy_file, TdmPolicy.from_file, policy_timeout)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        await self._robots.close()
+        await self._tdmrep.close()
         if self._session:
             await self._session.close()
 
     def _check_target(self, url: str) -> tuple[str, str]:
-        """(scheme, host) of a URL we may connect to, or FetchFailure."""
+        """(origin, host key) of a URL we may connect to, or FetchFailure."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise FetchFailure(f"scheme {parts.scheme or '(none)'!r} is not http(s)")
         host = parts.hostname or ""
         if not host:
             raise FetchFailure("URL has no host")
+        try:
+            port = parts.port
+        except ValueError as err:
+            raise FetchFailure(f"bad port: {err}") from None
         try:
             literal = ipaddress.ip_address(host)
         except ValueError:
@@ -170,48 +320,70 @@ class Fetcher:
             reason = forbidden_reason(literal, self._allow)
             if reason:
                 raise FetchFailure(f"address {host} is forbidden ({reason})")
-        return parts.scheme, parts.netloc
+        # Without userinfo: credentials in a crawled URL are not sent to robots.txt, nor make another host.
+        authority = f"[{host}]" if ":" in host else host
+        default = 443 if parts.scheme == "https" else 80
+        origin = f"{parts.scheme}://{authority}" + (f":{port}" if port not in (None, default) else "")
+        return origin, f"{authority}:{port or default}"
 
-    async def _robots_for(self, scheme: str, netloc: str) -> urllib.robotparser.RobotFileParser | None:
-        key = f"{scheme}://{netloc}"
-        fut = self._robots.get(key)
-        if fut is None:
-            fut = self._robots[key] = asyncio.get_running_loop().create_future()
-            parser: urllib.robotparser.RobotFileParser | None = None
+    async def _read_policy_file(self, url: str) -> PolicyFile:
+        """A robots.txt or tdmrep.json: capped, redirects followed through the guard; never raises."""
+        assert self._session is not None
+        current = url
+        status = 0
+        for hop in range(POLICY_MAX_REDIRECTS + 1):
             try:
-                async with asyncio.timeout(min(10.0, self.settings.deadline_s)):
-                    assert self._session is not None
-                    async with self._session.get(f"{key}/robots.txt", allow_redirects=False) as resp:
-                        if resp.status == 200:
-                            text = (await resp.content.read(512 * 1024)).decode("utf-8", "replace")
-                            parser = urllib.robotparser.RobotFileParser()
-                            parser.parse(text.splitlines())
-                        elif resp.status >= 500:
-                            # RFC 9309: an unreachable robots.txt (server error) means disallow all.
-                            parser = urllib.robotparser.RobotFileParser()
-                            parser.parse(["User-agent: *", "Disallow: /"])
-            except (aiohttp.ClientError, TimeoutError, OSError):
-                parser = None  # unreachable host: the image fetch itself will report it
-            fut.set_result(parser)
-        return await fut
+                if hop:
+                    self._check_target(current)
+                async with self._session.get(current, allow_redirects=False) as resp:
+                    status, location = resp.status, resp.headers.get("Location")
+                    if status in REDIRECTS and location:
+                        current = urljoin(current, location)
+                        continue
+                    if not 200 <= resp.status < 300:
+                        return PolicyFile(url, resp.status)
+                    body, truncated = await _read_capped(resp, POLICY_MAX_BYTES)
+                    return PolicyFile(url, resp.status, whole_lines(body, truncated))
+            except FetchFailure as err:
+                return PolicyFile(url, error=f"redirect to {current}: {err}")
+            except aiohttp.ClientConnectorError as err:
+                # On the origin itself the image request would meet the same; on a redirect it is the file's fate.
+                return PolicyFile(url, error=_describe(err), origin_unreachable=hop == 0)
+            except (aiohttp.ClientError, OSError, ValueError) as err:
+                return PolicyFile(url, error=_describe(err))
+        return PolicyFile(url, status)  # a 3xx after five redirects: RFC 9309 lets us call it unavailable
 
-    def _host_limit(self, netloc: str) -> asyncio.Semaphore:
-        sem = self._hosts.get(netloc)
-        if sem is None:
-            sem = self._hosts[netloc] = asyncio.Semaphore(self.settings.per_host)
-        return sem
+    async def _check_policies(self, url: str, origin: str) -> None:
+        """PolicyRefusal when robots.txt or tdmrep.json of the origin refuses `url`; FetchFailure when the origin
+        cannot be reached at all."""
+        s = self.settings
+        if s.respect_robots_txt:
+            robots = await self._robots.get(origin)
+            if robots.origin_error:
+                raise FetchFailure(f"{robots.origin_error} (reading robots.txt of {origin})")
+            refusal = robots.refusal(url, s.agent_token)
+            if refusal:
+                raise PolicyRefusal(refusal)
+        if s.respect_tdmrep:
+            tdm = await self._tdmrep.get(origin)
+            if tdm.origin_error:
+                raise FetchFailure(f"{tdm.origin_error} (reading {TDMREP_PATH} of {origin})")
+            refusal = tdm.refusal(url)
+            if refusal:
+                raise PolicyRefusal(refusal)
 
-    async def _once(self, url: str) -> tuple[bytes, int, str]:
+    async def _once(self, url: str, slots: _Slots, deadline: asyncio.Timeout) -> tuple[bytes, int, str]:
         s = self.settings
         current = url
         assert self._session is not None
-        for _hop in range(s.max_redirects + 1):
-            scheme, netloc = self._check_target(current)
-            if s.respect_robots_txt:
-                robots = await self._robots_for(scheme, netloc)
-                if robots is not None and not robots.can_fetch(s.agent_token, current):
-                    raise PolicyRefusal(f"robots.txt of {netloc} disallows {s.agent_token}")
-            async with self._host_limit(netloc), self._session.get(current, allow_redirects=False) as resp:
+        for hop in range(s.max_redirects + 1):
+            origin, host = self._check_target(current)
+            if hop or slots.host != host:
+                async with _paused(deadline):
+                    if hop:
+                        await self._check_policies(current, origin)
+                    await slots.hold(host)
+            async with self._session.get(current, allow_redirects=False) as resp:
                 if resp.status in REDIRECTS:
                     location = resp.headers.get("Location")
                     if not location:
@@ -219,59 +391,65 @@ class Fetcher:
                     current = urljoin(current, location)
                     continue
                 if resp.status != 200:
-                    transient = resp.status in (408, 425, 429) or resp.status >= 500
+                    transient = resp.status in RETRY_STATUSES or resp.status >= 500
                     raise FetchFailure(f"HTTP {resp.status}", resp.status, transient,
                                        _retry_after(resp.headers.get("Retry-After"), s.max_retry_after_s))
                 if s.respect_x_robots_tag:
                     directive = opt_out(", ".join(resp.headers.getall("X-Robots-Tag", [])), s.agent_token)
                     if directive:
                         raise PolicyRefusal(f"X-Robots-Tag: {directive}")
+                if s.respect_tdmrep:
+                    refusal = tdm_header_refusal(resp.headers.getall("tdm-reservation", []),
+                                                 resp.headers.getall("tdm-policy", []))
+                    if refusal:
+                        raise PolicyRefusal(refusal)
                 declared = resp.content_length
                 if declared is not None and declared > s.max_bytes:
                     raise FetchFailure(f"Content-Length {declared} is over the cap of {s.max_bytes} bytes", 200)
-                chunks = []
-                size = 0
-                async for chunk in resp.content.iter_chunked(1 << 16):
-                    size += len(chunk)
-                    if size > s.max_bytes:
-                        raise FetchFailure(f"body is over the cap of {s.max_bytes} bytes", 200)
-                    chunks.append(chunk)
-                return b"".join(chunks), resp.status, current
+                body, over = await _read_capped(resp, s.max_bytes)
+                if over:
+                    raise FetchFailure(f"body is over the cap of {s.max_bytes} bytes", 200)
+                return body, resp.status, current
         raise FetchFailure(f"more than {s.max_redirects} redirects")
 
     async def fetch(self, url: str) -> FetchResult:
-        """Fetch one URL under the total deadline; never raises."""
+        """Fetch one URL; never raises (but for cancellation)."""
         s = self.settings
+        loop = asyncio.get_running_loop()
         result = FetchResult(status="failed_to_download", final_url=url)
+        slots = _Slots(self._hosts, self._connections)
         try:
-            async with asyncio.timeout(s.deadline_s):
+            origin, host = self._check_target(url)
+            await self._check_policies(url, origin)
+            await slots.hold(host)
+            async with asyncio.timeout(s.deadline_s) as deadline:
                 for attempt in range(s.retries + 1):
                     result.attempts = attempt + 1
                     try:
-                        body, status, final = await self._once(url)
-                        return FetchResult("success", body, "", status, final, attempt + 1)
+                        body, status, final = await self._once(url, slots, deadline)
+                        return FetchResult("success", body, "", status, final, result.attempts)
                     except FetchFailure as err:
                         result.error, result.http_status = str(err), err.http_status
-                        if not err.transient or attempt == s.retries:
+                        if not err.transient:
                             return result
-                        await asyncio.sleep(err.retry_after if err.retry_after is not None
-                                            else s.backoff_s * 2**attempt)
-                    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                            aiohttp.ClientOSError, aiohttp.ServerTimeoutError, ConnectionResetError) as err:
-                        # Transient: a reset or a body cut short. (A forbidden address is not.)
-                        if isinstance(getattr(err, "os_error", None), ForbiddenAddress):
-                            result.error = str(err.os_error)
+                        delay = err.retry_after if err.retry_after is not None else s.backoff_s * 2**attempt
+                    except (aiohttp.ClientError, OSError) as err:
+                        result.error, result.http_status = _describe(err), None
+                        if not _transient(err):
                             return result
-                        result.error = f"{type(err).__name__}: {err}"
-                        if attempt == s.retries:
-                            return result
-                        await asyncio.sleep(s.backoff_s * 2**attempt)
+                        delay = s.backoff_s * 2**attempt
+                    when = deadline.when()
+                    if attempt == s.retries or (when is not None and loop.time() + delay >= when):
+                        return result  # a retry that cannot finish in time would only hold the slots
+                    await asyncio.sleep(delay)
         except PolicyRefusal as err:
             return FetchResult("skipped_by_policy", error=str(err), final_url=url, attempts=result.attempts)
+        except FetchFailure as err:
+            result.error, result.http_status = str(err), err.http_status
         except TimeoutError:
-            result.error = f"total deadline of {s.deadline_s} s exceeded"
-        except aiohttp.ClientConnectorError as err:
-            result.error = str(err.os_error) if isinstance(err.os_error, ForbiddenAddress) else str(err)
-        except (aiohttp.ClientError, OSError, ValueError) as err:
+            result.error = f"total deadline of {s.deadline_s:g} s exceeded"
+        except ValueError as err:
             result.error = f"{type(err).__name__}: {err}"
+        finally:
+            slots.release()
         return result
