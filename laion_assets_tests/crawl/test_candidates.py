@@ -1,19 +1,24 @@
-"""The extraction rules, each on real Common Crawl records from ../shared/realdata."""
+"""The extraction rules, each on real Common Crawl records from ../shared/realdata, checked against `reference`."""
 
 from __future__ import annotations
 
 import gzip
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
+import gcld3
 import orjson
 import pyarrow as pa
 import pytest
 
-from laion_assets.core.crawl.candidates import Drop, clean_text, normalize_url, resolve_url
+from laion_assets.core.crawl.candidates import Drop, clean_text, resolve_url
 from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor, extract_locations
 from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
 from laion_assets.core.offline.sample import _warc_member
+from laion_assets_tests.crawl import reference
+from laion_assets_tests.crawl.reference import Link, Reading
 
 WAT_501 = "CC-MAIN-2016-40-00000.first501.warc.wat.gz"
 
@@ -29,6 +34,26 @@ def real(realdata: Path) -> tuple[pa.Table, ExtractCounts]:
     return extract(realdata / WAT_501)
 
 
+@pytest.fixture(scope="module")
+def ref(realdata: Path) -> Reading:
+    return reference.read(realdata / WAT_501)
+
+
+def pairs_of(table: pa.Table) -> Counter[tuple[str, str]]:
+    return Counter(zip(table["url"].to_pylist(), table["text"].to_pylist(), strict=True))
+
+
+def differences(got: Counter[tuple[str, str]], want: Counter[tuple[str, str]]) -> str:
+    """The pairs only one side has, for a failure message that names the links."""
+    only_got, only_want = list((got - want).items())[:10], list((want - got).items())[:10]
+    return f"only the extractor: {only_got}; only the reference: {only_want}"
+
+
+def sample_wats(mirror: Path) -> list[Path]:
+    listing = gzip.decompress((mirror / "crawl-data/CC-MAIN-2099-01/wat.paths.gz").read_bytes()).decode().split()
+    return [mirror / rel for rel in listing]
+
+
 def response_records(path: Path) -> list[tuple[int, dict]]:
     out = []
     for offset, payload in iter_metadata_records(str(path), ReadStats()):
@@ -36,15 +61,6 @@ def response_records(path: Path) -> list[tuple[int, dict]]:
         if env["WARC-Header-Metadata"].get("WARC-Type") == "response":
             out.append((offset, env))
     return out
-
-
-def img_links(env: dict) -> list[dict]:
-    html = env["Payload-Metadata"]["HTTP-Response-Metadata"].get("HTML-Metadata") or {}
-    return [link for link in html.get("Links", []) if link.get("path") == "IMG@/src"]
-
-
-def keeps(alt: str) -> bool:
-    return len(clean_text(alt, 1000)[0]) >= 5
 
 
 def rewrite(src: Path, dest: Path, edit) -> None:
@@ -57,79 +73,99 @@ def rewrite(src: Path, dest: Path, edit) -> None:
     dest.write_bytes(bytes(out))
 
 
-def test_counts_on_the_real_excerpt_match_its_published_facts(real):
+def test_the_reference_reading_gives_the_readme_facts(ref):
+    assert ref.records == 500 and ref.response_records == 166
+    assert ref.img_links == 3346 and len(ref.links) == 1440  # IMG@/src links, those with a non-empty alt
+    plain = ref.plain_pairs()
+    assert len(plain) == 1434 and len({url for url, _ in plain}) == 757
+
+
+def test_counters_are_the_reference_drops(real, ref):
     _, c = real
-    assert c.records == 500 and c.response_records == 166
-    assert c.img_links == 3346
-    assert c.img_links - c.dropped_no_alt == 1440  # IMG@/src links with a non-empty alt
-    # Every link with an alt is either a pair or counted under exactly one rule.
-    assert c.pairs + c.dropped_scheme + c.dropped_extension + c.dropped_invalid_url + c.dropped_short_text == 1440
-    assert c.pairs == c.english + c.other_language + c.nolang
-    assert c.corrupt_records == 0 and c.files_truncated == 0
+    assert (c.records, c.response_records, c.img_links) == (ref.records, ref.response_records, ref.img_links)
+    assert c.dropped_no_alt == ref.img_links - len(ref.links)
+    for rule in reference.RULES:
+        dropped = ref.drops[rule]
+        assert getattr(c, f"dropped_{rule}") == len(dropped), (rule, [(x.page_url, x.src, x.alt) for x in dropped][:10])
+    assert c.pairs == len(ref.kept)
+    assert c.corrupt_records == 0 and c.files_truncated == 0 and c.corrupt_members == 0
 
 
-def test_relative_urls_resolve_against_the_page(real, realdata):
+def test_the_plain_rule_reconciles_with_the_pair_count(real, ref):
+    """From the README's 1,434 plain-rule pairs to the extractor's count, one rule at a time."""
+    _, c = real
+    plain = ref.plain_pairs()
+    # The plain rule's "resolved URL" already leaves out the data: images, which are the scheme rule's drops.
+    assert len(ref.links) - len(plain) == c.dropped_scheme == len(ref.drops["scheme"]) == 6
+    assert {x.src.partition(":")[0] for x in ref.drops["scheme"]} == {"data"}
+    # The plain rule resolves an empty src to the page itself; it points at no image.
+    assert all(x.src == "" and x.plain_url == x.page_url for x in ref.drops["invalid_url"])
+    assert len({x.page_url for x in ref.drops["invalid_url"]}) == 3
+    assert all(urlsplit(x.plain_url).path.lower().endswith(".gif") for x in ref.drops["extension"])
+    left = len(plain)
+    for rule, dropped in (("invalid_url", 29), ("extension", 415), ("short_text", 162)):
+        assert getattr(c, f"dropped_{rule}") == len(ref.drops[rule]) == dropped, rule
+        left -= dropped
+    assert left == c.pairs == len(ref.kept) == 828
+
+
+def test_pairs_are_the_reference_pairs(real, ref):
+    table, _ = real
+    assert pairs_of(table) == ref.pairs(), differences(pairs_of(table), ref.pairs())
+
+
+def test_language_counters_count_cld3s_reliable_answers(real, ref):
+    _, c = real
+    detector = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+    answers = [detector.FindLanguage(text) for _, _, text in ref.kept]
+    languages = Counter(a.language if a.is_reliable else "" for a in answers)
+    assert (c.english, c.nolang) == (languages["en"], languages[""])
+    assert c.other_language == sum(n for lang, n in languages.items() if lang not in ("en", ""))
+
+
+def kept_where(ref: Reading, test: Callable[[Link], bool]) -> list[tuple[Link, str]]:
+    return [(link, url) for link, url, _ in ref.kept if test(link)]
+
+
+def is_relative(src: str) -> bool:
+    return not urlsplit(src.strip()).scheme and not src.strip().startswith("//")
+
+
+def test_relative_urls_resolve_against_the_page(real, ref):
     table, _ = real
     got = set(zip(table["page_url"].to_pylist(), table["url"].to_pylist(), strict=True))
-    checked = 0
-    for _, env in response_records(realdata / WAT_501):
-        html = env["Payload-Metadata"]["HTTP-Response-Metadata"].get("HTML-Metadata") or {}
-        if "Base" in html.get("Head", {}):
-            continue
-        page = env["WARC-Header-Metadata"]["WARC-Target-URI"]
-        for link in img_links(env):
-            src = link["url"]
-            if link.get("alt") and keeps(link["alt"]) and src and not src.startswith(("http", "//", "data:")):
-                want = normalize_url(urljoin(page, src))
-                if isinstance(want, str):
-                    assert (page, want) in got
-                    checked += 1
-    assert checked > 100  # the excerpt has ~970 relative image links
+    relative = kept_where(ref, lambda x: x.base == x.page_url and is_relative(x.src))
+    assert len(relative) > 100
+    for link, url in relative:
+        assert (link.page_url, url) in got, link
 
 
-def test_head_base_wins_over_the_page_url(realdata, real):
+def test_head_base_wins_over_the_page_url(real, ref):
     table, _ = real
-    rows = table.to_pylist()
-    checked = 0
-    for _, env in response_records(realdata / WAT_501):
-        html = env["Payload-Metadata"]["HTTP-Response-Metadata"].get("HTML-Metadata") or {}
-        base = html.get("Head", {}).get("Base")
-        page = env["WARC-Header-Metadata"]["WARC-Target-URI"]
-        if not base or urljoin(page, base) == page:
-            continue
-        for link in img_links(env):
-            src = link["url"]
-            if link.get("alt") and src and not src.startswith(("http", "//", "data:")):
-                want = normalize_url(urljoin(urljoin(page, base), src))
-                if isinstance(want, str) and keeps(link["alt"]):
-                    assert any(r["page_url"] == page and r["url"] == want for r in rows), (page, base, src)
-                    checked += 1
-    assert checked > 0
+    got = set(zip(table["page_url"].to_pylist(), table["url"].to_pylist(), strict=True))
+    based = kept_where(ref, lambda x: x.base != x.page_url and is_relative(x.src))
+    assert based
+    for link, url in based:
+        assert (link.page_url, url) in got, link
+    # Resolving against the page alone would have given other URLs.
+    assert any(urljoin(link.page_url, link.src) != urljoin(link.base, link.src) for link, _ in based)
 
 
-def test_protocol_relative_urls_take_the_page_scheme(realdata, real):
+def test_protocol_relative_urls_take_the_page_scheme(real, ref):
     table, _ = real
-    urls = set(table["url"].to_pylist())
-    checked = 0
-    for _, env in response_records(realdata / WAT_501):
-        page = env["WARC-Header-Metadata"]["WARC-Target-URI"]
-        for link in img_links(env):
-            src = link["url"]
-            if src.startswith("//") and link.get("alt") and keeps(link["alt"]):
-                want = normalize_url(page.split(":")[0] + ":" + src)
-                if isinstance(want, str):
-                    assert want in urls
-                    checked += 1
-    assert checked > 10
+    got = set(zip(table["page_url"].to_pylist(), table["url"].to_pylist(), strict=True))
+    protocol_relative = kept_where(ref, lambda x: x.src.strip().startswith("//"))
+    assert len(protocol_relative) > 10
+    for link, url in protocol_relative:
+        assert url.partition(":")[0] == link.base.partition(":")[0].lower()
+        assert (link.page_url, url) in got, link
 
 
 def test_only_http_urls_and_no_svg_or_gif_survive(real):
-    table, c = real
+    table, _ = real
     for url in table["url"].to_pylist():
         assert url.startswith(("http://", "https://"))
-        assert not url.split("?")[0].lower().endswith((".svg", ".gif"))
-    assert c.dropped_scheme >= 6  # the excerpt's data: images with an alt
-    assert c.dropped_extension > 0
+        assert not urlsplit(url).path.lower().endswith((".svg", ".svgz", ".gif"))
 
 
 @pytest.mark.parametrize(
@@ -152,7 +188,11 @@ def test_only_http_urls_and_no_svg_or_gif_survive(real):
     ],
 )
 def test_resolve_url(raw, want):
-    assert resolve_url(raw, "https://site.example/dir/page.html", "https") == want
+    page = "https://site.example/dir/page.html"
+    assert resolve_url(raw, page, "https") == want
+    # The reference agrees on each crafted case, so its agreement on the real file covers these rules too.
+    got = reference.apply_rules(Link(page, page, raw, "alt text"))
+    assert got == (want.value.removeprefix("dropped_") if isinstance(want, Drop) else (want, "alt text"))
 
 
 def test_text_normalization():
@@ -163,9 +203,8 @@ def test_text_normalization():
     assert clean_text("x" * 50, 10) == ("x" * 10, True)
 
 
-def test_short_texts_are_dropped_and_counted(real):
-    table, c = real
-    assert c.dropped_short_text > 0
+def test_short_texts_are_dropped(real):
+    table, _ = real
     assert min(len(t) for t in table["text"].to_pylist()) >= 5
     for text in table["text"].to_pylist():
         assert text == " ".join(text.split()) and text.isprintable()
@@ -230,26 +269,33 @@ def test_records_without_alt_or_links(realdata):
 
 
 def test_uncompressed_wat(realdata):
-    table, c = extract(realdata / "CC-MAIN-2014-35-00006.fixture.warc.wat")
-    assert c.records == 8
-    assert c.pairs == table.num_rows
-
-
-def test_corrupt_record_is_counted_and_the_rest_kept(realdata, tmp_path, real):
-    src = realdata / WAT_501
-    out = bytearray()
-    broken = 0
-    for _, payload in iter_metadata_records(str(src), ReadStats()):
-        if b"IMG@/src" in payload and broken == 0:
-            payload = payload[: len(payload) // 2]  # a JSON document cut in half
-            broken = 1
-        out += _warc_member([("WARC-Type", "metadata"), ("Content-Type", "application/json")], payload)
-    path = tmp_path / "corrupt.warc.wat.gz"
-    path.write_bytes(bytes(out))
+    path = realdata / "CC-MAIN-2014-35-00006.fixture.warc.wat"
     table, c = extract(path)
-    base, _ = real
+    ref = reference.read(path)
+    assert c.records == ref.records == 8
+    assert (c.img_links, c.dropped_short_text) == (ref.img_links, len(ref.drops["short_text"])) == (4, 2)
+    assert pairs_of(table) == ref.pairs() and len(ref.kept) == 2
+
+
+def test_corrupt_record_is_counted_and_the_rest_kept(realdata, tmp_path):
+    member = [("WARC-Type", "metadata"), ("Content-Type", "application/json")]
+    corrupt, without = bytearray(), bytearray()
+    broken = False
+    for _, payload in iter_metadata_records(str(realdata / WAT_501), ReadStats()):
+        if b"IMG@/src" in payload and not broken:
+            corrupt += _warc_member(member, payload[: len(payload) // 2])  # a JSON document cut in half
+            broken = True
+            continue
+        corrupt += _warc_member(member, payload)
+        without += _warc_member(member, payload)
+    (tmp_path / "corrupt.warc.wat.gz").write_bytes(bytes(corrupt))
+    (tmp_path / "without.warc.wat.gz").write_bytes(bytes(without))
+    table, c = extract(tmp_path / "corrupt.warc.wat.gz")
     assert c.corrupt_records == 1
-    assert 0 < base.num_rows - table.num_rows < 100
+    # The cut record costs its own pairs and nothing else.
+    want = reference.read(tmp_path / "without.warc.wat.gz").pairs()
+    assert pairs_of(table) == want, differences(pairs_of(table), want)
+    assert 0 < len(reference.read(realdata / WAT_501).kept) - table.num_rows
 
 
 def test_truncated_and_garbled_gzip_members(realdata, tmp_path, real):
@@ -271,21 +317,29 @@ def test_truncated_and_garbled_gzip_members(realdata, tmp_path, real):
     assert real[0].num_rows - 30 < table.num_rows <= real[0].num_rows
 
 
-def test_unfetchable_file_does_not_lose_the_others(realdata, tmp_path, loopback):
+def test_unfetchable_file_does_not_lose_the_others(sample_mirror, tmp_path, loopback):
+    wat = sample_wats(sample_mirror)[0]
     tables = []
     report = extract_locations(
         [(str(tmp_path / "missing.warc.wat.gz"), "missing"), (f"{loopback.base}/gone.warc.wat.gz", "gone"),
-         (str(realdata / WAT_501), WAT_501)],
-        "CC-MAIN-2016-40",
+         (str(wat), wat.name)],
+        "CC-MAIN-2099-01",
         tables.append,
     )
-    assert report.counts.files_failed == 2 and [n for n, _ in report.failed_files] == ["missing", "gone"]
+    assert report.counts.files_failed == 2
+    (missing, missing_error), (gone, gone_error) = report.failed_files
+    assert (missing, gone) == ("missing", "gone")
+    assert missing_error.endswith("missing.warc.wat.gz: no such file"), missing_error
+    assert gone_error == f"{loopback.base}/gone.warc.wat.gz: HTTP 404", gone_error
     assert loopback.hits["/gone.warc.wat.gz"] == 1  # a 404 is not retried
-    assert sum(t.num_rows for t in tables) == report.counts.pairs > 0
+    assert [t.num_rows for t in tables] == [len(reference.read(wat).kept)]
 
 
-def test_remote_wat_is_retried_after_a_server_error(realdata, loopback):
-    body = (realdata / WAT_501).read_bytes()
+def test_remote_wat_is_retried_after_a_server_error(sample_mirror, loopback):
+    from laion_assets.core.settings import SourceSettings
+
+    wat = sample_wats(sample_mirror)[0]
+    body = wat.read_bytes()
     calls = {"n": 0}
 
     def flaky(h):
@@ -301,25 +355,30 @@ def test_remote_wat_is_retried_after_a_server_error(realdata, loopback):
         h.wfile.write(body)
 
     loopback.routes["/wat.gz"] = flaky
-    from laion_assets.core.settings import SourceSettings
-
     tables = []
     report = extract_locations([(f"{loopback.base}/wat.gz", "wat.gz")], "c", tables.append,
                                source=SourceSettings(backoff_s=0.01))
-    assert calls["n"] == 2 and report.counts.files_failed == 0 and report.counts.records == 500
+    assert calls["n"] == 2 and report.counts.files_failed == 0
+    ref = reference.read(wat)
+    assert report.counts.records == ref.records and pairs_of(tables[0]) == ref.pairs()
 
 
 def test_sample_crawl_is_real_wat_for_warcio_and_fastwarc(sample_mirror):
     from warcio.archiveiterator import ArchiveIterator
 
-    paths = gzip.decompress((sample_mirror / "crawl-data/CC-MAIN-2099-01/wat.paths.gz").read_bytes()).decode().split()
-    assert len(paths) == 2
-    for rel in paths:
-        with open(sample_mirror / rel, "rb") as fh:
+    wats = sample_wats(sample_mirror)
+    assert len(wats) == 2
+    for wat in wats:
+        with open(wat, "rb") as fh:
             recs = [r.rec_headers.get_header("WARC-Type") for r in ArchiveIterator(fh)]
         assert recs[0] == "warcinfo" and recs.count("metadata") == 12 * 3
-        table, c = extract(sample_mirror / rel, "CC-MAIN-2099-01")
-        assert c.records == 36 and c.response_records == 12 and c.pairs > 0
-        # Every rule fires on the sample crawl.
+        table, c = extract(wat, "CC-MAIN-2099-01")
+        ref = reference.read(wat)
+        assert (c.records, c.response_records, c.img_links) == (ref.records, ref.response_records, ref.img_links)
+        assert (c.records, c.response_records) == (36, 12)
+        for rule in reference.RULES:
+            assert getattr(c, f"dropped_{rule}") == len(ref.drops[rule]), rule
+        assert pairs_of(table) == ref.pairs(), differences(pairs_of(table), ref.pairs())
+        # The sample crawl is made so that the rules fire on it.
         assert c.dropped_scheme and c.dropped_extension and c.dropped_no_alt and c.dropped_short_text
         assert c.english and c.other_language
