@@ -21,10 +21,11 @@ from pathlib import Path
 import orjson
 import torch
 
-from laion_assets.core import clip
-from laion_assets.core.images import write_tar
-from laion_assets.core.resize import ResizeSettings, process_image
-from laion_assets.core.synthetic import jpeg_bytes, random_scene, render
+from laion_assets.core.clip import embeddings, models, scores, shards
+from laion_assets.core.download.resize import process_image
+from laion_assets.core.download.writer import write_tar
+from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
+from laion_assets.core.settings import ResizeSettings
 
 WORK = Path(__file__).resolve().parent / "work" / "clip"
 ANCHORS = {"ViT-B-32": 1800, "ViT-L-14": 312}
@@ -53,8 +54,8 @@ def build_shards(n: int, per_shard: int = 256) -> list[str]:
     return paths
 
 
-def load(arch: str, device: torch.device) -> clip.LoadedClip:
-    return clip.load_clip(clip.ClipSpec(f"{arch}/random", arch, "", 0.28), device)
+def load(arch: str, device: torch.device) -> models.LoadedClip:
+    return models.load_clip(models.ClipSpec(f"{arch}/random", arch, "", 0.28), device)
 
 
 def sync(device: torch.device) -> None:
@@ -62,13 +63,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_only(paths: list[str], model: clip.LoadedClip, batch: int, workers: int) -> float:
+def decode_only(paths: list[str], model: models.LoadedClip, batch: int, workers: int) -> float:
     start = time.perf_counter()
-    n = sum(len(b.keys) for b in clip.decoded_batches(paths, model.preprocess, model.image_size, batch, workers))
+    n = sum(len(b.keys) for b in shards.decoded_batches(paths, model.preprocess, model.image_size, batch, workers))
     return n / (time.perf_counter() - start)
 
 
-def model_only(model: clip.LoadedClip, batch: int, rounds: int) -> float:
+def model_only(model: models.LoadedClip, batch: int, rounds: int) -> float:
     x = torch.randn(batch, 3, model.image_size, model.image_size)
     model.encode_images(x)  # warm-up (cuDNN autotune, allocator)
     sync(model.device)
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    device = clip.pick_device(args.device)
+    device = models.pick_device(args.device)
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"device: {device} ({what})")
     results = {}
@@ -97,11 +98,11 @@ def main() -> None:
         model_only(model, min(args.batch_size, 8), 1)  # warm-up
         start = time.perf_counter()
         if arch == "ViT-B-32":  # scoring: image and text towers, similarity, keep flag
-            table, _ = clip.score_shards(paths, model, model, args.batch_size, args.workers)
+            table, _ = scores.score_shards(paths, model, model, args.batch_size, args.workers)
             done = table.num_rows
         else:  # embedding: image and text embeddings of every (kept) sample
-            keys = frozenset(k for p in paths for k in (s.key for s in clip.iter_shard_samples(p)))
-            img, _, _, _ = clip.embed_shards(paths, keys, model, args.batch_size, args.workers)
+            keys = frozenset(k for p in paths for k in (s.key for s in shards.iter_shard_samples(p)))
+            img, _, _, _ = embeddings.embed_shards(paths, keys, model, args.batch_size, args.workers)
             done = img.shape[0]
         sync(device)
         rate = done / (time.perf_counter() - start)

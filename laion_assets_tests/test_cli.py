@@ -43,3 +43,14 @@ def test_sample_crawl_then_extract_then_dedup(tmp_path):
     assert result.exit_code == 0, result.output
     df = pl.read_parquet(unique)
     assert df["url"].is_unique().all() and df["occurrences"].sum() == pl.read_parquet(pairs).height
+
+
+def test_every_benchmark_starts(tmp_path):
+    """The benchmarks are not tests, but they must not rot: each one imports and parses its options."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for script in sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py")):
+        result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage" in result.stdout.lower(), (script.name, result.stderr[-2000:])
