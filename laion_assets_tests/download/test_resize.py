@@ -138,3 +138,14 @@ def test_transparency_is_matted_onto_white():
     clear.save(buf, format="PNG")
     out = process_image(buf.getvalue(), ResizeSettings())
     assert PILImage.open(io.BytesIO(out.data)).getpixel((128, 128)) >= (250, 250, 250)
+
+
+def test_the_fast_phash_is_pillows_resize_to_the_bit(monkeypatch):
+    from laion_assets.core.download import phash
+
+    assert phash._USE_REPLICA, "the matrix replica of Pillow's Lanczos no longer matches this Pillow"
+    rng = random.Random(7)
+    images = [render(random_scene(rng), (rng.randint(20, 900), rng.randint(20, 900)), seed=i) for i in range(40)]
+    fast = [phash.perceptual_hash(img) for img in images]
+    monkeypatch.setattr(phash, "_USE_REPLICA", False)  # Pillow's own resize, the fallback
+    assert fast == [phash.perceptual_hash(img) for img in images] == [str(imagehash.phash(img)) for img in images]

@@ -13,10 +13,9 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import imagehash
-import numpy as np
 from PIL import Image, ImageOps
 
+from laion_assets.core.download.phash import perceptual_hash
 from laion_assets.core.settings import ENCODE_FORMATS, ResizeSettings
 
 # Decoded only when the bytes say they are one of these (never trusting Content-Type).
@@ -67,15 +66,6 @@ def _target_size(w: int, h: int, settings: ResizeSettings) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _dct_matrix(n: int) -> np.ndarray:
-    """scipy.fftpack's unnormalised DCT-II as a matrix: dct(x, axis=0) == M @ x."""
-    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
-    return 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))
-
-
-_DCT32 = _dct_matrix(32)
-
-
 def pad_square(img: Image.Image, side: int | None = None) -> Image.Image:
     """img centred on a white square of `side` (default: its longer side), as the `border` mode stores it."""
     side = side or max(img.size)
@@ -96,19 +86,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
-
-
-def perceptual_hash(img: Image.Image) -> str:
-    """`imagehash.phash` of the stored image, bit for bit (64 bits, hex; `imagehash.hex_to_hash` reads it), so
-    that anyone can recompute it from the shards or compare it with hashes of their own images.
-
-    The DCT is imagehash's, done as two small matrix products so that workers need not import scipy. (Reducing
-    the image before the 32 px Lanczos resize is 3x cheaper but moves near-symmetric pictures, whose DCT
-    coefficients crowd around the median, by up to 30 bits: more than near-duplicate search can afford.)"""
-    grey = img.convert("L")
-    pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = (_DCT32 @ pixels @ _DCT32.T)[:8, :8]
-    return str(imagehash.ImageHash(low > np.median(low)))
 
 
 def process_image(data: bytes, settings: ResizeSettings) -> Processed:
