@@ -95,12 +95,25 @@ def test_same_bytes_same_hashes_and_similar_images_close_phash():
     [ResizeSettings(encode_format="png"), ResizeSettings(resize_mode="no", encode_format="png")],
     ids=["border-256", "no-resize"],
 )
-def test_stored_phash_is_imagehash_phash_of_the_stored_image(settings):
-    # PNG so that the decoded file is exactly the image that was hashed: a reader of the shards who runs imagehash
-    # on a stored image gets the stored hash.
+def test_stored_phash_is_close_to_imagehash_phash_of_the_stored_image(settings):
+    # PNG so that the decoded file is exactly the image that was hashed: only the two recipes differ (ours reduces
+    # the image before the Lanczos resize). The module docstring states these figures; this keeps them true.
+    distances = []
     for img in pictures():
         phash, image = stored(jpeg_bytes(img), settings)
-        assert phash == str(imagehash.phash(image)), img.size
+        distances.append(bits(phash, str(imagehash.phash(image))))
+    assert statistics.mean(distances) <= FEW_BITS, distances
+    assert sum(d <= FEW_BITS for d in distances) >= 0.75 * len(distances), distances
+    assert max(distances) <= 20, distances  # measured: 12 bits (border), 16 (no resize) on near-symmetric scenes
+
+
+def test_phash_of_a_small_image_is_imagehash_phash():
+    # Below 64 px nothing is reduced: the recipes coincide.
+    from laion_assets.core.download.phash import perceptual_hash
+
+    for img in pictures():
+        small = img.resize((48, 40))
+        assert perceptual_hash(small) == str(imagehash.phash(small))
 
 
 def test_a_recompressed_copy_stays_close():
@@ -138,14 +151,3 @@ def test_transparency_is_matted_onto_white():
     clear.save(buf, format="PNG")
     out = process_image(buf.getvalue(), ResizeSettings())
     assert PILImage.open(io.BytesIO(out.data)).getpixel((128, 128)) >= (250, 250, 250)
-
-
-def test_the_fast_phash_is_pillows_resize_to_the_bit(monkeypatch):
-    from laion_assets.core.download import phash
-
-    assert phash._USE_REPLICA, "the matrix replica of Pillow's Lanczos no longer matches this Pillow"
-    rng = random.Random(7)
-    images = [render(random_scene(rng), (rng.randint(20, 900), rng.randint(20, 900)), seed=i) for i in range(40)]
-    fast = [phash.perceptual_hash(img) for img in images]
-    monkeypatch.setattr(phash, "_USE_REPLICA", False)  # Pillow's own resize, the fallback
-    assert fast == [phash.perceptual_hash(img) for img in images] == [str(imagehash.phash(img)) for img in images]

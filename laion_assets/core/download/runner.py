@@ -74,14 +74,6 @@ class ShardRunner:
         self.progress = Progress(progress)
 
     async def run(self, work: list[WorkItem]) -> RunResult:
-        from threadpoolctl import threadpool_limits
-
-        # The pHash's matrix products are small: a BLAS thread pool per process would only spin against the
-        # other download processes and the event loop for the same cores.
-        with threadpool_limits(limits=1, user_api="blas"):
-            return await self._run(work)
-
-    async def _run(self, work: list[WorkItem]) -> RunResult:
         # Imported here: the parent of worker processes never needs aiohttp or Pillow, and starts them sooner.
         from laion_assets.core.download.fetch import Fetcher
 
