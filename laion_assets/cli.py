@@ -184,6 +184,13 @@ def _model_set(settings: ModelSettings) -> Any:
     return resolve(settings, lambda m: click.echo(m, err=True))
 
 
+def _download(shards: str) -> Any:
+    """The record of a finished download in a folder or under an s3:// prefix."""
+    from laion_assets.core.download.plan import read_manifest
+
+    return read_manifest(_folder(shards), "")
+
+
 def _kept(scores_location: str) -> frozenset[str]:
     from laion_assets.core.clip.scores import kept_keys
 
@@ -205,7 +212,7 @@ def clip_score(shards: str, output: str, **kwargs: Any) -> None:
     settings = settings_from(ClipSettings, kwargs, models=models)
     store, key = _locate(output)
     previous = store.read_parquet(key) if store.exists(key) else None
-    table, report = score_bucket(_folder(shards), "", _model_set(models), models, previous,
+    table, report = score_bucket(_folder(shards), _download(shards), _model_set(models), models, previous,
                                  settings.reuse_similarities, lambda m: click.echo(m, err=True))
     store.write_parquet(key, table)
     how = "re-filtered stored similarities" if report.refiltered_only else f"{report.seconds:.1f} s"
@@ -224,8 +231,8 @@ def clip_embed(shards: str, scores: str, output_dir: str, index: int, **kwargs: 
     from laion_assets.core.clip.embeddings import embed_bucket, write_embeddings
 
     models = settings_from(ModelSettings, kwargs)
-    img, txt, meta, report = embed_bucket(_folder(shards), "", _kept(scores), _model_set(models).embed, models,
-                                          lambda m: click.echo(m, err=True))
+    img, txt, meta, report = embed_bucket(_folder(shards), _download(shards), _kept(scores), _model_set(models).embed,
+                                          models, lambda m: click.echo(m, err=True))
     write_embeddings(_folder(output_dir), paths.embedding_files("", index), img, txt, meta)
     click.echo(f"{output_dir}: {img.shape[0]} embeddings of {img.shape[1]} dimensions ({report.failed} failed to"
                f" decode, {report.seconds:.1f} s)")
@@ -267,8 +274,8 @@ def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None
     from laion_assets.core.clip.watermark import watermark_bucket
 
     models = settings_from(ModelSettings, kwargs)
-    table, report = watermark_bucket(_folder(shards), "", _kept(scores), _model_set(models).watermark, models,
-                                     lambda m: click.echo(m, err=True))
+    table, report = watermark_bucket(_folder(shards), _download(shards), _kept(scores), _model_set(models).watermark,
+                                     models, lambda m: click.echo(m, err=True))
     store, key = _locate(output)
     store.write_parquet(key, table)
     click.echo(f"{output}: {report['samples']} samples, {report['watermarked']} watermarked")

@@ -1,28 +1,39 @@
-"""The code location: one Definitions object for `dagster dev` and `dagster asset materialize`."""
+"""The code location: one Definitions object for `dagster dev`, the daemon and `dagster asset materialize`."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from laion_assets.assets.clip import build_clip_assets
+from laion_assets.assets.clip import build_clip_assets, model_sources
 from laion_assets.assets.crawl import build_crawl_assets
 from laion_assets.assets.download import build_download_assets
 from laion_assets.core.paths import Layout
+from laion_assets.core.settings import OperationsSettings
+from laion_assets.operations import crawl_backfill_schedule, new_crawls_sensor
 from laion_assets.resources import resources_from_env
 
 
-def build_assets(layout: Layout) -> list[dg.AssetsDefinition]:
-    crawl = build_crawl_assets(layout)
-    unique_pairs = next(a for a in crawl if a.key.to_user_string() == "unique_pairs")
-    download = build_download_assets(layout, unique_pairs)
-    return [*crawl, *download, *build_clip_assets(layout, download[0])]
+def build_assets(layout: Layout, ops: OperationsSettings | None = None) -> list:
+    """Every asset and source of the graph (what `dg.materialize` needs in tests and the demo)."""
+    ops = ops or OperationsSettings()
+    sources, _ = model_sources(ops)
+    return [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops), *build_clip_assets(layout)]
 
 
-def build_definitions(layout: Layout | None = None, resources: dict | None = None) -> dg.Definitions:
+def build_definitions(layout: Layout | None = None, resources: dict | None = None,
+                      ops: OperationsSettings | None = None) -> dg.Definitions:
     layout = layout or Layout.from_env()
+    ops = ops or OperationsSettings.from_env()
+    _, observe_models = model_sources(ops)
+    reprocess = dg.AutomationConditionSensorDefinition(
+        "reprocess_on_change", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=ops.sensor_interval_s,
+        description="Re-runs the partitions downstream of anything that changed (see automation.py).")
     return dg.Definitions(
-        assets=build_assets(layout),
-        resources=resources if resources is not None else resources_from_env(),
+        assets=build_assets(layout, ops),
+        sensors=[new_crawls_sensor(ops), observe_models, reprocess],
+        schedules=[crawl_backfill_schedule(ops)],
+        resources=resources if resources is not None else resources_from_env(layout=layout),
     )
 
 

@@ -24,7 +24,8 @@ import dagster as dg
 from laion_assets.core import paths
 from laion_assets.core.download.report import STATUSES
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import DEFAULT_IMAGE_BASE
+from laion_assets.core.settings import DEFAULT_IMAGE_BASE, OperationsSettings
+from laion_assets.operations import register_new_crawls
 from laion_assets.resources import resources_from_env
 
 SAMPLE_PORT = urlsplit(DEFAULT_IMAGE_BASE).port  # where the sample crawl's image links point
@@ -106,6 +107,8 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     print("laion_assets demo: the sample crawl through the asset graph")
     sample = demo.run("sample_crawl")
     crawl = sample["crawl"]
+    # What the new_crawls sensor does under the daemon: the mirror's new crawl becomes a `crawls` partition.
+    register_new_crawls(demo.instance, demo.resources["crawl_source"], OperationsSettings.from_env().crawl_pattern)
     manifest = demo.run("wat_manifest", crawl)
     pairs = _total(demo.per_chunk("candidate_pairs", crawl), "pairs")
     unique = _total(demo.per_bucket("unique_pairs", crawl), "rows_out")

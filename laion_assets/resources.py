@@ -19,7 +19,16 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from laion_assets.config import config_class, settings_from
-from laion_assets.core.settings import DEFAULT_STORAGE, FetchSettings, ModelSettings, SourceSettings
+from laion_assets.core.paths import Layout
+from laion_assets.core.settings import (
+    DEFAULT_STORAGE,
+    CheckSettings,
+    FetchSettings,
+    ModelSettings,
+    OperationsSettings,
+    SourceSettings,
+    scalar_fields,
+)
 from laion_assets.core.storage import S3Options, Storage
 
 
@@ -67,27 +76,62 @@ ImageFetchResource = config_class(
 
 
 class _ModelRegistry(dg.ConfigurableResource):
+    # The registry file under the storage root (`laion-assets models set`) overrides these fields at run time.
+    storage: StorageResource
+
     def settings(self) -> ModelSettings:
-        return settings_from(ModelSettings, self)
+        from laion_assets.core.clip.registry import apply_overrides, load_overrides
+
+        return apply_overrides(settings_from(ModelSettings, self), load_overrides(self.storage.get()))
 
     def model_set(self, log: Any = None) -> Any:
         from laion_assets.core.clip.registry import resolve
 
         return resolve(self.settings(), log)
 
+    def versions(self) -> dict[str, str]:
+        from laion_assets.core.clip.registry import versions
 
-ModelRegistryResource = config_class("ModelRegistryResource", ModelSettings, base=_ModelRegistry)
+        return versions(self.settings())
 
 
-def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+ModelRegistryResource = config_class(
+    "ModelRegistryResource", ModelSettings, base=_ModelRegistry,
+    doc="Which models the CLIP stage uses: the preset, the fields set here, then the registry file's overrides.")
+
+
+class _Checks(dg.ConfigurableResource):
+    def settings(self) -> CheckSettings:
+        return settings_from(CheckSettings, self)
+
+
+ChecksResource = config_class("ChecksResource", CheckSettings, base=_Checks)
+
+
+# Every environment variable the code reads (the production dagster.yaml passes each of them to run pods).
+ENV_VARS = ("LAION_ASSETS_STORAGE", "LAION_ASSETS_SOURCE", "LAION_ASSETS_CHUNKS", "LAION_ASSETS_BUCKETS",
+            "LAION_ASSETS_MODELS", "LAION_ASSETS_MODELS_DIR", "LAION_ASSETS_ALLOW_NETWORKS",
+            *(f"LAION_ASSETS_{f.name.upper()}" for f in scalar_fields(OperationsSettings)),
+            "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN")
+
+
+def resources_from_env(env: dict[str, str] | None = None, layout: Layout | None = None) -> dict[str, Any]:
     """The resources for this environment: local paths unless the variables say otherwise."""
+    from laion_assets.io_manager import StorageIOManager
+
     env = dict(os.environ if env is None else env)
-    s3 = S3Resource(endpoint_url=env.get("AWS_ENDPOINT_URL") or None)
+    layout = layout or Layout.from_env(env)
+    s3 = S3Resource(endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+                    region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
+    storage = StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3)
     return {
-        "storage": StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3),
+        "storage": storage,
+        "io_manager": StorageIOManager(storage=storage, chunks=layout.chunks, buckets=layout.buckets),
         "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", SourceSettings.base)),
-        "models": ModelRegistryResource(preset=env.get("LAION_ASSETS_MODELS", ModelSettings.preset),
+        "models": ModelRegistryResource(storage=storage, preset=env.get("LAION_ASSETS_MODELS", ModelSettings.preset),
                                         models_dir=env.get("LAION_ASSETS_MODELS_DIR", ModelSettings.models_dir)),
         "image_fetch": ImageFetchResource(
             allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]),
+        "check_bands": ChecksResource(),
     }

@@ -1,14 +1,26 @@
-"""The Common Crawl stage: sample crawl -> WAT manifest -> candidate pairs -> unique pairs."""
+"""The Common Crawl stage: sample crawl -> WAT manifest -> candidate pairs -> unique pairs.
+
+Outputs go through the IO manager: the WAT manifest and the unique pairs are tables; candidate pairs, whose
+bulk files are split by bucket, return the chunk's record of them (its completion marker), which the dedup of
+each bucket receives for every chunk of its crawl through the chunk -> bucket partition mapping.
+"""
+
+import warnings
 
 import dagster as dg
+import polars as pl
+import pyarrow as pa
 
+from laion_assets.assets import checks
 from laion_assets.assets.metadata import preview_table, to_metadata
+from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class, settings_from
-from laion_assets.core import paths
 from laion_assets.core.crawl import dedup, extract, manifest, source
+from laion_assets.core.crawl.candidates import SCHEMA as PAIR_SCHEMA
+from laion_assets.core.crawl.extract import ChunkOutput
 from laion_assets.core.offline import sample
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import ExtractSettings, SampleSettings
+from laion_assets.core.settings import ExtractSettings, OperationsSettings, SampleSettings
 from laion_assets.partitions import (
     bucket_partitions,
     chunk_partitions,
@@ -21,96 +33,128 @@ from laion_assets.partitions import (
 )
 from laion_assets.resources import CrawlSourceResource, StorageResource
 
+CODE_VERSION = "2"
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 PREVIEW_COLUMNS = ["url", "text", "language", "language_score", "page_url"]
+MANIFEST_SCHEMA = pa.schema([("chunk", pa.string()), ("position", pa.int64()), ("path", pa.string())])
+UNIQUE_SCHEMA = pa.schema([*PAIR_SCHEMA, pa.field("occurrences", pa.int32())])
 SampleCrawlConfig = config_class("SampleCrawlConfig", SampleSettings, doc="The built-in sample crawl's shape.")
 ExtractConfig = config_class("ExtractConfig", ExtractSettings)
 
 
+def network_retries(ops: OperationsSettings) -> dg.RetryPolicy:
+    """For steps that read the network: a failed step is retried in its run, with growing delays."""
+    return dg.RetryPolicy(max_retries=ops.max_retries, delay=ops.retry_delay_s, backoff=dg.Backoff.EXPONENTIAL)
+
+
 def sample_crawl_asset() -> dg.AssetsDefinition:
-    @dg.asset(kinds={"python"}, group_name="crawl")
-    def sample_crawl(context: dg.AssetExecutionContext, config: SampleCrawlConfig,
-                     crawl_source: CrawlSourceResource) -> dg.MaterializeResult:
-        """The built-in sample crawl, written as a local Common Crawl mirror at the crawl source's base;
-        registers its crawl as a `crawls` partition."""
+    @dg.asset(kinds={"python"}, group_name="crawl", code_version=CODE_VERSION)
+    def sample_crawl(config: SampleCrawlConfig, crawl_source: CrawlSourceResource):
+        """The built-in sample crawl, written as a local Common Crawl mirror at the crawl source's base; the
+        `new_crawls` sensor registers its crawl like any other."""
         if crawl_source.base.startswith(("s3://", "http://", "https://")):
             raise dg.Failure(f"the sample crawl is written to a local mirror; the crawl source is {crawl_source.base}")
         report = sample.build_sample_crawl(crawl_source.base, settings_from(SampleSettings, config))
-        context.instance.add_dynamic_partitions(crawl_partitions.name, [report.crawl])
-        return dg.MaterializeResult(
-            metadata={"crawl": report.crawl, "mirror": dg.MetadataValue.path(report.mirror),
-                      "wat_files": len(report.wat_files), "pages": report.pages, "images": report.images,
-                      "image_links": report.image_links})
+        return dg.MaterializeResult(value=report, metadata={
+            "crawl": report.crawl, "mirror": dg.MetadataValue.path(report.mirror), "wat_files": len(report.wat_files),
+            "pages": report.pages, "images": report.images, "image_links": report.image_links})
 
     return sample_crawl
 
 
-def wat_manifest_asset(layout: Layout) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="crawl")
-    def wat_manifest(context: dg.AssetExecutionContext, storage: StorageResource,
-                     crawl_source: CrawlSourceResource) -> dg.MaterializeResult:
-        """The crawl's `wat.paths.gz`, split into deterministic contiguous chunks."""
-        crawl = crawl_of(context)
-        store = storage.get()
-        wat_paths = source.read_listing(crawl, crawl_source.settings(), crawl_source.s3_client())
-        table = manifest.build_manifest(wat_paths, layout)
-        key = paths.wat_manifest(crawl)
-        store.write_parquet(key, table)
-        sizes = [hi - lo for lo, hi in manifest.chunk_slices(len(wat_paths), layout.chunks)]
-        context.log.info(f"{crawl}: {len(wat_paths)} WAT files in {layout.chunks} chunks")
+def wat_manifest_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="crawl", code_version=CODE_VERSION,
+              backfill_policy=dg.BackfillPolicy.single_run(), retry_policy=network_retries(ops),
+              check_specs=[checks.spec("wat_manifest", "schema", "chunk, position, path")])
+    def wat_manifest(context: dg.AssetExecutionContext, crawl_source: CrawlSourceResource):
+        """The crawl's `wat.paths.gz`, split into deterministic contiguous chunks. A backfill of many crawls runs
+        once for all of them."""
+        tables = {}
+        for crawl in context.partition_keys:
+            wat_paths = source.read_listing(crawl, crawl_source.settings(), crawl_source.s3_client())
+            tables[crawl] = manifest.build_manifest(wat_paths, layout)
+            context.log.info(f"{crawl}: {len(wat_paths)} WAT files in {layout.chunks} chunks")
+        first = next(iter(tables.values()))
+        sizes = [hi - lo for lo, hi in manifest.chunk_slices(first.num_rows, layout.chunks)]
         return dg.MaterializeResult(
-            metadata={"wat_files": len(wat_paths), "chunks": layout.chunks, "files_per_chunk_min": min(sizes),
-                      "files_per_chunk_max": max(sizes), "source": crawl_source.base,
-                      "dagster/uri": store.uri(key), "first_paths": dg.MetadataValue.json(wat_paths[:5])})
+            value=tables if len(tables) > 1 else first,
+            metadata={"crawls": len(tables), "wat_files": sum(t.num_rows for t in tables.values()),
+                      "chunks": layout.chunks, "files_per_chunk_min": min(sizes), "files_per_chunk_max": max(sizes),
+                      "source": crawl_source.base, "first_paths": dg.MetadataValue.json(first["path"][:5].to_pylist())},
+            check_results=[checks.schema("wat_manifest", first.schema, MANIFEST_SCHEMA)])
 
     return wat_manifest
 
 
-def candidate_pairs_asset(layout: Layout, wat_manifest: dg.AssetsDefinition) -> dg.AssetsDefinition:
+def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=chunk_partitions(layout), kinds={"parquet"}, group_name="crawl",
-              deps=[dg.AssetDep(wat_manifest, partition_mapping=chunk_to_crawl)])
+              code_version=CODE_VERSION, retry_policy=network_retries(ops), automation_condition=REPROCESS,
+              ins={"wat_manifest": dg.AssetIn(partition_mapping=chunk_to_crawl)})
     def candidate_pairs(context: dg.AssetExecutionContext, config: ExtractConfig, storage: StorageResource,
-                        crawl_source: CrawlSourceResource) -> dg.MaterializeResult:
-        """(image URL, alt text, language) pairs of the chunk's WAT files, split by URL-hash bucket."""
+                        crawl_source: CrawlSourceResource, wat_manifest: pa.Table):
+        """(image URL, alt text, language) pairs of the chunk's WAT files, split by URL-hash bucket; returns the
+        chunk's record of its bucket files."""
         crawl, chunk = crawl_of(context), dimension(context, "chunk")
-        store = storage.get()
-        wat_paths = manifest.chunk_paths(store.read_parquet(paths.wat_manifest(crawl)), chunk)
+        wat_paths = manifest.chunk_paths(wat_manifest, chunk)
         context.log.info(f"{crawl} chunk {chunk}: {len(wat_paths)} WAT files")
         settings = settings_from(ExtractSettings, config)
-        report, _ = extract.extract_chunk(
-            store, crawl, chunk, wat_paths, layout, settings, crawl_source.settings(), crawl_source.s3_client(),
-            lambda done, name: context.log.info(f"[{done}/{len(wat_paths)}] {name}"))
+        report, output = extract.extract_chunk(
+            storage.get(), crawl, chunk, wat_paths, layout, settings, crawl_source.settings(),
+            crawl_source.s3_client(), lambda done, name: context.log.info(f"[{done}/{len(wat_paths)}] {name}"))
         metadata = to_metadata(report.metadata())
         metadata["preview"] = preview_table(report.preview, PREVIEW_COLUMNS)
-        metadata["dagster/uri"] = store.uri(paths.candidates_chunk(crawl, chunk, layout))
         metadata["dagster/row_count"] = report.counts.pairs
         if report.failed_files and settings.fail_on_unreadable_wat:
             raise dg.Failure(f"{len(report.failed_files)} WAT file(s) unreadable after retries (the other files'"
                              f" pairs are written): {report.failed_files[:3]}", metadata=metadata)
-        return dg.MaterializeResult(metadata=metadata)
+        return dg.MaterializeResult(value=output, metadata=metadata)
 
     return candidate_pairs
 
 
-def unique_pairs_asset(layout: Layout, candidate_pairs: dg.AssetsDefinition) -> dg.AssetsDefinition:
+def unique_pairs_asset(layout: Layout) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"parquet", "polars"}, group_name="crawl",
-              deps=[dg.AssetDep(candidate_pairs, partition_mapping=chunks_to_buckets)])
-    def unique_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        """Pairs with exact duplicate URLs removed, within the crawl and against earlier crawls' same bucket."""
+              code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"candidate_pairs": dg.AssetIn(partition_mapping=chunks_to_buckets)},
+              check_specs=[checks.spec("unique_pairs", "schema", "the pair columns and occurrences")])
+    def unique_pairs(context: dg.AssetExecutionContext, storage: StorageResource,
+                     candidate_pairs: dict[str, ChunkOutput]):
+        """Pairs with exact duplicate URLs removed, within the crawl and against earlier crawls' same bucket. Earlier
+        crawls must have deduplicated this bucket first (backfill crawls in order)."""
         crawl, bucket = crawl_and_bucket(context)
-        earlier = [c for c in context.instance.get_dynamic_partitions(crawl_partitions.name) if c < crawl]
+        registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
+        earlier = sorted(c for c in registered if c < crawl)
+        missing = missing_earlier_buckets(context.instance, context.assets_def.key, earlier, bucket)
+        if missing:
+            raise dg.Failure(f"{crawl} bucket {bucket}: earlier crawls have not deduplicated this bucket yet "
+                             f"({', '.join(missing[:5])}); cross-crawl dedup needs them first: backfill in order")
         store = storage.get()
-        report = dedup.dedup_bucket(store, crawl, bucket, layout, earlier)
+        files = [output.files[bucket] for _, output in sorted(candidate_pairs.items())]
+        unique, report = dedup.plan_dedup(store, files, dedup.earlier_unique_pairs(store, earlier, bucket, layout))
         context.log.info(f"{crawl} bucket {bucket}: {report.rows_in} pairs in, {report.rows_out} out")
         metadata = to_metadata(report.metadata())
-        metadata["preview"] = preview_table(report.preview, PREVIEW_COLUMNS + ["occurrences"])
-        metadata["dagster/uri"] = store.uri(paths.unique_pairs(crawl, bucket, layout))
-        metadata["dagster/row_count"] = report.rows_out
-        return dg.MaterializeResult(metadata=metadata)
+        metadata["preview"] = preview_table(unique.head(10).collect().to_dicts(), PREVIEW_COLUMNS + ["occurrences"])
+        return dg.MaterializeResult(value=unique, metadata=metadata,
+                                    check_results=[checks.schema("unique_pairs", _arrow_schema(unique), UNIQUE_SCHEMA)])
 
     return unique_pairs
 
 
-def build_crawl_assets(layout: Layout) -> list[dg.AssetsDefinition]:
-    wat_manifest = wat_manifest_asset(layout)
-    candidate_pairs = candidate_pairs_asset(layout, wat_manifest)
-    return [sample_crawl_asset(), wat_manifest, candidate_pairs, unique_pairs_asset(layout, candidate_pairs)]
+def _arrow_schema(frame: object) -> pa.Schema:
+    """The Arrow schema a polars LazyFrame will be written with, from its schema alone (nothing is computed)."""
+
+    return pl.DataFrame(schema=frame.collect_schema()).to_arrow().schema  # type: ignore[attr-defined]
+
+
+def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earlier: list[str], bucket: str
+                            ) -> list[str]:
+    """Earlier crawls whose unique_pairs of this bucket are not materialized."""
+    if not earlier:
+        return []
+    done = instance.get_materialized_partitions(key)
+    return [c for c in earlier if str(dg.MultiPartitionKey({"crawl": c, "bucket": bucket})) not in done]
+
+
+def build_crawl_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
+    return [sample_crawl_asset(), wat_manifest_asset(layout, ops), candidate_pairs_asset(layout, ops),
+            unique_pairs_asset(layout)]

@@ -1,24 +1,29 @@
-"""The download stage: unique pairs of a crawl x bucket -> resized images in webdataset shards."""
+"""The download stage: unique pairs of a crawl x bucket -> resized images in webdataset shards.
+
+The bucket's unique pairs come in through the IO manager; the shards are bulk files, so the asset returns the
+download's record of its complete shards (`_manifest.json`, which the download writes last itself).
+"""
 
 import dagster as dg
+import polars as pl
 
+from laion_assets.assets import checks
+from laion_assets.assets.crawl import network_retries
 from laion_assets.assets.metadata import preview_table, to_metadata
+from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class, settings_from
 from laion_assets.core import paths
-from laion_assets.core.download.distributor import download
-from laion_assets.core.download.plan import read_manifest
-from laion_assets.core.download.reader import InputColumns
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import DownloadSettings, ResizeSettings
+from laion_assets.core.settings import DownloadSettings, OperationsSettings, ResizeSettings
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
-from laion_assets.resources import ImageFetchResource, StorageResource
+from laion_assets.resources import ChecksResource, ImageFetchResource, StorageResource
 
+CODE_VERSION = "2"
 PREVIEW_COLUMNS = ["key", "status", "error_message", "width", "height", "original_width", "original_height", "url"]
 # Resize and shard settings per run; how to fetch (politeness, safety) is the image_fetch resource's.
 # More partitions at once come from the `download` pool, not from more processes per run.
 DownloadConfig = config_class("DownloadConfig", DownloadSettings, ResizeSettings,
                               doc="How the bucket's images are stored and how many processes download them.")
-UNIQUE_PAIRS_COLUMNS = InputColumns(url="url", caption="text", language="language")
 
 
 def download_settings(config: DownloadConfig, image_fetch: ImageFetchResource) -> DownloadSettings:
@@ -26,17 +31,26 @@ def download_settings(config: DownloadConfig, image_fetch: ImageFetchResource) -
                          resize=settings_from(ResizeSettings, config))
 
 
-def build_download_assets(layout: Layout, unique_pairs: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
-    @dg.asset(partitions_def=bucket_partitions(layout), deps=[unique_pairs], kinds={"webdataset", "parquet"},
-              group_name="images", pool="download")
+def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"webdataset", "parquet"}, group_name="images",
+              pool="download", code_version=CODE_VERSION, retry_policy=network_retries(ops),
+              automation_condition=REPROCESS,
+              check_specs=[checks.spec("image_shards", "one_row_per_url", "every input URL has exactly one row"),
+                           checks.spec("image_shards", "success_rate", "download success rate in its band",
+                                       blocking=False)])
     def image_shards(context: dg.AssetExecutionContext, config: DownloadConfig, storage: StorageResource,
-                     image_fetch: ImageFetchResource) -> dg.MaterializeResult:
-        """Every URL of the bucket downloaded, resized and written as webdataset tar shards with a Parquet
-        row per URL (success or not) and a `_stats.json` marker per shard; reruns skip complete shards whose
-        input rows and settings are unchanged; `_manifest.json` lists the complete shards, written last."""
+                     image_fetch: ImageFetchResource, check_bands: ChecksResource,
+                     unique_pairs: pl.LazyFrame):
+        """Every URL of the bucket downloaded, resized and written as webdataset tar shards with a Parquet row per
+        URL (success or not) and a `_stats.json` marker per shard; reruns skip complete shards whose input rows and
+        settings are unchanged; `_manifest.json` lists the complete shards, written last."""
+        from laion_assets.core.download.distributor import download
+        from laion_assets.core.download.reader import InputColumns, inputs_of
+
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        prefix = paths.image_shards(crawl, bucket, layout)
+        columns = InputColumns(url="url", caption="text", language="language")
+        inputs = inputs_of(unique_pairs.select(["url", "text", "language"]).collect().to_arrow(), columns)
         seen = {"done": 0, "ok": 0}
 
         def progress(done: int, ok: int) -> None:
@@ -44,17 +58,29 @@ def build_download_assets(layout: Layout, unique_pairs: dg.AssetsDefinition) -> 
             seen["ok"] += ok
             context.log.debug(f"{seen['done']} URLs done, {seen['ok']} images")
 
-        with store.local_copies([paths.unique_pairs(crawl, bucket, layout)]) as (path,):
-            report = download(path, store, prefix, download_settings(config, image_fetch), UNIQUE_PAIRS_COLUMNS,
-                              progress, context.log.info)
+        prefix = paths.image_shards(crawl, bucket, layout)
+        report = download(inputs, store, prefix, download_settings(config, image_fetch), columns, progress,
+                          context.log.info)
         context.log.info(f"{crawl} bucket {bucket}: {report.summary()}")
+        manifest = report.manifest
         metadata = to_metadata(report.metadata())
-        shards = read_manifest(store, prefix).keys(prefix)
-        if shards:
-            metadata["preview"] = preview_table(store.read_parquet(shards[0].rows).slice(0, 8).to_pylist(),
-                                                PREVIEW_COLUMNS)
-        metadata["dagster/uri"] = store.uri(prefix)
+        if manifest.shards:
+            first = store.read_parquet(manifest.keys()[0].rows)
+            metadata["preview"] = preview_table(first.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)
         metadata["dagster/row_count"] = report.statuses["success"]
-        return dg.MaterializeResult(metadata=metadata)
+        rows_per_shard = [store.parquet_rows(k.rows) for k in manifest.keys()]
+        bands = check_bands.settings()
+        return dg.MaterializeResult(value=manifest, metadata=metadata, check_results=[
+            checks.holds("image_shards", "one_row_per_url",
+                         manifest.rows == inputs.num_rows == sum(rows_per_shard) == report.total
+                         and rows_per_shard == [s.count for s in manifest.shards],
+                         f"{inputs.num_rows} input URLs, {sum(rows_per_shard)} rows in {len(rows_per_shard)} shards",
+                         input_urls=inputs.num_rows, rows=sum(rows_per_shard)),
+            checks.band("image_shards", "success_rate", report.success_rate, bands.min_success_rate,
+                        bands.max_success_rate, "download success rate")])
 
-    return [image_shards]
+    return image_shards
+
+
+def build_download_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
+    return [image_shards_asset(layout, ops)]

@@ -1,4 +1,7 @@
-"""Turning a stage's report (plain dicts) into Dagster materialization metadata."""
+"""Turning a stage's report (plain dicts) into Dagster materialization metadata.
+
+(The asset functions of this package carry no return annotation: Dagster reads one as the type of the output
+the IO manager stores, and `MaterializeResult` as "no value".)"""
 
 from __future__ import annotations
 

@@ -175,3 +175,35 @@ def safety_scores(crawl: str, bucket: str, layout: Layout) -> str:
 
 def watermark_scores(crawl: str, bucket: str, layout: Layout) -> str:
     return f"{crawl_root(crawl)}/watermark_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
+
+
+# --- what each asset returns -------------------------------------------------------------------------------
+
+def image_embeddings_manifest(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{embeddings(crawl, layout)}/manifests/bucket={bucket}.json"
+
+
+def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
+    """Where the IO manager stores an asset's output for a partition ({dimension: key}): a Parquet table or a JSON
+    record. Bulk-file stages return a record that names their files; where a stage writes its own completion
+    marker, the record is that marker."""
+    crawl, chunk, bucket = dims.get("crawl", ""), dims.get("chunk", ""), dims.get("bucket", "")
+    outputs = {
+        "sample_crawl": lambda: "sample_crawl.json",
+        "wat_manifest": lambda: wat_manifest(crawl),
+        "candidate_pairs": lambda: candidates_marker(crawl, chunk, layout),
+        "unique_pairs": lambda: unique_pairs(crawl, bucket, layout),
+        "image_shards": lambda: shards_manifest(image_shards(crawl, bucket, layout)),
+        "clip_scores": lambda: clip_scores(crawl, bucket, layout),
+        "image_embeddings": lambda: image_embeddings_manifest(crawl, bucket, layout),
+        "safety_scores": lambda: safety_scores(crawl, bucket, layout),
+        "watermark_scores": lambda: watermark_scores(crawl, bucket, layout),
+    }
+    if asset not in outputs:
+        raise KeyError(f"no storage path for the output of asset {asset!r}: add it to paths.asset_output")
+    return outputs[asset]()
+
+
+def model_registry() -> str:
+    """The model registry's overrides (thresholds, checkpoints) that operators change at run time."""
+    return "registry/models.json"

@@ -184,3 +184,41 @@ def settings_hash(*settings: Any) -> str:
     doc = [{"class": type(s).__name__, **dataclasses.asdict(s)} if dataclasses.is_dataclass(s) else s
            for s in settings]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- operations ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Bands outside which the non-blocking checks warn (the blocking ones have no knobs: wrong data never flows)."""
+
+    min_success_rate: float = setting(0.2, "Download success rate under which image_shards warns.")
+    max_success_rate: float = setting(1.0, "Download success rate over which image_shards warns.")
+    min_kept_fraction: float = setting(0.05, "Kept fraction under which clip_scores warns.")
+    max_kept_fraction: float = setting(0.95, "Kept fraction over which clip_scores warns.")
+
+
+@dataclass(frozen=True)
+class OperationsSettings:
+    """How the deployment runs the graph: which crawls are picked up, and how often things are looked at. Read from
+    the environment when the code location loads (schedules and sensors are fixed then)."""
+
+    crawl_pattern: str = setting(r"CC-MAIN-\d{4}-\d{2}", "Regular expression (full match) of the crawl IDs the "
+                                                           "new_crawls sensor registers, e.g. CC-MAIN-202[3-9]-.*")
+    sensor_interval_s: int = setting(300, "Seconds between sensor evaluations.")
+    backfill_cron: str = setting("0 * * * *", "When crawl_backfill looks for missing and failed partitions.")
+    retry_delay_s: float = setting(30.0, "First delay of the retry policy of network-bound assets (doubles).")
+    max_retries: int = setting(3, "Retries of a failed network-bound step within its run.")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperationsSettings:
+        """`LAION_ASSETS_<FIELD>` overrides each field (e.g. LAION_ASSETS_CRAWL_PATTERN)."""
+        import os
+
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in scalar_fields(cls):
+            name = f"LAION_ASSETS_{f.name.upper()}"
+            if name in env:
+                values[f.name] = type(f.default)(env[name])
+        return cls(**values)

@@ -10,7 +10,9 @@ credentials), so worker processes see exactly what the parent does.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import json
 import os
@@ -139,6 +141,28 @@ class Storage:
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
 
+    def download(self, key: str, dest: str) -> None:
+        """Copy an object to a local file."""
+        if self.is_s3:
+            self.s3.download_file(self.bucket, self._s3_key(key), dest)
+        else:
+            shutil.copyfile(self._path(key), dest)
+
+    def scratch_copies(self, keys: list[str]) -> list[str]:
+        """Local paths for keys that stay readable until this process exits: the files themselves on a local root,
+        downloads into the process's scratch folder on S3. For readers that outlive the call (a polars LazyFrame
+        is scanned when it is written, after the asset that built it has returned)."""
+        if not self.is_s3:
+            return [str(self._path(k)) for k in keys]
+        folder = _process_scratch()
+        out = []
+        for key in keys:
+            fd, dest = tempfile.mkstemp(prefix="in-", suffix="-" + os.path.basename(key), dir=folder)
+            os.close(fd)
+            self.s3.download_file(self.bucket, self._s3_key(key), dest)
+            out.append(dest)
+        return out
+
     @contextlib.contextmanager
     def local_copies(self, keys: list[str]) -> Iterator[list[str]]:
         """Local paths for keys: the files themselves on a local root, temporary downloads on S3."""
@@ -244,6 +268,13 @@ class Storage:
             return pq.read_table(self._path(key), columns=columns)
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
+    def parquet_rows(self, key: str) -> int:
+        """Rows of a Parquet object, from its footer."""
+        import pyarrow.parquet as pq
+
+        with self.local_copies([key]) as (local,):
+            return pq.ParquetFile(local).metadata.num_rows
+
     def write_parquet(self, key: str, table: Any) -> None:
         import pyarrow.parquet as pq
 
@@ -257,6 +288,14 @@ class Storage:
         else:
             with contextlib.suppress(FileNotFoundError):
                 self._path(key).unlink()
+
+
+@functools.lru_cache(maxsize=1)
+def _process_scratch() -> str:
+    # One folder per process, removed when it exits: each Dagster step runs in a process of its own.
+    folder = tempfile.mkdtemp(prefix=f"laion-assets-scratch-{os.getpid()}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _current_umask() -> int:

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 
-def save(path: str | os.PathLike[str], payload: dict[str, Any], card: dict[str, Any]) -> None:
+def save(path: str | os.PathLike[str], payload: dict[str, Any], doc: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-    Path(str(path) + ".json").write_text(json.dumps(card, indent=2))
+    Path(str(path) + ".json").write_text(json.dumps(doc, indent=2))
 
 
 def load(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
@@ -28,6 +28,3 @@ def load(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     return ckpt
 
 
-def card(path: str | os.PathLike[str]) -> dict[str, Any]:
-    file = Path(str(path) + ".json")
-    return json.loads(file.read_text()) if file.exists() else {}

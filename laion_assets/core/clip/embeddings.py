@@ -15,9 +15,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, pick_device
 from laion_assets.core.clip.scores import StageReport
-from laion_assets.core.clip.shards import complete_shards, decoded_batches
+from laion_assets.core.clip.shards import decoded_batches
+from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.settings import ModelSettings
 from laion_assets.core.storage import Storage
@@ -73,7 +75,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_embeddings(store: Storage, keys: EmbeddingKeys, img: np.ndarray, txt: np.ndarray, meta: pa.Table) -> None:
+def write_embeddings(store: Storage, keys: EmbeddingKeys, img: np.ndarray, txt: np.ndarray, meta: pa.Table
+                     ) -> EmbeddingsManifest:
     """The three files of one bucket: old metadata removed first, arrays, then metadata naming the arrays."""
     if not img.shape[0] == txt.shape[0] == meta.num_rows:
         raise ValueError(f"embeddings are not row-aligned: {img.shape[0]} image, {txt.shape[0]} text,"
@@ -82,10 +85,12 @@ def write_embeddings(store: Storage, keys: EmbeddingKeys, img: np.ndarray, txt: 
     img_bytes, txt_bytes = _npy_bytes(img), _npy_bytes(txt)
     store.write_bytes(keys.img, img_bytes)
     store.write_bytes(keys.text, txt_bytes)
+    img_sha, txt_sha = hashlib.sha256(img_bytes).hexdigest(), hashlib.sha256(txt_bytes).hexdigest()
     tagged = meta.replace_schema_metadata({
-        **(meta.schema.metadata or {}), _IMG_SHA: hashlib.sha256(img_bytes).hexdigest().encode(),
-        _TXT_SHA: hashlib.sha256(txt_bytes).hexdigest().encode(), _ROWS: str(meta.num_rows).encode()})
+        **(meta.schema.metadata or {}), _IMG_SHA: img_sha.encode(), _TXT_SHA: txt_sha.encode(),
+        _ROWS: str(meta.num_rows).encode()})
     store.write_parquet(keys.metadata, tagged)
+    return EmbeddingsManifest(keys, meta.num_rows, int(img.shape[1]) if img.ndim == 2 else 0, img_sha, txt_sha)
 
 
 def read_embeddings(store: Storage, keys: EmbeddingKeys) -> tuple[np.ndarray, np.ndarray, pa.Table]:
@@ -104,11 +109,12 @@ def read_embeddings(store: Storage, keys: EmbeddingKeys) -> tuple[np.ndarray, np
     return img, txt, meta.replace_schema_metadata(None)
 
 
-def embed_bucket(store: Storage, shards_prefix: str, keep: frozenset[str], spec: ClipSpec, settings: ModelSettings,
-                 log: Log | None = None) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
+def embed_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str], spec: ClipSpec,
+                 settings: ModelSettings, log: Log | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
     """Embeddings of the kept samples of a finished download, with the model's name in the metadata."""
     model = load_clip(spec, pick_device(settings.device))
-    shards = complete_shards(store, shards_prefix)
+    shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
         img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log)
     meta = meta.append_column("model", pa.array([spec.name] * meta.num_rows, pa.string()))

@@ -8,9 +8,6 @@ project trains on its synthetic world (`offline/small_models.py`), registered wi
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,28 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from laion_assets.core.clip.specs import ClipSpec, file_sha256, weights_id  # noqa: F401 - re-exported
+
 SMALL_ARCH = "laion-assets-small"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "models"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """One CLIP model: what to load and the similarity threshold that goes with it."""
-
-    name: str  # recorded with every score
-    arch: str
-    pretrained: str  # an open_clip pretrained tag or a checkpoint path
-    threshold: float = 0.0
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str]) -> ClipSpec:
-        """A checkpoint written by `save_clip`, with the threshold calibrated when it was trained."""
-        card = json.loads(Path(str(path) + ".json").read_text())
-        return cls(card["name"], card["arch"], str(path), float(card["threshold"]))
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -106,28 +89,3 @@ def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> LoadedClip:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return LoadedClip(spec, model, preprocess, open_clip.get_tokenizer(spec.arch), device)
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file; remembered per (path, size, mtime), as a checkpoint of a GB is read once a run."""
-    st = os.stat(path)
-    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_id(arch: str, pretrained: str) -> str:
-    """What identifies a model's weights: the checkpoint file's sha256, or open_clip's (arch, tag) pair, whose
-    files open_clip pins; "" for random weights, which are never the same twice."""
-    if not pretrained:
-        return ""
-    if os.path.isfile(pretrained):
-        return f"sha256:{file_sha256(pretrained)}"
-    return f"open_clip:{arch}:{pretrained}"

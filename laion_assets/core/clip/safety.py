@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from laion_assets.core.clip import checkpoints
+from laion_assets.core.clip.specs import card
 
 Log = Callable[[str], None]
 SAFETY_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("punsafe", pa.float32()),
@@ -81,7 +82,7 @@ def load_safety_head(path: str | os.PathLike[str]) -> tuple[SafetyHead, dict[str
     ckpt = checkpoints.load(path, "safety")
     head = SafetyHead(int(ckpt["dim"]))
     head.load_state_dict(ckpt["state_dict"])
-    return head.eval(), checkpoints.card(path)
+    return head.eval(), card(path)
 
 
 class SafetyDimensionError(ValueError):

@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, weights_id
 from laion_assets.core.clip.registry import ModelSet
-from laion_assets.core.clip.shards import complete_shards, decoded_batches, downloaded_samples
+from laion_assets.core.clip.shards import decoded_batches, downloaded_samples
+from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.settings import ModelSettings
 from laion_assets.core.storage import Storage
 
@@ -123,14 +124,14 @@ def kept_keys(scores: pa.Table) -> frozenset[str]:
     return frozenset(k for k, kept in zip(scores["key"].to_pylist(), scores["keep"].to_pylist(), strict=True) if kept)
 
 
-def score_bucket(store: Storage, shards_prefix: str, chosen: ModelSet, settings: ModelSettings,
+def score_bucket(store: Storage, download: ShardsManifest, chosen: ModelSet, settings: ModelSettings,
                  previous: pa.Table | None = None, reuse: bool = True, log: Log | None = None
                  ) -> tuple[pa.Table, StageReport]:
     """Scores of a finished download's samples: re-filtered from `previous` when it still holds, else computed."""
     from laion_assets.core.clip.models import pick_device
 
     start = time.perf_counter()
-    shards = complete_shards(store, shards_prefix)
+    shards = download.keys()
     if reuse and previous is not None and can_reuse(previous, downloaded_samples(store, shards), chosen):
         table = refilter(previous, {spec_weights(s): s.threshold for s in (chosen.clip_en, chosen.clip_multi)})
         keep = table["keep"].to_pylist()

@@ -18,14 +18,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from laion_assets.core.download.plan import read_manifest
 from laion_assets.core.paths import ShardKeys
 from laion_assets.core.storage import Storage
-
-
-def complete_shards(store: Storage, prefix: str) -> list[ShardKeys]:
-    """The shards of a finished download, from its manifest (never a listing: no orphan or half-written shard)."""
-    return read_manifest(store, prefix).keys(prefix)
 
 
 def downloaded_samples(store: Storage, shards: list[ShardKeys]) -> pa.Table:

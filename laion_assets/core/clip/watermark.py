@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,15 @@ from torch import nn
 
 from laion_assets.core.clip import checkpoints
 from laion_assets.core.clip.models import pick_device
-from laion_assets.core.clip.shards import complete_shards, decoded_batches
+from laion_assets.core.clip.shards import decoded_batches
+from laion_assets.core.clip.specs import LAION_WATERMARK, WatermarkSpec, watermark_spec_from_checkpoint  # noqa: F401
+from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.settings import ModelSettings
 from laion_assets.core.storage import Storage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class WatermarkSpec:
-    name: str
-    arch: str  # a timm model name
-    checkpoint: str
-    image_size: int = 256
-    threshold: float = 0.8
-
-
-LAION_WATERMARK = WatermarkSpec("efficientnet_b3a/laion-watermark", "efficientnet_b3a", "", 256, 0.8)
 
 
 def watermark_transform(size: int) -> Any:
@@ -109,11 +98,6 @@ def load_watermark(spec: WatermarkSpec, device: torch.device | str = "cpu") -> n
     return model
 
 
-def watermark_spec_from_checkpoint(path: str | os.PathLike[str]) -> WatermarkSpec:
-    card = checkpoints.card(path)
-    return WatermarkSpec(card["name"], card["arch"], str(path), int(card["image_size"]), float(card["threshold"]))
-
-
 WATERMARK_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("pwatermark", pa.float32()),
                               ("watermark", pa.bool_()), ("status", pa.string()), ("error_message", pa.string())])
 
@@ -166,11 +150,11 @@ def load_image_folders(root: str | os.PathLike[str], size: int) -> tuple[torch.T
     return torch.stack(tensors), torch.tensor(labels)
 
 
-def watermark_bucket(store: Storage, shards_prefix: str, keep: frozenset[str], spec: WatermarkSpec,
+def watermark_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str], spec: WatermarkSpec,
                      settings: ModelSettings, log: Log | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """pwatermark of the kept samples of a finished download."""
     device = pick_device(settings.device)
     model = load_watermark(spec, device)
-    shards = complete_shards(store, shards_prefix)
+    shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
         return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log)

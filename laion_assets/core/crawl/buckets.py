@@ -8,9 +8,7 @@ crawl can be compared with the same bucket of an earlier crawl.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -67,10 +65,6 @@ class BucketWriter:
         for w in self._writers.values():
             w.close()
         return {self.layout.bucket_key(b): self.path(b) for b in range(self.layout.buckets)}
-
-
-def write_chunk_marker(storage: Storage, key: str, report: dict[str, Any]) -> None:
-    storage.write_bytes(key, json.dumps(report, indent=1, default=str).encode())
 
 
 def complete_chunks(storage: Storage, crawl: str, layout: Layout) -> set[str]:

@@ -8,8 +8,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
 from laion_assets.core import paths
 from laion_assets.core.crawl.buckets import complete_chunks
 from laion_assets.core.paths import Layout
@@ -64,40 +62,54 @@ def require_complete_chunks(storage: Storage, crawl: str, layout: Layout) -> Non
             f"{crawl}: candidate_pairs of {len(missing)} chunk(s) not complete yet: {', '.join(missing[:10])}")
 
 
-def dedup_files(storage: Storage, chunk_files: list[str], earlier_files: list[str], out_key: str) -> DedupReport:
-    """Exact dedup of pair files (storage keys) on the normalized URL, minus the URLs of earlier files;
-    writes the unique pairs with an `occurrences` count per URL to out_key.
+def plan_dedup(storage: Storage, chunk_files: list[str], earlier: list[tuple[str, str]]
+               ) -> tuple[pl.LazyFrame, DedupReport]:
+    """The unique pairs of some pair files (storage keys) as a lazy plan, minus the URLs of earlier crawls' unique
+    pairs ((crawl, key) pairs), and a report of the counts that need no result (a second pass would).
 
-    The output is sorted by URL and each URL keeps its first occurrence in (wat_file, offset, link) order,
-    so it does not depend on the order in which the inputs were made."""
+    The plan is sorted by URL and each URL keeps its first occurrence in (wat_file, offset, link) order, so it does
+    not depend on the order in which the inputs were made. Its files stay readable until this process ends."""
     import polars as pl  # imported here: the parse stage's hot path does not need it
 
+    report = DedupReport(chunks=len(chunk_files), earlier_crawls=[c for c, _ in earlier])
+    local = storage.scratch_copies(chunk_files + [key for _, key in earlier])
+    pairs = pl.scan_parquet(local[: len(chunk_files)])
+    counts = pairs.select(pl.len().alias("rows"), pl.col("url").n_unique().alias("urls")).collect(engine="streaming")
+    report.rows_in, report.unique_in_crawl = int(counts["rows"][0]), int(counts["urls"][0])
+    unique = unique_by_url(pairs)
+    if earlier:
+        seen = pl.scan_parquet(local[len(chunk_files):]).select("url").unique()
+        report.seen_in_earlier_crawls = int(
+            pairs.select("url").unique().join(seen, on="url", how="semi").select(pl.len()).collect().item())
+        unique = unique.join(seen, on="url", how="anti")
+    report.rows_out = report.unique_in_crawl - report.seen_in_earlier_crawls
+    return unique, report
+
+
+def earlier_unique_pairs(storage: Storage, earlier_crawls: list[str], bucket: str, layout: Layout
+                         ) -> list[tuple[str, str]]:
+    """(crawl, key) of the same bucket's unique pairs of earlier crawls, where they exist."""
+    keys = [(c, paths.unique_pairs(c, bucket, layout)) for c in sorted(earlier_crawls)]
+    return [(c, key) for c, key in keys if storage.exists(key)]
+
+
+def dedup_bucket(storage: Storage, crawl: str, bucket: str, layout: Layout, earlier_crawls: list[str]) -> DedupReport:
+    """`unique_pairs` of one bucket from every chunk of the crawl, against the bucket of earlier crawls, written."""
     start = time.perf_counter()
-    report = DedupReport(chunks=len(chunk_files))
-    with storage.local_copies(chunk_files + earlier_files) as local, storage.staging_dir() as stage:
-        pairs = pl.scan_parquet(local[: len(chunk_files)])
-        report.rows_in = pairs.select(pl.len()).collect().item()
-        result = unique_by_url(pairs)
-        if earlier_files:
-            result = result.join(pl.scan_parquet(local[len(chunk_files):]).select("url"), on="url", how="anti")
+    require_complete_chunks(storage, crawl, layout)
+    chunk_files = [paths.candidates_file(crawl, c, bucket, layout) for c in layout.chunk_keys()]
+    unique, report = plan_dedup(storage, chunk_files, earlier_unique_pairs(storage, earlier_crawls, bucket, layout))
+    with storage.staging_dir() as stage:
         out = os.path.join(stage, "unique.parquet")
-        result.sink_parquet(out, compression="zstd")
-        report.unique_in_crawl = pairs.select(pl.col("url").n_unique()).collect(engine="streaming").item()
-        report.rows_out = pq.ParquetFile(out).metadata.num_rows
-        report.seen_in_earlier_crawls = report.unique_in_crawl - report.rows_out
+        unique.sink_parquet(out, compression="zstd")
         report.bytes_out = os.path.getsize(out)
-        report.preview = pl.scan_parquet(out).head(10).collect().to_dicts()
-        storage.put_file(out, out_key)
+        report.preview = pl_head(out)
+        storage.put_file(out, paths.unique_pairs(crawl, bucket, layout))
     report.seconds = time.perf_counter() - start
     return report
 
 
-def dedup_bucket(storage: Storage, crawl: str, bucket: str, layout: Layout, earlier_crawls: list[str]) -> DedupReport:
-    """`unique_pairs` of one bucket from every chunk of the crawl, against the bucket of earlier crawls."""
-    require_complete_chunks(storage, crawl, layout)
-    chunk_files = [paths.candidates_file(crawl, c, bucket, layout) for c in layout.chunk_keys()]
-    earlier = [(c, paths.unique_pairs(c, bucket, layout)) for c in sorted(earlier_crawls)]
-    earlier = [(c, key) for c, key in earlier if storage.exists(key)]
-    report = dedup_files(storage, chunk_files, [key for _, key in earlier], paths.unique_pairs(crawl, bucket, layout))
-    report.earlier_crawls = [c for c, _ in earlier]
-    return report
+def pl_head(path: str, n: int = 10) -> list[dict[str, Any]]:
+    import polars as pl
+
+    return pl.scan_parquet(path).head(n).collect().to_dicts()

@@ -13,11 +13,12 @@ import orjson
 import pyarrow as pa
 
 from laion_assets.core import paths
-from laion_assets.core.crawl.buckets import BucketWriter, write_chunk_marker
+from laion_assets.core.crawl.buckets import BucketWriter
 from laion_assets.core.crawl.candidates import COLUMNS, SCHEMA, Drop, clean_text, first, joined, resolve_url
 from laion_assets.core.crawl.source import WatFetchError, fetched, join_source
 from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
 from laion_assets.core.paths import Layout
+from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import ExtractSettings, SourceSettings
 from laion_assets.core.storage import Storage
 
@@ -289,14 +290,16 @@ def extract_locations(
 
 
 @dataclass
-class ChunkOutput:
-    """What one chunk of the parse stage wrote: its bucket files (bucket key -> storage key, rows)."""
+class ChunkOutput(JsonRecord):
+    """What one chunk of the parse stage wrote: its bucket files (bucket key -> storage key) and their rows, its WAT
+    files and counts. Stored as the chunk's marker, last: the chunk is complete when it exists."""
 
     crawl: str
     chunk: str
     files: dict[str, str]
     rows: dict[str, int]
-    marker: str
+    wat_files: list[str]
+    report: dict[str, Any]
 
 
 def extract_chunk(
@@ -326,6 +329,6 @@ def extract_chunk(
         for bucket, local in writer.close().items():
             storage.put_file(local, files[bucket])
     rows = {layout.bucket_key(b): n for b, n in enumerate(writer.rows)}
-    write_chunk_marker(storage, marker, {"crawl": crawl, "chunk": chunk, "wat_files": wat_paths,
-                                         "bucket_rows": rows, **report.metadata()})
-    return report, ChunkOutput(crawl, chunk, files, rows, marker)
+    output = ChunkOutput(crawl, chunk, files, rows, list(wat_paths), report.metadata())
+    storage.write_bytes(marker, output.to_json())
+    return report, output

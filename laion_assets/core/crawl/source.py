@@ -116,3 +116,34 @@ def read_listing(crawl: str, settings: SourceSettings, s3_client: Any = None) ->
     location = join_source(settings.base, paths.wat_listing(crawl))
     with fetched(location, settings, s3_client) as path, gzip.open(path, "rt") as fh:
         return [line.strip() for line in fh if line.strip()]
+
+
+COLLINFO = "https://index.commoncrawl.org/collinfo.json"
+
+
+def list_crawls(settings: SourceSettings, s3_client: Any = None) -> list[str]:
+    """The crawl IDs a source offers, sorted: the folders of a local mirror's `crawl-data/` that hold a
+    `wat.paths.gz`, the `crawl-data/` prefixes of an S3 bucket, or Common Crawl's `collinfo.json` (or the mirror's
+    own `collinfo.json`) for an HTTPS source."""
+    import json
+
+    base = settings.base
+    if base.startswith("s3://"):
+        bucket, _, prefix = base[len("s3://"):].partition("/")
+        prefix = f"{prefix.strip('/')}/{paths.crawl_data()}/".lstrip("/")
+        if s3_client is None:
+            import boto3
+
+            s3_client = boto3.client("s3")
+        found = []
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            found += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(found)
+    if base.startswith(("http://", "https://")):
+        url = COLLINFO if "data.commoncrawl.org" in base else join_source(base, "collinfo.json")
+        with fetched(url, settings) as local, open(local) as fh:
+            return sorted(entry["id"] for entry in json.load(fh))
+    root = os.path.join(base, paths.crawl_data())
+    if not os.path.isdir(root):
+        return []
+    return sorted(c for c in os.listdir(root) if os.path.isfile(os.path.join(base, paths.wat_listing(c))))

@@ -25,7 +25,7 @@ from typing import Any
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
-from laion_assets.core.download.reader import InputColumns, read_inputs
+from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
 from laion_assets.core.download.runner import ProgressFn, ShardRunner, WorkItem
 from laion_assets.core.download.writer import Piece, write_shard
@@ -53,12 +53,13 @@ def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
     return [items[p::n] for p in range(n)]
 
 
-def download(input_path: str, store: Storage, prefix: str, settings: DownloadSettings,
+def download(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSettings,
              columns: InputColumns | None = None, progress: ProgressFn | None = None,
              log: Callable[[str], None] | None = None) -> DownloadReport:
-    """Download every URL of a local Parquet file into shards under `prefix` of `store`; resumable."""
+    """Download every URL of a URL list (a local Parquet file, or its input columns) into shards under `prefix`
+    of `store`; resumable."""
     start = time.perf_counter()
-    inputs = read_inputs(input_path, columns)
+    inputs = source if isinstance(source, Inputs) else read_inputs(source, columns)
     plan = make_plan(inputs, settings)
     manifest_key = paths.shards_manifest(prefix)
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
@@ -78,14 +79,17 @@ def download(input_path: str, store: Storage, prefix: str, settings: DownloadSet
                 runner = ShardRunner(inputs, plan, settings, store, prefix, staging, progress)
                 new = asyncio.run(runner.run(work[0])).shards
             else:
-                job = _Job(input_path, columns or InputColumns(), settings, store, prefix, staging, plan)
+                inputs_file = os.path.join(staging, "inputs.arrow")
+                inputs.save(inputs_file)
+                job = _Job(inputs_file, settings, store, prefix, staging, plan)
                 new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
     for stats in done.values():
         report.add(stats)
     report.rows = sum(s.count for s in new)
-    store.write_bytes(manifest_key, build_manifest(plan, done).to_json())
-    report.manifest = manifest_key
+    manifest = build_manifest(prefix, plan, done)
+    store.write_bytes(manifest_key, manifest.to_json())
+    report.manifest = manifest
     report.seconds = time.perf_counter() - start
     return report
 
@@ -94,8 +98,7 @@ def download(input_path: str, store: Storage, prefix: str, settings: DownloadSet
 class _Job:
     """What every worker needs; pickled to it (the Storage carries its S3 options, not a client)."""
 
-    input_path: str
-    columns: InputColumns
+    inputs_file: str  # the input columns as an Arrow file in the shared staging folder
     settings: DownloadSettings
     store: Storage
     prefix: str
@@ -106,7 +109,7 @@ class _Job:
 def _worker(job: _Job, work: list[WorkItem], messages: Any) -> None:
     """A worker process: downloads its work items and reports progress, shards and pieces on the queue."""
     try:
-        inputs = read_inputs(job.input_path, job.columns)
+        inputs = Inputs.load(job.inputs_file)
         runner = ShardRunner(inputs, job.plan, job.settings, job.store, job.prefix, job.staging,
                              lambda n, k: messages.put(("progress", n, k)))
         result = asyncio.run(runner.run(work))

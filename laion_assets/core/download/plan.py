@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from laion_assets.core import paths
 from laion_assets.core.download.reader import Inputs
 from laion_assets.core.download.report import STATUSES, ShardStats
+from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import DownloadSettings, settings_hash
 from laion_assets.core.storage import Storage
 
@@ -107,7 +106,7 @@ def resume(store: Storage, prefix: str, plan: Plan) -> ResumeState:
 # --- the list of complete shards ---------------------------------------------------------------------------
 
 @dataclass
-class ShardEntry:
+class ShardEntry(JsonRecord):
     name: str
     tar: str  # file names, relative to the download's prefix
     rows: str
@@ -117,28 +116,22 @@ class ShardEntry:
 
 
 @dataclass
-class ShardsManifest:
-    """A finished download: every shard of the plan, complete. Written last."""
+class ShardsManifest(JsonRecord):
+    """A finished download: every shard of the plan, complete. Written last. `prefix` is the download's folder in
+    its storage; shard file names are relative to it."""
 
+    prefix: str
     rows: int
     settings: str
     statuses: dict[str, int]
     shards: list[ShardEntry]
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ShardsManifest:
-        doc = orjson.loads(data)
-        return cls(doc["rows"], doc["settings"], doc["statuses"], [ShardEntry(**s) for s in doc["shards"]])
-
-    def keys(self, prefix: str) -> list[paths.ShardKeys]:
-        return [paths.ShardKeys(paths.join(prefix, s.tar), paths.join(prefix, s.rows), paths.join(prefix, s.stats))
-                for s in self.shards]
+    def keys(self) -> list[paths.ShardKeys]:
+        return [paths.ShardKeys(paths.join(self.prefix, s.tar), paths.join(self.prefix, s.rows),
+                                paths.join(self.prefix, s.stats)) for s in self.shards]
 
 
-def build_manifest(plan: Plan, stats: dict[str, ShardStats]) -> ShardsManifest:
+def build_manifest(prefix: str, plan: Plan, stats: dict[str, ShardStats]) -> ShardsManifest:
     missing = [s.name for s in plan.shards if s.name not in stats]
     if missing:
         raise RuntimeError(f"shards {missing[:5]} are not complete; the manifest lists complete downloads only")
@@ -148,7 +141,7 @@ def build_manifest(plan: Plan, stats: dict[str, ShardStats]) -> ShardsManifest:
         keys = paths.shard("", s.name)
         entries.append(ShardEntry(s.name, keys.tar, keys.rows, keys.stats, stats[s.name].count,
                                   stats[s.name].statuses.get("success", 0)))
-    return ShardsManifest(plan.rows, plan.settings, totals, entries)
+    return ShardsManifest(prefix, plan.rows, plan.settings, totals, entries)
 
 
 class IncompleteDownloadError(RuntimeError):

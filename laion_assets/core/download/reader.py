@@ -32,6 +32,18 @@ class Inputs:
         part = self.table.slice(lo, hi - lo)
         return list(zip(*(part[c].to_pylist() for c in ("url", "caption", "language")), strict=True))
 
+    def save(self, path: str) -> None:
+        """For worker processes: an Arrow IPC file they map instead of re-reading the input."""
+        import pyarrow.feather as feather
+
+        feather.write_feather(self.table, path, compression="uncompressed")
+
+    @classmethod
+    def load(cls, path: str) -> Inputs:
+        import pyarrow.feather as feather
+
+        return cls(feather.read_table(path, memory_map=True))
+
     def fingerprint(self, lo: int, hi: int) -> str:
         """A hash of rows [lo, hi): a shard made from other rows (an edited or reordered input) never matches."""
         digest = hashlib.blake2b(digest_size=16)
@@ -52,13 +64,11 @@ def open_url_list(path: str, url_col: str) -> pq.ParquetFile:
     return file
 
 
-def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
-    """The input columns of a Parquet URL list; missing caption/language columns read as empty."""
+def inputs_of(table: pa.Table, columns: InputColumns | None = None) -> Inputs:
+    """The input columns of a table; missing caption/language columns read as empty."""
     columns = columns or InputColumns()
-    file = open_url_list(path, columns.url)
-    names = file.schema_arrow.names
-    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language) if c in names))
-    table = file.read(columns=wanted)
+    if columns.url not in table.column_names:
+        raise ValueError(f"the URL list has no column {columns.url!r} (columns: {', '.join(table.column_names)})")
 
     def column(name: str) -> pa.Array:
         if name not in table.column_names:
@@ -67,3 +77,12 @@ def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
 
     return Inputs(pa.table({"url": column(columns.url), "caption": column(columns.caption),
                             "language": column(columns.language)}))
+
+
+def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
+    """The input columns of a Parquet URL list (only those columns are read)."""
+    columns = columns or InputColumns()
+    file = open_url_list(path, columns.url)
+    names = file.schema_arrow.names
+    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language) if c in names))
+    return inputs_of(file.read(columns=wanted), columns)

@@ -50,7 +50,7 @@ class DownloadReport:
     bytes_downloaded: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-    manifest: str = ""  # storage key of the shard list, written last
+    manifest: Any = None  # the ShardsManifest written last
 
     def add(self, stats: ShardStats) -> None:
         self.statuses.update(stats.statuses)

@@ -24,11 +24,12 @@ import orjson
 
 from laion_assets.core import paths
 from laion_assets.core.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
+from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import SampleSettings
 
 
 @dataclass
-class SampleReport:
+class SampleReport(JsonRecord):
     mirror: str
     crawl: str
     wat_files: list[str] = field(default_factory=list)

@@ -1,0 +1,145 @@
+"""Triggers that run the graph like a data platform: new crawls are registered and processed, missing and failed
+partitions are backfilled on a schedule. Both launch one backfill (never one run per partition), within the
+concurrency pools, and both keep cross-crawl dedup in order: the parse stage of any crawl may run at any time, but
+a crawl's dedup (and what follows it) only once every earlier crawl has deduplicated all of its buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+
+import dagster as dg
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+from laion_assets.core.settings import OperationsSettings
+from laion_assets.partitions import crawl_partitions
+from laion_assets.resources import CrawlSourceResource
+
+TRIGGER_TAG = "laion_assets/trigger"
+# Assets before the cross-crawl dedup: free to run for any crawl in any order.
+PARSE_STAGE = frozenset({"wat_manifest", "candidate_pairs"})
+DEDUP = dg.AssetKey("unique_pairs")
+
+
+def crawl_partition_keys(partitions_def: dg.PartitionsDefinition, crawl: str) -> list[str]:
+    """The partition keys of one crawl in an asset's partitions (the crawl itself, or crawl x chunk/bucket)."""
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        other = next(d for d in partitions_def.partitions_defs if d.name != "crawl")
+        return [str(dg.MultiPartitionKey({"crawl": crawl, other.name: k}))
+                for k in other.partitions_def.get_partition_keys()]
+    return [crawl]
+
+
+def _crawl_assets(asset_graph: object) -> list[dg.AssetKey]:
+    """The materializable assets partitioned by crawl."""
+    keys = []
+    for key in sorted(asset_graph.materializable_asset_keys):  # type: ignore[attr-defined]
+        partitions_def = asset_graph.get(key).partitions_def  # type: ignore[attr-defined]
+        names = ([d.name for d in partitions_def.partitions_defs]
+                 if isinstance(partitions_def, dg.MultiPartitionsDefinition) else [])
+        if partitions_def == crawl_partitions or "crawl" in names:
+            keys.append(key)
+    return keys
+
+
+def _not_done(instance: dg.DagsterInstance, key: dg.AssetKey, partitions_def: dg.PartitionsDefinition,
+              wanted: list[str], materialized: set[str]) -> list[str]:
+    """Of the wanted partitions, those never materialized, or whose latest run failed."""
+    missing = [k for k in wanted if k not in materialized]
+    status = instance.get_status_by_partition(key, [k for k in wanted if k in materialized], partitions_def) or {}
+    failed = [k for k, s in status.items() if s is not None and s.name == "FAILED"]
+    return sorted(set(missing) | set(failed))
+
+
+def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterable[str]) -> set[AssetKeyPartitionKey]:
+    """The missing and failed partitions of the crawls' assets, oldest crawl first: the parse stage of every crawl;
+    the dedup and everything after it for crawls whose earlier crawls have all their buckets deduplicated, and for
+    the first crawl that does not (its own dedup can then run: the crawls before it are done)."""
+    registered = sorted(instance.get_dynamic_partitions(crawl_partitions.name))
+    wanted = set(crawls)
+    keys = _crawl_assets(asset_graph)
+    materialized = {key: instance.get_materialized_partitions(key) for key in keys}
+    dedup_def = asset_graph.get(DEDUP).partitions_def  # type: ignore[attr-defined]
+    work: set[AssetKeyPartitionKey] = set()
+    earlier_done = True
+    for crawl in registered:
+        dedup_missing = _not_done(instance, DEDUP, dedup_def, crawl_partition_keys(dedup_def, crawl),
+                                  materialized[DEDUP])
+        if crawl in wanted:
+            for key in keys:
+                if key.path[-1] not in PARSE_STAGE and not earlier_done:
+                    continue
+                partitions_def = asset_graph.get(key).partitions_def  # type: ignore[attr-defined]
+                todo = _not_done(instance, key, partitions_def, crawl_partition_keys(partitions_def, crawl),
+                                 materialized[key])
+                work |= {AssetKeyPartitionKey(key, p) for p in todo}
+        earlier_done = earlier_done and not dedup_missing
+    return work
+
+
+def backfill_request(asset_graph: object, work: set[AssetKeyPartitionKey], trigger: str) -> dg.RunRequest:
+    subset = AssetGraphSubset.from_asset_partition_set(work, asset_graph)  # type: ignore[arg-type]
+    return dg.RunRequest.for_asset_graph_subset(subset, tags={TRIGGER_TAG: trigger})
+
+
+def backfill_in_flight(instance: dg.DagsterInstance, trigger: str) -> bool:
+    backfills = instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED],
+                                                                 tags={TRIGGER_TAG: trigger}))
+    return bool(backfills)
+
+
+def register_new_crawls(instance: dg.DagsterInstance, crawl_source: CrawlSourceResource, pattern: str
+                        ) -> tuple[list[str], list[str]]:
+    """(listed, newly registered): the source's crawls matching the pattern, and those added to `crawls` now."""
+    from laion_assets.core.crawl.source import list_crawls
+
+    listed = [c for c in list_crawls(crawl_source.settings(), crawl_source.s3_client()) if re.fullmatch(pattern, c)]
+    new = sorted(set(listed) - set(instance.get_dynamic_partitions(crawl_partitions.name)))
+    if new:
+        instance.add_dynamic_partitions(crawl_partitions.name, new)
+    return listed, new
+
+
+def new_crawls_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
+    @dg.sensor(minimum_interval_seconds=ops.sensor_interval_s, default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Registers the crawl source's new crawls matching "
+               f"{ops.crawl_pattern!r} and launches one backfill of their whole graph.")
+    def new_crawls(context: dg.SensorEvaluationContext, crawl_source: CrawlSourceResource) -> dg.SensorResult:
+        # Registered directly (not by a partitions request) so that the backfill below can name them in this tick;
+        # the cursor keeps the crawls whose work was launched, so a tick cut short launches it on the next one.
+        listed, new = register_new_crawls(context.instance, crawl_source, ops.crawl_pattern)
+        launched = set(json.loads(context.cursor)) if context.cursor else set()
+        pending = sorted(set(listed) - launched)
+        if not pending:
+            return dg.SensorResult(skip_reason=f"no new crawl among {len(listed)} listed")
+        work = plan_work(context.instance, context.repository_def.asset_graph, pending)
+        cursor = json.dumps(sorted(launched | set(pending)))
+        if not work:
+            return dg.SensorResult(skip_reason=f"{', '.join(pending)}: nothing to do", cursor=cursor)
+        context.log.info(f"registered {new or 'no new crawl'}; backfilling {len(work)} partitions of {pending}")
+        return dg.SensorResult(run_requests=[backfill_request(context.repository_def.asset_graph, work, "new_crawls")],
+                               cursor=cursor)
+
+    return new_crawls
+
+
+def crawl_backfill_schedule(ops: OperationsSettings) -> dg.ScheduleDefinition:
+    # The target only names the schedule's job; what it launches is a backfill of the planned partitions.
+    @dg.schedule(cron_schedule=ops.backfill_cron, target=dg.AssetSelection.assets("wat_manifest"),
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description="One backfill of the missing and failed partitions of every registered crawl, oldest "
+                             "first (cross-crawl dedup needs that order); skipped while the last one runs.")
+    def crawl_backfill(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        if backfill_in_flight(context.instance, "crawl_backfill"):
+            return dg.SkipReason("the previous crawl_backfill is still running")
+        crawls = context.instance.get_dynamic_partitions(crawl_partitions.name)
+        work = plan_work(context.instance, context.repository_def.asset_graph, crawls)
+        if not work:
+            return dg.SkipReason(f"every partition of {len(crawls)} crawls is materialized")
+        return backfill_request(context.repository_def.asset_graph, work, "crawl_backfill")
+
+    return crawl_backfill

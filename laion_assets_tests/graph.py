@@ -1,0 +1,73 @@
+"""Running the whole graph in-process on the sample crawl: shared by the asset, operations and demo tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from laion_assets.core.paths import Layout
+from laion_assets.core.settings import SAMPLE_CRAWL, OperationsSettings
+from laion_assets.definitions import build_assets
+from laion_assets.demo import image_server
+from laion_assets.operations import register_new_crawls
+from laion_assets.resources import ImageFetchResource, resources_from_env
+
+LAYOUT = Layout(chunks=2, buckets=2)
+# A failed network step is retried once, at once: tests wait for no backoff.
+OPS = OperationsSettings(retry_delay_s=0.05, max_retries=1)
+CLIP_STAGE = ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores")
+
+
+def graph_resources(storage: str, mirror: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The environment's resources for a storage root and a mirror, the images allowed from loopback."""
+    env = {"LAION_ASSETS_STORAGE": storage, "LAION_ASSETS_SOURCE": str(mirror), **(extra_env or {})}
+    resources = resources_from_env(env, layout=LAYOUT)
+    return {**resources, "image_fetch": ImageFetchResource(allow_networks=["127.0.0.1/32"], deadline_s=5.0)}
+
+
+class Graph:
+    """The assets materialized one partition at a time in one instance; every materialization's metadata and every
+    check result is kept."""
+
+    def __init__(self, resources: dict[str, Any], instance: dg.DagsterInstance | None = None) -> None:
+        self.resources = resources
+        self.instance = instance or dg.DagsterInstance.ephemeral()
+        self.assets = build_assets(LAYOUT, OPS)
+        self.by = {a.key.to_user_string(): a for a in self.assets}
+        self.meta: dict[str, list[dict]] = {}
+        self.checks: list[Any] = []
+
+    def run(self, name: str, partition: Any = None, config: dict | None = None) -> dg.ExecuteInProcessResult:
+        result = dg.materialize(self.assets, selection=[self.by[name]], partition_key=partition,
+                                instance=self.instance, resources=self.resources,
+                                run_config={"ops": {name: {"config": config}}} if config else None)
+        assert result.success
+        for m in result.asset_materializations_for_node(name):
+            self.meta.setdefault(name, []).append({k: v.value for k, v in m.metadata.items()})
+        self.checks += result.get_asset_check_evaluations()
+        return result
+
+    def per_chunk(self, name: str, crawl: str, config: dict | None = None) -> None:
+        for chunk in LAYOUT.chunk_keys():
+            self.run(name, dg.MultiPartitionKey({"crawl": crawl, "chunk": chunk}), config)
+
+    def per_bucket(self, name: str, crawl: str, config: dict | None = None) -> None:
+        for bucket in LAYOUT.bucket_keys():
+            self.run(name, dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}), config)
+
+    def whole_crawl(self, mirror: Path, crawl: str = SAMPLE_CRAWL, clip: bool = True,
+                    sample: dict | None = None) -> None:
+        """The sample crawl written into the mirror, registered as the new_crawls sensor would, and every stage."""
+        (mirror / "www").mkdir(parents=True, exist_ok=True)
+        with image_server(str(mirror / "www"), port=0) as base:
+            self.run("sample_crawl", config={"image_base_url": base, "crawl": crawl, **(sample or {})})
+            register_new_crawls(self.instance, self.resources["crawl_source"], OperationsSettings().crawl_pattern)
+            self.run("wat_manifest", crawl)
+            self.per_chunk("candidate_pairs", crawl)
+            self.per_bucket("unique_pairs", crawl)
+            self.per_bucket("image_shards", crawl, {"samples_per_shard": 64})
+        if clip:
+            for name in CLIP_STAGE:
+                self.per_bucket(name, crawl)
