@@ -50,7 +50,9 @@ def versioned_sources(names: dict[str, str], resource_key: str, versions_of: Cal
     @dg.sensor(name=f"observe_{resource_key}", minimum_interval_seconds=interval_s,
                required_resource_keys={resource_key}, default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Observes {', '.join(names)}: a new data version re-runs what depends on it.")
-    def observe_sources(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def observe_sources(context: dg.SensorEvaluationContext, **_resources: Any) -> dg.SensorResult:
+        # (Dagster hands required resources to a directly invoked sensor as keyword arguments; the daemon does
+        # not. Both reach them through the context.)
         current = versions_of(getattr(context.resources, resource_key))
         seen = json.loads(context.cursor) if context.cursor else {}
         changed = {name: v for name, v in current.items() if name in names and seen.get(name) != v}

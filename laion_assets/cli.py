@@ -283,6 +283,53 @@ def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None
 
 # --- models ----------------------------------------------------------------------------------------------------
 
+@main.group()
+def models() -> None:
+    """The model registry: overrides of the model settings, stored under the storage root, that the CLIP stage
+    reads at run time. Under the daemon a change re-runs what it affects (a threshold change only re-filters)."""
+
+
+def _storage_option(command: Any) -> Any:
+    return click.option("--storage", envvar="LAION_ASSETS_STORAGE", default="data", show_default=True,
+                        help="Storage root (local directory or s3://bucket/prefix).")(command)
+
+
+@models.command("show")
+@_storage_option
+def models_show(storage: str) -> None:
+    """The registry's overrides and the data version of each part of it."""
+    import json
+
+    from laion_assets.core.clip.registry import apply_overrides, load_overrides, versions
+
+    store = _folder(storage)
+    overrides = load_overrides(store)
+    effective = apply_overrides(ModelSettings.from_env(), overrides)
+    click.echo(json.dumps({"overrides": overrides, "versions": versions(effective)}, indent=2, sort_keys=True))
+
+
+@models.command("set")
+@_storage_option
+@options(ModelSettings)
+@click.option("--clear", multiple=True, help="Drop an override (a field name), back to the deployment's setting.")
+@click.option("--note", default="", help="Why, recorded with the change.")
+@click.pass_context
+def models_set(ctx: click.Context, storage: str, clear: tuple[str, ...], note: str, **kwargs: Any) -> None:
+    """Change the registry: only the options given are set (e.g. --threshold-en 0.3), the others keep their value."""
+    from click.core import ParameterSource
+
+    from laion_assets.core.clip.registry import RegistryError, load_overrides, save_overrides
+
+    store = _folder(storage)
+    overrides = {k: v for k, v in load_overrides(store).items() if k not in clear}
+    given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    try:
+        doc = save_overrides(store, {**overrides, **given}, note)
+    except RegistryError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{store.uri('')}: model registry overrides {doc['overrides']}")
+
+
 @main.command("train-safety")
 @click.argument("labelled")
 @click.option("--output", "-o", required=True, help="Checkpoint to write (a .json card is written next to it).")

@@ -129,8 +129,8 @@ def resources_from_env(env: dict[str, str] | None = None, layout: Layout | None 
         "storage": storage,
         "io_manager": StorageIOManager(storage=storage, chunks=layout.chunks, buckets=layout.buckets),
         "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", SourceSettings.base)),
-        "models": ModelRegistryResource(storage=storage, preset=env.get("LAION_ASSETS_MODELS", ModelSettings.preset),
-                                        models_dir=env.get("LAION_ASSETS_MODELS_DIR", ModelSettings.models_dir)),
+        "models": ModelRegistryResource(storage=storage, preset=ModelSettings.from_env(env).preset,
+                                        models_dir=ModelSettings.from_env(env).models_dir),
         "image_fetch": ImageFetchResource(
             allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]),
         "check_bands": ChecksResource(),

@@ -156,6 +156,15 @@ class ModelSettings:
     batch_size: int = setting(256, "Images per model batch.")
     decode_workers: int = setting(1, "DataLoader processes decoding the shards.")
 
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ModelSettings:
+        """The deployment's choice: `LAION_ASSETS_MODELS` (preset) and `LAION_ASSETS_MODELS_DIR`."""
+        import os
+
+        env = os.environ if env is None else env
+        return cls(preset=env.get("LAION_ASSETS_MODELS", cls.preset),
+                   models_dir=env.get("LAION_ASSETS_MODELS_DIR", cls.models_dir))
+
     def __post_init__(self) -> None:
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"preset must be one of {MODEL_PRESETS}, not {self.preset!r}")
