@@ -9,7 +9,7 @@ from laion_assets.assets.crawl import build_crawl_assets
 from laion_assets.assets.download import build_download_assets
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import OperationsSettings
-from laion_assets.operations import crawl_backfill_schedule, new_crawls_sensor
+from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor
 from laion_assets.resources import resources_from_env
 
 
@@ -31,8 +31,7 @@ def build_definitions(layout: Layout | None = None, resources: dict | None = Non
         description="Re-runs the partitions downstream of anything that changed (see automation.py).")
     return dg.Definitions(
         assets=build_assets(layout, ops),
-        sensors=[new_crawls_sensor(ops), observe_models, reprocess],
-        schedules=[crawl_backfill_schedule(ops)],
+        sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), observe_models, reprocess],
         resources=resources if resources is not None else resources_from_env(layout=layout),
     )
 

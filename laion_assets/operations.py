@@ -1,5 +1,5 @@
 """Triggers that run the graph like a data platform: new crawls are registered and processed, missing and failed
-partitions are backfilled on a schedule. Both launch one backfill (never one run per partition), within the
+partitions are backfilled on a cron. Both launch one backfill (never one run per partition), within the
 concurrency pools, and both keep cross-crawl dedup in order: the parse stage of any crawl may run at any time, but
 a crawl's dedup (and what follows it) only once every earlier crawl has deduplicated all of its buckets.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable
 
 import dagster as dg
@@ -105,8 +106,9 @@ def register_new_crawls(instance: dg.DagsterInstance, crawl_source: CrawlSourceR
 
 
 def new_crawls_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
+    # The selection is what the sensor may backfill (Dagster checks requests against it); no job is built from it.
     @dg.sensor(minimum_interval_seconds=ops.sensor_interval_s, default_status=dg.DefaultSensorStatus.RUNNING,
-               description=f"Registers the crawl source's new crawls matching "
+               asset_selection=dg.AssetSelection.all(), description=f"Registers the crawl source's new crawls matching "
                f"{ops.crawl_pattern!r} and launches one backfill of their whole graph.")
     def new_crawls(context: dg.SensorEvaluationContext, crawl_source: CrawlSourceResource) -> dg.SensorResult:
         # Registered directly (not by a partitions request) so that the backfill below can name them in this tick;
@@ -127,19 +129,44 @@ def new_crawls_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
     return new_crawls
 
 
-def crawl_backfill_schedule(ops: OperationsSettings) -> dg.ScheduleDefinition:
-    # The target only names the schedule's job; what it launches is a backfill of the planned partitions.
-    @dg.schedule(cron_schedule=ops.backfill_cron, target=dg.AssetSelection.assets("wat_manifest"),
-                 default_status=dg.DefaultScheduleStatus.RUNNING,
-                 description="One backfill of the missing and failed partitions of every registered crawl, oldest "
-                             "first (cross-crawl dedup needs that order); skipped while the last one runs.")
-    def crawl_backfill(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+def crawl_backfill_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
+    """The backfill on a cron. A sensor that keeps the cron, not a schedule: Dagster 1.13's scheduler cannot submit
+    backfills (only the sensor and automation daemons can), and one backfill is the point."""
+
+    @dg.sensor(minimum_interval_seconds=min(ops.sensor_interval_s, 60), default_status=dg.DefaultSensorStatus.RUNNING,
+               asset_selection=dg.AssetSelection.all(), description=(
+                   f"On the cron {ops.backfill_cron!r}: one backfill of the missing and failed partitions of every "
+                   "registered crawl, oldest first (cross-crawl dedup needs that order); skipped while the last one "
+                   "runs."))
+    def crawl_backfill(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        now = time.time()
+        last = float(context.cursor) if context.cursor else None
+        due = _last_cron_tick(ops.backfill_cron, last if last is not None else now - 1, now)
+        if last is not None and due is None:
+            return dg.SensorResult(skip_reason=f"next backfill on the cron {ops.backfill_cron!r}")
+        cursor = str(due or now)
         if backfill_in_flight(context.instance, "crawl_backfill"):
-            return dg.SkipReason("the previous crawl_backfill is still running")
+            return dg.SensorResult(skip_reason="the previous crawl_backfill is still running", cursor=cursor)
         crawls = context.instance.get_dynamic_partitions(crawl_partitions.name)
         work = plan_work(context.instance, context.repository_def.asset_graph, crawls)
         if not work:
-            return dg.SkipReason(f"every partition of {len(crawls)} crawls is materialized")
-        return backfill_request(context.repository_def.asset_graph, work, "crawl_backfill")
+            return dg.SensorResult(skip_reason=f"every partition of {len(crawls)} crawls is materialized",
+                                   cursor=cursor)
+        context.log.info(f"backfilling {len(work)} missing or failed partitions")
+        return dg.SensorResult(
+            run_requests=[backfill_request(context.repository_def.asset_graph, work, "crawl_backfill")], cursor=cursor)
 
     return crawl_backfill
+
+
+def _last_cron_tick(cron: str, after: float, now: float) -> float | None:
+    """The latest tick of the cron in (after, now], or None."""
+    from dagster._utils.schedules import cron_string_iterator
+
+    latest = None
+    for tick in cron_string_iterator(after, cron, "UTC"):
+        if tick.timestamp() > now:
+            break
+        if tick.timestamp() > after:
+            latest = tick.timestamp()
+    return latest

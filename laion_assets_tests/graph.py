@@ -64,10 +64,14 @@ class Graph:
         with image_server(str(mirror / "www"), port=0) as base:
             self.run("sample_crawl", config={"image_base_url": base, "crawl": crawl, **(sample or {})})
             register_new_crawls(self.instance, self.resources["crawl_source"], OperationsSettings().crawl_pattern)
-            self.run("wat_manifest", crawl)
-            self.per_chunk("candidate_pairs", crawl)
-            self.per_bucket("unique_pairs", crawl)
-            self.per_bucket("image_shards", crawl, {"samples_per_shard": 64})
+            self.crawl(crawl, clip, shard_config={"samples_per_shard": 64})
+
+    def crawl(self, crawl: str, clip: bool = True, shard_config: dict | None = None) -> None:
+        """Every stage of a registered crawl whose mirror exists and whose images are served."""
+        self.run("wat_manifest", crawl)
+        self.per_chunk("candidate_pairs", crawl)
+        self.per_bucket("unique_pairs", crawl)
+        self.per_bucket("image_shards", crawl, shard_config)
         if clip:
             for name in CLIP_STAGE:
                 self.per_bucket(name, crawl)

@@ -33,7 +33,7 @@ def test_definitions_load_and_validate():
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ALL_ASSETS
     for key in graph.materializable_asset_keys:
         assert graph.get(key).code_version, f"{key} has no code_version"
-    names = {s.name for s in module_defs.sensors} | {s.name for s in module_defs.schedules}
+    names = {s.name for s in module_defs.sensors}
     assert names == {"new_crawls", "observe_models", "reprocess_on_change", "crawl_backfill"}
 
 

@@ -1,4 +1,4 @@
-"""The triggers, evaluated in-process against a real instance: new crawls, the backfill schedule, the model registry
+"""The triggers, evaluated in-process against a real instance: new crawls, the backfill on a cron, the model registry
 observations, and the cross-crawl order they keep. (The daemon runs them for real in test_platform.py.)"""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def setup(tmp_path):
     (mirror / paths.crawl_data() / "CC-MAIN-2010-01").mkdir(parents=True)  # no wat.paths.gz: not a crawl
     resources = graph_resources(str(tmp_path / "data"), mirror)
     defs = build_definitions(LAYOUT, resources, OperationsSettings(crawl_pattern=r"CC-MAIN-2099-\d\d"))
-    with dg.instance_for_test() as instance:  # persistent (schedules need an instance reference), in a temp folder
+    with dg.instance_for_test() as instance:  # persistent, in a temp folder
         yield instance, defs, resources
 
 
@@ -69,7 +69,7 @@ def test_new_crawls_are_registered_and_launched_as_one_backfill_in_order(setup):
     assert not again.run_requests and "no new crawl" in again.skip_reason.skip_message
 
 
-def test_the_schedule_backfills_what_is_missing_or_failed_once_earlier_crawls_are_deduplicated(setup):
+def test_crawl_backfill_launches_what_is_missing_or_failed_once_earlier_crawls_are_deduplicated(setup):
     instance, defs, _ = setup
     sensor_tick(defs, "new_crawls", instance)
     graph = defs.resolve_asset_graph()
@@ -81,20 +81,19 @@ def test_the_schedule_backfills_what_is_missing_or_failed_once_earlier_crawls_ar
     # Now A is done: B's dedup and everything after it are due.
     work = work_of(backfill_request(graph, plan_work(instance, graph, [A, B]), "test"))
     assert work["unique_pairs"] == set(crawl_partition_keys(dedup_def, B)) and A not in work["wat_manifest"]
-    schedule = defs.get_schedule_def("crawl_backfill")
-    def tick():
-        with dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def()) as context:
-            return schedule(context)
-
-    request = tick()
+    first = sensor_tick(defs, "crawl_backfill", instance)
+    (request,) = first.run_requests
     assert request.requires_backfill_daemon() and request.tags[TRIGGER_TAG] == "crawl_backfill"
+    quiet = sensor_tick(defs, "crawl_backfill", instance, cursor=first.cursor)
+    assert not quiet.run_requests and "next backfill on the cron" in quiet.skip_reason.skip_message
     # While that backfill runs, the next tick launches nothing.
     backfill = PartitionBackfill.from_asset_graph_subset(
         backfill_id="b1", backfill_timestamp=time.time(), tags=dict(request.tags), dynamic_partitions_store=instance,
         asset_graph_subset=request.asset_graph_subset, title=None, description=None, run_config=None)
     instance.add_backfill(backfill)
-    skip = tick()
-    assert isinstance(skip, dg.SkipReason) and "still running" in skip.skip_message
+    an_hour_ago = str(float(first.cursor) - 3600)
+    skip = sensor_tick(defs, "crawl_backfill", instance, cursor=an_hour_ago)
+    assert not skip.run_requests and "still running" in skip.skip_reason.skip_message
 
 
 def test_an_earlier_crawls_missing_dedup_refuses_a_later_one(setup, tmp_path):
