@@ -9,6 +9,7 @@ from laion_assets.assets.crawl import build_crawl_assets
 from laion_assets.assets.download import build_download_assets
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import OperationsSettings
+from laion_assets.k8s import executor
 from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor
 from laion_assets.resources import resources_from_env
 
@@ -17,7 +18,8 @@ def build_assets(layout: Layout, ops: OperationsSettings | None = None) -> list:
     """Every asset and source of the graph (what `dg.materialize` needs in tests and the demo)."""
     ops = ops or OperationsSettings()
     sources, _ = model_sources(ops)
-    return [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops), *build_clip_assets(layout)]
+    return [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops),
+            *build_clip_assets(layout, ops)]
 
 
 def build_definitions(layout: Layout | None = None, resources: dict | None = None,
@@ -33,6 +35,9 @@ def build_definitions(layout: Layout | None = None, resources: dict | None = Non
         assets=build_assets(layout, ops),
         sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), observe_models, reprocess],
         resources=resources if resources is not None else resources_from_env(layout=layout),
+        # By default a run's steps run in its own process (a run is one partition of a few dependent assets, and a
+        # process start per step costs seconds); production uses a pod per step (laion_assets/k8s.py).
+        executor=executor(ops),
     )
 
 

@@ -87,10 +87,14 @@ def backfill_request(asset_graph: object, work: set[AssetKeyPartitionKey], trigg
     return dg.RunRequest.for_asset_graph_subset(subset, tags={TRIGGER_TAG: trigger})
 
 
-def backfill_in_flight(instance: dg.DagsterInstance, trigger: str) -> bool:
-    backfills = instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED],
-                                                                 tags={TRIGGER_TAG: trigger}))
-    return bool(backfills)
+TRIGGERS = ("new_crawls", "crawl_backfill")
+
+
+def backfill_in_flight(instance: dg.DagsterInstance) -> bool:
+    """Whether a backfill launched by one of these triggers is still running (the next would do the same work)."""
+    return any(instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED],
+                                                                tags={TRIGGER_TAG: trigger}))
+               for trigger in TRIGGERS)
 
 
 def register_new_crawls(instance: dg.DagsterInstance, crawl_source: CrawlSourceResource, pattern: str
@@ -140,12 +144,13 @@ def crawl_backfill_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
                    "runs."))
     def crawl_backfill(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         now = time.time()
-        last = float(context.cursor) if context.cursor else None
-        due = _last_cron_tick(ops.backfill_cron, last if last is not None else now - 1, now)
-        if last is not None and due is None:
+        if not context.cursor:  # the first tick starts the clock (new crawls have a sensor of their own)
+            return dg.SensorResult(skip_reason=f"first backfill on the cron {ops.backfill_cron!r}", cursor=str(now))
+        due = _last_cron_tick(ops.backfill_cron, float(context.cursor), now)
+        if due is None:
             return dg.SensorResult(skip_reason=f"next backfill on the cron {ops.backfill_cron!r}")
-        cursor = str(due or now)
-        if backfill_in_flight(context.instance, "crawl_backfill"):
+        cursor = str(due)
+        if backfill_in_flight(context.instance):
             return dg.SensorResult(skip_reason="the previous crawl_backfill is still running", cursor=cursor)
         crawls = context.instance.get_dynamic_partitions(crawl_partitions.name)
         work = plan_work(context.instance, context.repository_def.asset_graph, crawls)

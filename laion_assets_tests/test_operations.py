@@ -81,7 +81,9 @@ def test_crawl_backfill_launches_what_is_missing_or_failed_once_earlier_crawls_a
     # Now A is done: B's dedup and everything after it are due.
     work = work_of(backfill_request(graph, plan_work(instance, graph, [A, B]), "test"))
     assert work["unique_pairs"] == set(crawl_partition_keys(dedup_def, B)) and A not in work["wat_manifest"]
-    first = sensor_tick(defs, "crawl_backfill", instance)
+    started = sensor_tick(defs, "crawl_backfill", instance)
+    assert not started.run_requests and "first backfill on the cron" in started.skip_reason.skip_message
+    first = sensor_tick(defs, "crawl_backfill", instance, cursor=str(float(started.cursor) - 3600))
     (request,) = first.run_requests
     assert request.requires_backfill_daemon() and request.tags[TRIGGER_TAG] == "crawl_backfill"
     quiet = sensor_tick(defs, "crawl_backfill", instance, cursor=first.cursor)

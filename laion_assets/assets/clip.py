@@ -18,6 +18,7 @@ from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import ClipSettings, OperationsSettings
+from laion_assets.k8s import op_tags
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
 from laion_assets.resources import ChecksResource, ModelRegistryResource, StorageResource
 
@@ -38,8 +39,9 @@ def model_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
                              ops.sensor_interval_s)
 
 
-def clip_scores_asset(layout: Layout) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
+def clip_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(op_tags=op_tags("clip_scores", ops),
+              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
               pool="gpu", code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["clip_filter_models"],
               check_specs=[checks.spec("clip_scores", "schema", "the score columns"),
                            checks.spec("clip_scores", "one_row_per_image", "a row for every downloaded image"),
@@ -77,8 +79,9 @@ def clip_scores_asset(layout: Layout) -> dg.AssetsDefinition:
     return clip_scores
 
 
-def image_embeddings_asset(layout: Layout) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"pytorch", "numpy"}, group_name="clip", pool="gpu",
+def image_embeddings_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(op_tags=op_tags("image_embeddings", ops),
+              partitions_def=bucket_partitions(layout), kinds={"pytorch", "numpy"}, group_name="clip", pool="gpu",
               code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["embedding_model"],
               check_specs=[checks.spec("image_embeddings", "row_aligned",
                                        "image and text arrays and metadata have one row per kept sample")])
@@ -109,8 +112,9 @@ def image_embeddings_asset(layout: Layout) -> dg.AssetsDefinition:
     return image_embeddings
 
 
-def safety_scores_asset(layout: Layout) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
+def safety_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(op_tags=op_tags("safety_scores", ops),
+              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
               code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["safety_model"],
               check_specs=[checks.spec("safety_scores", "schema", "key, model, punsafe, unsafe"),
                            checks.spec("safety_scores", "one_row_per_embedding", "a row for every embedded sample")])
@@ -141,8 +145,9 @@ def safety_scores_asset(layout: Layout) -> dg.AssetsDefinition:
     return safety_scores
 
 
-def watermark_scores_asset(layout: Layout) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
+def watermark_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(op_tags=op_tags("watermark_scores", ops),
+              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
               pool="gpu", code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["watermark_model"],
               check_specs=[checks.spec("watermark_scores", "schema", "key, model, pwatermark, watermark, status"),
                            checks.spec("watermark_scores", "one_row_per_kept", "a row for every kept sample")])
@@ -165,6 +170,6 @@ def watermark_scores_asset(layout: Layout) -> dg.AssetsDefinition:
     return watermark_scores
 
 
-def build_clip_assets(layout: Layout) -> list[dg.AssetsDefinition]:
-    return [clip_scores_asset(layout), image_embeddings_asset(layout), safety_scores_asset(layout),
-            watermark_scores_asset(layout)]
+def build_clip_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
+    return [clip_scores_asset(layout, ops), image_embeddings_asset(layout, ops), safety_scores_asset(layout, ops),
+            watermark_scores_asset(layout, ops)]

@@ -21,6 +21,7 @@ from laion_assets.core.crawl.extract import ChunkOutput
 from laion_assets.core.offline import sample
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import ExtractSettings, OperationsSettings, SampleSettings
+from laion_assets.k8s import op_tags
 from laion_assets.partitions import (
     bucket_partitions,
     chunk_partitions,
@@ -88,6 +89,7 @@ def wat_manifest_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
 
 def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=chunk_partitions(layout), kinds={"parquet"}, group_name="crawl",
+              op_tags=op_tags("candidate_pairs", ops),
               code_version=CODE_VERSION, retry_policy=network_retries(ops), automation_condition=REPROCESS,
               ins={"wat_manifest": dg.AssetIn(partition_mapping=chunk_to_crawl)})
     def candidate_pairs(context: dg.AssetExecutionContext, config: ExtractConfig, storage: StorageResource,
@@ -112,8 +114,9 @@ def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsD
     return candidate_pairs
 
 
-def unique_pairs_asset(layout: Layout) -> dg.AssetsDefinition:
+def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"parquet", "polars"}, group_name="crawl",
+              op_tags=op_tags("unique_pairs", ops),
               code_version=CODE_VERSION, automation_condition=REPROCESS,
               ins={"candidate_pairs": dg.AssetIn(partition_mapping=chunks_to_buckets)},
               check_specs=[checks.spec("unique_pairs", "schema", "the pair columns and occurrences")])
@@ -157,4 +160,4 @@ def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earl
 
 def build_crawl_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
     return [sample_crawl_asset(), wat_manifest_asset(layout, ops), candidate_pairs_asset(layout, ops),
-            unique_pairs_asset(layout)]
+            unique_pairs_asset(layout, ops)]

@@ -15,6 +15,7 @@ from laion_assets.config import config_class, settings_from
 from laion_assets.core import paths
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import DownloadSettings, OperationsSettings, ResizeSettings
+from laion_assets.k8s import op_tags
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
 from laion_assets.resources import ChecksResource, ImageFetchResource, StorageResource
 
@@ -33,6 +34,7 @@ def download_settings(config: DownloadConfig, image_fetch: ImageFetchResource) -
 
 def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"webdataset", "parquet"}, group_name="images",
+              op_tags=op_tags("image_shards", ops),
               pool="download", code_version=CODE_VERSION, retry_policy=network_retries(ops),
               automation_condition=REPROCESS,
               check_specs=[checks.spec("image_shards", "one_row_per_url", "every input URL has exactly one row"),

@@ -218,6 +218,9 @@ class OperationsSettings:
     backfill_cron: str = setting("0 * * * *", "When crawl_backfill looks for missing and failed partitions.")
     retry_delay_s: float = setting(30.0, "First delay of the retry policy of network-bound assets (doubles).")
     max_retries: int = setting(3, "Retries of a failed network-bound step within its run.")
+    executor: str = setting("in_process", "How a run executes its steps: in_process, multiprocess, or k8s (a pod "
+                                          "per step, shaped by the assets' dagster-k8s/config tags).")
+    gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperationsSettings:
