@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow as pa
 
 from laion_assets.assets import checks
-from laion_assets.assets.metadata import preview_table, to_metadata
+from laion_assets.assets.metadata import preview_table, throttled, to_metadata
 from laion_assets.automation import REPROCESS, versioned_sources
 from laion_assets.config import config_class
 from laion_assets.core import paths
@@ -59,7 +59,7 @@ def clip_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
         chosen = models.model_set(context.log.info)
         previous = store.read_parquet(own) if store.exists(own) else None
         table, report = scores.score_bucket(store, image_shards, chosen, models.settings(), previous,
-                                            config.reuse_similarities, context.log.debug)
+                                            config.reuse_similarities, throttled(context.log.info))
         context.log.info(f"{crawl} bucket {bucket}: {report.samples} samples, {report.kept} kept"
                          + (" (re-filtered stored similarities)" if report.refiltered_only else ""))
         metadata = to_metadata(report.metadata())
@@ -97,7 +97,7 @@ def image_embeddings_asset(layout: Layout, ops: OperationsSettings) -> dg.Assets
         chosen = models.model_set(context.log.info)
         keep = scores.kept_keys(clip_scores)
         img, txt, meta, report = embeddings.embed_bucket(store, image_shards, keep, chosen.embed, models.settings(),
-                                                         context.log.debug)
+                                                         throttled(context.log.info))
         manifest = embeddings.write_embeddings(store, paths.bucket_embeddings(crawl, bucket, layout), img, txt, meta)
         _, _, stored = embeddings.read_embeddings(store, manifest.files)  # checks the three files belong together
         metadata = to_metadata(report.metadata())
@@ -160,7 +160,7 @@ def watermark_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.Assets
         chosen = models.model_set(context.log.info)
         keep = scores.kept_keys(clip_scores)
         table, report = watermark.watermark_bucket(storage.get(), image_shards, keep, chosen.watermark,
-                                                   models.settings(), context.log.debug)
+                                                   models.settings(), throttled(context.log.info))
         return dg.MaterializeResult(value=table, metadata={**to_metadata(report), "model": chosen.watermark.name},
                                     check_results=[
             checks.schema("watermark_scores", table.schema, watermark.WATERMARK_SCHEMA),

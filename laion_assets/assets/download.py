@@ -9,7 +9,7 @@ import polars as pl
 
 from laion_assets.assets import checks
 from laion_assets.assets.crawl import network_retries
-from laion_assets.assets.metadata import preview_table, to_metadata
+from laion_assets.assets.metadata import preview_table, throttled, to_metadata
 from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class, settings_from
 from laion_assets.core import paths
@@ -54,11 +54,12 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         columns = InputColumns(url="url", caption="text", language="language")
         inputs = inputs_of(unique_pairs.select(["url", "text", "language"]).collect().to_arrow(), columns)
         seen = {"done": 0, "ok": 0}
+        log = throttled(context.log.info)
 
         def progress(done: int, ok: int) -> None:
             seen["done"] += done
             seen["ok"] += ok
-            context.log.debug(f"{seen['done']} URLs done, {seen['ok']} images")
+            log(f"{seen['done']} of {inputs.num_rows} URLs done, {seen['ok']} images")
 
         prefix = paths.image_shards(crawl, bucket, layout)
         report = download(inputs, store, prefix, download_settings(config, image_fetch), columns, progress,

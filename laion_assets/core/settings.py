@@ -123,7 +123,7 @@ class DownloadSettings:
     """The download stage: shard layout and parallelism, plus how to fetch and how to store each image."""
 
     samples_per_shard: int = setting(10_000, "URLs per shard.")
-    processes: int = setting(1, "Worker processes (0: one per CPU core); with fewer shards than processes the "
+    processes: int = setting(0, "Worker processes (0: one per CPU core); with fewer shards than processes the "
                                 "shards are split between them.")
     resize_threads: int = setting(1, "Decode/resize threads per process.")
     in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")

@@ -129,7 +129,7 @@ def test_killed_then_the_plan_shrank(loopback, tmp_path):
 
 def test_fewer_shards_than_processes_still_uses_every_process_and_writes_the_same_bytes(loopback, tmp_path):
     urls = url_list(tmp_path / "a.parquet", serve_images(loopback, 10))
-    settings = DownloadSettings(samples_per_shard=8, fetch=FETCH, resize=ResizeSettings(image_size=96))
+    settings = DownloadSettings(samples_per_shard=8, processes=1, fetch=FETCH, resize=ResizeSettings(image_size=96))
     one = download(urls, Storage(str(tmp_path / "one")), "", settings)
     three = download(urls, Storage(str(tmp_path / "three")), "", dataclasses.replace(settings, processes=3))
     assert one.statuses == three.statuses and three.statuses["success"] == 10
