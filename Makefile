@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: venv models demo test lint dev bench-extract bench-download bench-clip
+.PHONY: venv models demo test lint dev bench-extract bench-download bench-clip bench-orchestration
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -40,3 +40,6 @@ bench-download: $(STAMP)
 
 bench-clip: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_clip.py
+
+bench-orchestration: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_orchestration.py
