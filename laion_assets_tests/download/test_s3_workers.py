@@ -41,3 +41,26 @@ def test_worker_processes_get_the_credentials_of_the_storage(s3_server, loopback
                           aws_secret_access_key="secret")
     rows = pq.read_table(io.BytesIO(client.get_object(Bucket="workers", Key="run/shards/00002.parquet")["Body"].read()))
     assert rows["status"].to_pylist() == ["success", "success"]
+
+
+def test_worker_processes_get_the_environment_of_the_parent_as_it_is_now(s3_server, loopback, tmp_path, monkeypatch):
+    # The forkserver outlives a download and keeps the environment it started with: start it while no
+    # credentials exist, then give credentials through the environment only, as `AWS_*` variables usually are.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for i in range(4):
+        loopback.static(f"/{i}.jpg", jpeg_bytes(render(Scene("star", "red", "white", "top"), (200, 150), seed=i)))
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{loopback.base}/{i}.jpg" for i in range(4)]}), urls)
+    settings = DownloadSettings(samples_per_shard=2, processes=2, resize=ResizeSettings(image_size=64),
+                                fetch=FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0))
+    assert download(str(urls), Storage(str(tmp_path / "local")), "shards", settings).statuses["success"] == 4
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "later")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    boto3.client("s3").create_bucket(Bucket="later")
+    report = download(str(urls), Storage("s3://later/run"), "shards", settings)
+    assert report.statuses["success"] == 4 and report.shards == 2

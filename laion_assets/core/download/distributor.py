@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from laion_assets.core import paths
@@ -81,7 +81,8 @@ def download(source: str | Inputs, store: Storage, prefix: str, settings: Downlo
             else:
                 inputs_file = os.path.join(staging, "inputs.arrow")
                 inputs.save(inputs_file)
-                job = _Job(inputs_file, settings, store, prefix, staging, plan)
+                job = _Job(inputs_file, settings, store, prefix, staging, plan,
+                           {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
                 new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
     for stats in done.values():
@@ -104,11 +105,17 @@ class _Job:
     prefix: str
     staging: str
     plan: Plan
+    # The forkserver was started with the environment of whenever the first download ran; boto3 reads
+    # credentials, region and endpoint from the environment, so workers get the parent's as it is now.
+    aws_env: dict[str, str] = field(default_factory=dict)
 
 
 def _worker(job: _Job, work: list[WorkItem], messages: Any) -> None:
     """A worker process: downloads its work items and reports progress, shards and pieces on the queue."""
     try:
+        for name in [k for k in os.environ if k.startswith("AWS_") and k not in job.aws_env]:
+            del os.environ[name]
+        os.environ.update(job.aws_env)
         inputs = Inputs.load(job.inputs_file)
         runner = ShardRunner(inputs, job.plan, job.settings, job.store, job.prefix, job.staging,
                              lambda n, k: messages.put(("progress", n, k)))
