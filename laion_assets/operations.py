@@ -83,8 +83,11 @@ def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterabl
 
 
 def backfill_request(asset_graph: object, work: set[AssetKeyPartitionKey], trigger: str) -> dg.RunRequest:
+    """One backfill of the work, tagged with the sensor that asked for it. Dagster tags a sensor's runs with
+    `dagster/sensor_name` but not its backfills; with the tag the UI shows "Launched by <sensor>" on the backfill
+    and on every run it launches."""
     subset = AssetGraphSubset.from_asset_partition_set(work, asset_graph)  # type: ignore[arg-type]
-    return dg.RunRequest.for_asset_graph_subset(subset, tags={TRIGGER_TAG: trigger})
+    return dg.RunRequest.for_asset_graph_subset(subset, tags={TRIGGER_TAG: trigger, "dagster/sensor_name": trigger})
 
 
 TRIGGERS = ("new_crawls", "crawl_backfill")
