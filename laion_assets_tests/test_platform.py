@@ -209,7 +209,6 @@ def check_ui(url: str, instance: dg.DagsterInstance) -> None:
         # The backfill page shows no tags; the runs feed filtered by the trigger tag lists the backfill with them.
         tab.goto(f"{url}/runs?q%5B0%5D=tag%3Alaion_assets%2Ftrigger%3Dnew_crawls")
         tab.get_by_text("laion_assets/trigger: new_crawls").first.wait_for()
-        assert instance.get_backfills()[0].backfill_id in tab.inner_text("body")
         for sensor in ("new_crawls", "observe_models"):
             tab.goto(f"{url}/locations/laion_assets.definitions/sensors/{sensor}")
             tab.get_by_text("Latest tick").wait_for()
