@@ -6,6 +6,7 @@ default is the same in both. Heavy modules are imported inside the commands: `--
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -386,6 +387,44 @@ def small_models_command(models_dir: str) -> None:
     click.echo(f"{models_dir}: {chosen.clip_en.name} (threshold {chosen.clip_en.threshold:.3f}),"
                f" {chosen.clip_multi.name} (threshold {chosen.clip_multi.threshold:.3f}), safety head,"
                f" {chosen.watermark.name}")
+
+
+# --- the release stage -------------------------------------------------------------------------------------
+
+@main.command("stats")
+@click.argument("parquet", nargs=-1, required=True)
+@click.option("--json", "json_out", default=None, help="Write the statistics as JSON here.")
+@click.option("--markdown", "markdown_out", default=None, help="Write the statistics as Markdown here.")
+@click.option("--plots", "plots_dir", default=None, help="Write the PNG plots into this folder.")
+def stats_command(parquet: tuple[str, ...], json_out: str | None, markdown_out: str | None,
+                  plots_dir: str | None) -> None:
+    """The LAION-5B post's statistics of Parquet files with LAION's columns (ours or LAION's own), streamed in
+    bounded memory; per `subset` when the files have one, and for all rows. Prints the summary table."""
+    import json
+
+    from laion_assets.core.release.statistics import (
+        MissingColumnsError,
+        compute_statistics,
+        summary_table,
+        to_markdown,
+        write_plots,
+    )
+
+    try:
+        with contextlib.ExitStack() as stack:
+            local = [stack.enter_context(_locate(p)[0].local_copies([_locate(p)[1]]))[0] for p in parquet]
+            stats = compute_statistics(local)
+    except (MissingColumnsError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(stats, fh, indent=1, sort_keys=True)
+    if markdown_out:
+        with open(markdown_out, "w") as fh:
+            fh.write(to_markdown(stats))
+    if plots_dir:
+        write_plots(stats, plots_dir)
+    click.echo(summary_table(stats))
 
 
 @main.command()

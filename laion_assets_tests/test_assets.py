@@ -21,7 +21,7 @@ from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources
 
 ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards", *CLIP_STAGE,
               "clip_filter_models", "embedding_model", "safety_model", "watermark_model"}
-RELEASE_STAGE = {"image_dedup", "filtered_metadata", "release"}
+RELEASE_STAGE = {"image_dedup", "filtered_metadata", "release", "dataset_statistics"}
 
 
 def test_definitions_load_and_validate():

@@ -144,5 +144,34 @@ def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinitio
     return release
 
 
+def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    from laion_assets.core.release.release import ReleaseManifest
+
+    @dg.asset(partitions_def=crawl_partitions, kinds={"json", "markdown"}, group_name="release",
+              op_tags=op_tags("dataset_statistics", ops), code_version=CODE_VERSION, automation_condition=REPROCESS)
+    def dataset_statistics(context: dg.AssetExecutionContext, storage: StorageResource, release: ReleaseManifest):
+        """The figures of the LAION-5B post for each subset of the release: totals, sizes, quantiles, unsafe and
+        watermark proportions, text length, top languages; statistics.json, statistics.md and PNG plots beside the
+        release, and every headline figure as a numeric metadata entry (plotted across crawls by the UI)."""
+        from laion_assets.core.release.statistics import headline_figures, release_statistics, to_markdown
+
+        crawl = crawl_of(context)
+        store = storage.get()
+        stats, written = release_statistics(store, crawl, release.part_keys())
+        metadata: dict = {name: float(v) if isinstance(v, float) else int(v)
+                          for name, v in headline_figures(stats).items()}
+        metadata.update({
+            "statistics": dg.MetadataValue.md(to_markdown(stats, f"{crawl} release statistics")),
+            "dagster/uri": store.uri(written["json"]), "removal_version": release.removal_version,
+            "files": dg.MetadataValue.json({k: store.uri(v) for k, v in written.items()})})
+        for name, key in written.items():
+            if key.endswith(".png"):
+                metadata[f"plot/{name}"] = dg.MetadataValue.path(store.uri(key))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return dataset_statistics
+
+
 def build_release_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
-    return [image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops)]
+    return [image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops),
+            dataset_statistics_asset(layout, ops)]

@@ -206,7 +206,6 @@ def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
         "image_dedup": lambda: image_dedup(crawl),
         "filtered_metadata": lambda: filtered_record(crawl, bucket, layout),
         "release": lambda: release_manifest(crawl),
-        "dataset_statistics": lambda: statistics_json(crawl),
     }
     if asset not in outputs:
         raise KeyError(f"no storage path for the output of asset {asset!r}: add it to paths.asset_output")

@@ -15,7 +15,7 @@ from laion_assets.core.storage import Storage
 from laion_assets.definitions import build_assets
 from laion_assets_tests.graph import LAYOUT, OPS
 
-RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release")
+RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
 
 
 def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs) -> None:
@@ -64,9 +64,10 @@ class ReleaseGraph:
         return result
 
     def release(self, crawl: str, config: dict | None = None) -> None:
-        """image_dedup, every bucket's filtered_metadata, then the release."""
+        """image_dedup, every bucket's filtered_metadata, the release, then its statistics."""
         self.instance.add_dynamic_partitions("crawls", [crawl])
         self.run("image_dedup", crawl, config and {"near_radius": config.get("near_radius", 4)})
         for bucket in LAYOUT.bucket_keys():
             self.run("filtered_metadata", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
         self.run("release", crawl, config)
+        self.run("dataset_statistics", crawl)
