@@ -427,6 +427,60 @@ def stats_command(parquet: tuple[str, ...], json_out: str | None, markdown_out: 
     click.echo(summary_table(stats))
 
 
+@main.group()
+def removals() -> None:
+    """The removal list: append-only versions under the storage root's removals/. Under the daemon a new version
+    re-runs the release of every crawl (image dedup, filtered metadata, release, statistics)."""
+
+
+@removals.command("add")
+@_storage_option
+@click.option("--url", "urls", multiple=True, help="An exact URL.")
+@click.option("--domain", "domains", multiple=True, help="A host and its subdomains, or a URL prefix with its scheme.")
+@click.option("--sha256", "sha256s", multiple=True, help="SHA-256 of the image bytes (64 hex digits).")
+@click.option("--md5", "md5s", multiple=True, help="MD5 of the URL (32 hex digits).")
+@click.option("--phash", "phashes", multiple=True, help="A 64-bit pHash (16 hex digits); each needs a --radius.")
+@click.option("--radius", "radii", multiple=True, type=int, help="Hamming radius of the --phash at the same position.")
+@click.option("--file", "list_file", default=None, help="A list: `KIND VALUE [RADIUS]` a line (# comments).")
+@click.option("--reason", required=True, help="Why (recorded with every entry, counted in the release manifest).")
+def removals_add(storage: str, urls: tuple[str, ...], domains: tuple[str, ...], sha256s: tuple[str, ...],
+                 md5s: tuple[str, ...], phashes: tuple[str, ...], radii: tuple[int, ...], list_file: str | None,
+                 reason: str) -> None:
+    """Write the next version of the removal list with these entries (nothing is written if any is malformed)."""
+    from laion_assets.core.release import removals as rl
+
+    try:
+        if len(phashes) != len(radii):
+            raise rl.RemovalEntryError(f"{len(phashes)} --phash given with {len(radii)} --radius: one each")
+        entries = [rl.make_entry(kind, v, reason) for kind, values in
+                   (("url", urls), ("domain", domains), ("sha256", sha256s), ("md5", md5s)) for v in values]
+        entries += [rl.make_entry("phash", h, reason, r) for h, r in zip(phashes, radii, strict=True)]
+        if list_file:
+            with open(list_file, encoding="utf-8") as fh:
+                entries += rl.parse_lines(fh, reason, list_file)
+        store = _folder(storage)
+        version = rl.add(store, entries)
+    except (rl.RemovalEntryError, OSError) as err:
+        raise click.ClickException(f"{err} (the removal list is unchanged)") from err
+    click.echo(f"{store.uri('removals')}: version {version} with {len(entries)} entries")
+
+
+@removals.command("list")
+@_storage_option
+def removals_list(storage: str) -> None:
+    """Every version of the removal list with how many entries of each kind it added."""
+    from laion_assets.core.release import removals as rl
+
+    rows = rl.summary(_folder(storage))
+    if not rows:
+        click.echo("no removal list yet")
+        return
+    click.echo("version  entries  " + "  ".join(rl.KINDS) + "  dates")
+    for r in rows:
+        click.echo(f"{r['version']}  {r['entries']:7d}  " + "  ".join(f"{r[k]:{len(k)}d}" for k in rl.KINDS)
+                   + "  " + ",".join(r["dates"]))
+
+
 @main.command()
 @click.option("--storage", default=None, help="Storage root (default: LAION_ASSETS_STORAGE or ./data).")
 def demo(storage: str | None) -> None:

@@ -9,7 +9,7 @@ import polars as pl
 
 from laion_assets.assets import checks
 from laion_assets.assets.metadata import preview_table, to_metadata
-from laion_assets.automation import REPROCESS
+from laion_assets.automation import REPROCESS, versioned_sources
 from laion_assets.config import config_class, settings_from
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardsManifest
@@ -17,11 +17,13 @@ from laion_assets.core.paths import Layout
 from laion_assets.core.settings import OperationsSettings, ReleaseSettings
 from laion_assets.k8s import op_tags
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions
-from laion_assets.resources import StorageResource
+from laion_assets.resources import RemovalListResource, StorageResource
 
 CODE_VERSION = "1"
 ReleaseConfig = config_class("ReleaseConfig", ReleaseSettings, doc="Image dedup and the release's layout.")
 PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "punsafe", "pwatermark", "subset"]
+REMOVAL_SOURCES = {"removal_list": "The removal list under removals/ (data version: its latest version): a new "
+                                   "version re-runs the image dedup, filtered metadata, release and statistics."}
 # A crawl-level asset reads every bucket of its crawl; a bucket-level one reads its crawl's crawl-level output.
 buckets_to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="crawl")
 
@@ -29,6 +31,11 @@ buckets_to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension
 def bucket_of(layout: Layout, partition: str) -> str:
     """The bucket of a crawl x bucket partition key string (the keys of a dict input)."""
     return bucket_partitions(layout).get_partition_key_from_str(partition).keys_by_dimension["bucket"]
+
+
+def removal_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
+    return versioned_sources(REMOVAL_SOURCES, "removals", lambda removals: {"removal_list": removals.version()},
+                             "release", ops.sensor_interval_s)
 
 
 def earlier_crawls(context: dg.AssetExecutionContext, crawl: str) -> list[str]:
@@ -47,10 +54,11 @@ def earlier_crawls(context: dg.AssetExecutionContext, crawl: str) -> list[str]:
 def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=crawl_partitions, kinds={"polars", "parquet"}, group_name="release",
               op_tags=op_tags("image_dedup", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              ins={"image_shards": dg.AssetIn(partition_mapping=buckets_to_crawl),
+              deps=["removal_list"], ins={"image_shards": dg.AssetIn(partition_mapping=buckets_to_crawl),
                    "clip_scores": dg.AssetIn(partition_mapping=buckets_to_crawl)})
     def image_dedup(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
-                    image_shards: dict[str, ShardsManifest], clip_scores: dict[str, pl.LazyFrame]):
+                    removals: RemovalListResource, image_shards: dict[str, ShardsManifest],
+                    clip_scores: dict[str, pl.LazyFrame]):
         """Every kept sample of the crawl marked as an exact duplicate (same sha256) or near duplicate (pHash within
         the radius) of the first such sample by crawl, bucket and key, across all buckets and earlier crawls."""
         from laion_assets.core.release.images import dedup_crawl
@@ -62,10 +70,13 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
                    for c in earlier_crawls(context, crawl)}
         downloads = {bucket_of(layout, k): v for k, v in image_shards.items()}
         scores = {bucket_of(layout, k): v for k, v in clip_scores.items()}
-        table, report = dedup_crawl(store, crawl, downloads, scores, earlier, settings.near_radius)
+        removal_list = removals.load()
+        table, report = dedup_crawl(store, crawl, downloads, scores, earlier, settings.near_radius,
+                                    removal_list.reasons if len(removal_list) else None, removal_list.version)
         context.log.info(f"{crawl}: {report.samples} kept samples, {report.exact_duplicates} exact and "
                          f"{report.near_duplicates} near duplicates")
         metadata = to_metadata(report.metadata())
+        metadata["removal_version"] = removal_list.version
         dupes = table.filter(pl.col("duplicate_of").is_not_null() | pl.col("near_duplicate_of").is_not_null())
         metadata["preview"] = preview_table(dupes.head(10).to_dicts(), ["sample_id", "duplicate_of",
                                                                          "near_duplicate_of", "url"])
@@ -82,7 +93,8 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
                            checks.spec("filtered_metadata", "one_row_per_kept_sample",
                                        "every kept sample is a row or counted as removed")])
     def filtered_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
-                          image_shards: ShardsManifest, clip_scores: pl.DataFrame, safety_scores: pl.DataFrame,
+                          removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.DataFrame,
+                          safety_scores: pl.DataFrame,
                           watermark_scores: pl.DataFrame, unique_pairs: pl.LazyFrame, image_dedup: pl.LazyFrame):
         """One row per sample that downloaded, passed the CLIP threshold and is not removed: URL, TEXT, WIDTH,
         HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, then key, shard, sha256, phash, language_score,
@@ -94,8 +106,11 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         store = storage.get()
         duplicates = image_dedup.filter(pl.col("bucket") == bucket).collect()
         language = unique_pairs.select("url", "language_score").collect()
+        # The latest list is applied here too: a rebuild never brings back a sample removed since the dedup ran.
+        removal_list = removals.load()
         record = filter_bucket(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
-                               watermark_scores, language, duplicates)
+                               watermark_scores, language, duplicates,
+                               removal_list.reasons if len(removal_list) else None, removal_list.version)
         table = store.read_parquet(record.file)
         metadata = to_metadata(record.metadata())
         metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
@@ -172,6 +187,7 @@ def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.Asse
     return dataset_statistics
 
 
-def build_release_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
-    return [image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops),
+def build_release_assets(layout: Layout, ops: OperationsSettings) -> list:
+    sources, _ = removal_sources(ops)
+    return [*sources, image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops),
             dataset_statistics_asset(layout, ops)]

@@ -65,7 +65,8 @@ class ReleaseGraph:
 
     def release(self, crawl: str, config: dict | None = None) -> None:
         """image_dedup, every bucket's filtered_metadata, the release, then its statistics."""
-        self.instance.add_dynamic_partitions("crawls", [crawl])
+        if not self.instance.has_dynamic_partition("crawls", crawl):
+            self.instance.add_dynamic_partitions("crawls", [crawl])
         self.run("image_dedup", crawl, config and {"near_radius": config.get("near_radius", 4)})
         for bucket in LAYOUT.bucket_keys():
             self.run("filtered_metadata", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))

@@ -97,13 +97,17 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
     import polars as pl
 
     rows = kept_samples(downloads, scores)
-    removed: dict[str, int] = {}
-    if removals is not None and rows.height:
-        reasons = removals(rows.select(pl.col("url"), "sha256", "phash"))
-        rows = rows.with_columns(reasons.alias("_removed"))
-        removed = {r: int(n) for r, n in rows.filter(pl.col("_removed").is_not_null())
-                   .group_by("_removed").len().iter_rows()}
-        rows = rows.filter(pl.col("_removed").is_null()).drop("_removed")
+    # Removed: what the list applied by the image dedup named, or what the list applied now names (the newer
+    # one, when a version came since: a rebuild never brings a removed sample back).
+    marks = duplicates.select("key", pl.col("removed").alias("_dedup_removed")) if "removed" in duplicates.columns \
+        else duplicates.select("key", pl.lit(None, pl.String).alias("_dedup_removed"))
+    rows = rows.join(marks, on="key", how="left")
+    now = removals(rows.select("url", "sha256", "phash")) if removals is not None and rows.height else None
+    rows = rows.with_columns(now.alias("_removed") if now is not None else pl.lit(None, pl.String).alias("_removed"))
+    rows = rows.with_columns(pl.col("_removed").fill_null(pl.col("_dedup_removed")))
+    removed = {r: int(n) for r, n in rows.filter(pl.col("_removed").is_not_null())
+               .group_by("_removed").len().sort("_removed").iter_rows()}
+    rows = rows.filter(pl.col("_removed").is_null()).drop("_removed", "_dedup_removed")
     rows = (rows
             .join(safety.select("key", "punsafe"), on="key", how="left")
             .join(watermark.select("key", "pwatermark"), on="key", how="left")

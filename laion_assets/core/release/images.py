@@ -16,8 +16,9 @@ from laion_assets.core.storage import Storage
 if TYPE_CHECKING:
     import polars as pl
 
+# `removed`: the reason a removal list gives (such a sample competes for nothing); `removal_version`: the list's.
 IMAGE_DEDUP_COLUMNS = ["crawl", "bucket", "key", "sample_id", "url", "sha256", "phash", "duplicate_of",
-                       "near_duplicate_of"]
+                       "near_duplicate_of", "removed", "removal_version"]
 
 
 @dataclass
@@ -51,7 +52,8 @@ def bucket_candidates(store: Storage, crawl: str, bucket: str, manifest: ShardsM
 
 def dedup_crawl(store: Storage, crawl: str, downloads: Mapping[str, ShardsManifest],
                 scores: Mapping[str, pl.LazyFrame | pl.DataFrame], earlier: Mapping[str, pl.LazyFrame],
-                radius: int, removals: RemovalMatcher | None = None) -> tuple[pl.DataFrame, ImageDedupReport]:
+                radius: int, removals: RemovalMatcher | None = None, removal_version: str = ""
+                ) -> tuple[pl.DataFrame, ImageDedupReport]:
     """The crawl's kept samples with duplicate_of / near_duplicate_of, and a report. `downloads` and `scores` are
     keyed by bucket; `earlier` maps each earlier crawl to its own image dedup table, whose winners (not duplicates
     themselves) compete first."""
@@ -66,20 +68,23 @@ def dedup_crawl(store: Storage, crawl: str, downloads: Mapping[str, ShardsManife
     ours = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.String for c in
                                                                 ["crawl", "bucket", "key", "url", "sha256", "phash"]})
     if removals is not None and ours.height:
-        ours = ours.with_columns(removals(ours.select("url", "sha256", "phash")).alias("_removed"))
-        report.removed = {r: int(n) for r, n in ours.filter(pl.col("_removed").is_not_null())
-                          .group_by("_removed").len().iter_rows()}
-        ours = ours.filter(pl.col("_removed").is_null()).drop("_removed")
-    ours = ours.with_columns(pl.concat_str(["crawl", "bucket", "key"], separator="/").alias("sample_id"))
-    before = [lf.filter(pl.col("duplicate_of").is_null()).select("sample_id", "url", "sha256", "phash")
+        ours = ours.with_columns(removals(ours.select("url", "sha256", "phash")).alias("removed"))
+        report.removed = {r: int(n) for r, n in ours.filter(pl.col("removed").is_not_null())
+                          .group_by("removed").len().iter_rows()}
+    else:
+        ours = ours.with_columns(pl.lit(None, pl.String).alias("removed"))
+    ours = ours.with_columns(pl.concat_str(["crawl", "bucket", "key"], separator="/").alias("sample_id"),
+                             pl.lit(removal_version, pl.String).alias("removal_version"))
+    before = [lf.filter(pl.col("duplicate_of").is_null() & pl.col("removed").is_null())
+              .select("sample_id", "url", "sha256", "phash")
               for _, lf in sorted(earlier.items())]
     theirs = pl.concat(before).collect() if before else ours.select("sample_id", "url", "sha256", "phash").clear()
     if removals is not None and theirs.height:
         # A sample removed since its crawl was released cannot win (its own release drops it when rebuilt).
         theirs = theirs.filter(removals(theirs.select("url", "sha256", "phash")).is_null())
     report.against_earlier_samples = theirs.height
-    marked, _ = mark_duplicates(pl.concat([theirs.drop("url"), ours.select("sample_id", "sha256", "phash")]),
-                                radius)
+    competing = ours.filter(pl.col("removed").is_null()).select("sample_id", "sha256", "phash")
+    marked, _ = mark_duplicates(pl.concat([theirs.drop("url"), competing]), radius)
     out = (ours.join(marked.select("sample_id", "duplicate_of", "near_duplicate_of"), on="sample_id", how="left")
            .select(IMAGE_DEDUP_COLUMNS).sort("sample_id"))
     report.samples = out.height
