@@ -263,10 +263,11 @@ def release_statistics(store: Any, crawl: str, part_keys: list[str]) -> tuple[di
 
     from laion_assets.core import paths
 
-    if not part_keys:
-        raise ValueError(f"{crawl}: the release has no parts to compute statistics on")
-    with store.local_copies(part_keys) as local:
-        stats = compute_statistics(local)
+    if part_keys:
+        with store.local_copies(part_keys) as local:
+            stats = compute_statistics(local)
+    else:  # everything removed or filtered out: the figures of nothing, not a failure
+        stats = {"subsets": {ALL: SubsetAccumulator().figures()}, "files": 0}
     stats["crawl"] = crawl
     written = {"json": paths.statistics_json(crawl), "markdown": paths.statistics_markdown(crawl)}
     with store.staging_dir() as stage:
