@@ -481,6 +481,31 @@ def removals_list(storage: str) -> None:
                    + "  " + ",".join(r["dates"]))
 
 
+@main.command("purge")
+@_storage_option
+@click.option("--crawl", "crawls", multiple=True, help="Crawl to purge (repeatable; default: every crawl stored).")
+@click.option("--version", "version", type=int, default=None, help="Removal list version (default: the latest).")
+def purge_command(storage: str, crawls: tuple[str, ...], version: int | None) -> None:
+    """Rewrite the webdataset shards without the samples the removal list names (atomically; the other samples'
+    bytes and the layout unchanged), and mark their Parquet rows `removed`: the images leave storage."""
+    from laion_assets.core import paths
+    from laion_assets.core.release import removals as rl
+    from laion_assets.core.release.purge import purge_crawl, report_line
+
+    store = _folder(storage)
+    try:
+        removal_list = rl.load(store, version)
+    except KeyError as err:
+        raise click.ClickException(str(err)) from err
+    if not len(removal_list):
+        raise click.ClickException("the removal list is empty: nothing to purge")
+    chosen = list(crawls) or sorted({k.split("/")[1] for k in store.list("crawls") if "/images/" in k})
+    for crawl in chosen:
+        if not store.list(paths.crawl_root(crawl)):
+            raise click.ClickException(f"no crawl {crawl} in {store.uri('crawls')}")
+        click.echo(report_line(crawl, purge_crawl(store, crawl, removal_list)))
+
+
 @main.command()
 @click.option("--storage", default=None, help="Storage root (default: LAION_ASSETS_STORAGE or ./data).")
 def demo(storage: str | None) -> None:

@@ -53,3 +53,39 @@ def test_sample_crawl_release_and_removals(tmp_path, models):
                                                                                      "domain"}
     stats = store.read_json(paths.statistics_json(SAMPLE_CRAWL))
     assert stats["subsets"]["all"]["total"] == after.height < stats_before["subsets"]["all"]["total"]
+
+    # Purge: the images leave the shards; webdataset still reads them; the other samples' bytes are unchanged.
+    import tarfile
+
+    import webdataset as wds
+    from click.testing import CliRunner
+
+    from laion_assets.cli import main
+
+    removal_list = rl.load(store)
+    tars = sorted(k for k in store.list(paths.crawl_root(SAMPLE_CRAWL)) if k.endswith(".tar"))
+    removed: dict[str, set[str]] = {}
+    for t in tars:
+        rows = pl.read_parquet(store.uri(t.removesuffix(".tar") + ".parquet"))
+        hit = rows.filter((pl.col("status") == "success") & removal_list.reasons(rows).is_not_null())
+        removed[t] = set(hit["key"].to_list())
+    assert sum(map(len, removed.values())) >= before.height - after.height > 0
+
+    def members(shard: str) -> dict[str, bytes]:
+        with tarfile.open(store.uri(shard)) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+    old = {t: members(t) for t in tars}
+    result = CliRunner().invoke(main, ["purge", "--storage", store.root, "--crawl", SAMPLE_CRAWL])
+    assert result.exit_code == 0, result.output
+    assert f"{sum(map(len, removed.values()))} samples purged" in result.output
+    for t in tars:
+        new = members(t)
+        assert {n.split(".")[0] for n in new} == {n.split(".")[0] for n in old[t]} - removed[t]
+        assert all(old[t][n] == data for n, data in new.items())
+        samples = list(wds.WebDataset(store.uri(t), shardshuffle=False))
+        assert samples and not {s["__key__"] for s in samples} & removed[t]
+        rows = pl.read_parquet(store.uri(t.removesuffix(".tar") + ".parquet"))
+        assert set(rows.filter(pl.col("status") == "removed")["key"]) == removed[t]
+    again = CliRunner().invoke(main, ["purge", "--storage", store.root, "--crawl", SAMPLE_CRAWL])
+    assert "0 samples purged" in again.output
