@@ -18,8 +18,9 @@ from laion_assets_tests.graph import LAYOUT, OPS
 RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
 
 
-def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs) -> None:
-    prefix = paths.image_shards(crawl, bucket, LAYOUT)
+def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, layout: paths.Layout = LAYOUT
+                 ) -> None:
+    prefix = paths.image_shards(crawl, bucket, layout)
     keys = paths.shard(prefix, "00000")
     store.write_parquet(keys.rows, inputs.rows)
     successes = sum(s == "success" for s in inputs.rows["status"].to_pylist())
@@ -27,10 +28,10 @@ def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs) 
     manifest = ShardsManifest(prefix, inputs.rows.num_rows, "synthetic",
                               {"success": successes, "failed_to_download": inputs.rows.num_rows - successes}, [entry])
     store.write_bytes(paths.shards_manifest(prefix), manifest.to_json())
-    store.write_parquet(paths.clip_scores(crawl, bucket, LAYOUT), inputs.scores)
-    store.write_parquet(paths.safety_scores(crawl, bucket, LAYOUT), inputs.safety)
-    store.write_parquet(paths.watermark_scores(crawl, bucket, LAYOUT), inputs.watermark)
-    store.write_parquet(paths.unique_pairs(crawl, bucket, LAYOUT), inputs.pairs)
+    store.write_parquet(paths.clip_scores(crawl, bucket, layout), inputs.scores)
+    store.write_parquet(paths.safety_scores(crawl, bucket, layout), inputs.safety)
+    store.write_parquet(paths.watermark_scores(crawl, bucket, layout), inputs.watermark)
+    store.write_parquet(paths.unique_pairs(crawl, bucket, layout), inputs.pairs)
 
 
 def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_images: int = 5) -> dict[str, Any]:
