@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import polars as pl
 
 from laion_assets.core import paths
@@ -20,9 +21,11 @@ def _released(store) -> pl.DataFrame:
 
 def test_sample_crawl_release_and_removals(tmp_path, models):
     graph = Graph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    graph.whole_crawl(tmp_path / "mirror")
+    graph.whole_crawl(tmp_path / "mirror", sample={"wat_files": 2, "pages_per_file": 10})
     release_crawl(graph)
-    failed = [(c.asset_key.to_user_string(), c.check_name) for c in graph.checks if not c.passed]
+    # (A sample this small may fall outside the warning bands: only blocking checks must pass.)
+    failed = [(c.asset_key.to_user_string(), c.check_name) for c in graph.checks
+              if not c.passed and c.severity != dg.AssetCheckSeverity.WARN]
     assert not failed, failed
     store = graph.resources["storage"].get()
     kept = sum(m["kept"] for m in graph.meta["clip_scores"])
@@ -36,9 +39,9 @@ def test_sample_crawl_release_and_removals(tmp_path, models):
     stats_before = store.read_json(paths.statistics_json(SAMPLE_CRAWL))
 
     url, sha, near = before.row(0, named=True), before.row(1, named=True), before.row(2, named=True)
-    # Every sample image is on 127.0.0.1: the domain entry is a URL prefix (a hundred of the sample's images).
+    # Every sample image is on 127.0.0.1: the domain entry is a URL prefix (ten of the sample's hundred images).
     folder, name = before.row(3, named=True)["URL"].rsplit("/", 1)
-    prefix = f"{folder}/{name[:3]}"
+    prefix = f"{folder}/{name[:4]}"
     rl.add(store, [rl.make_entry("url", url["URL"], "url"), rl.make_entry("sha256", sha["sha256"], "sha256"),
                    rl.make_entry("phash", near["phash"], "phash", radius=2),
                    rl.make_entry("domain", prefix, "domain")])
