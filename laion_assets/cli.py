@@ -6,6 +6,7 @@ default is the same in both. Heavy modules are imported inside the commands: `--
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -386,6 +387,123 @@ def small_models_command(models_dir: str) -> None:
     click.echo(f"{models_dir}: {chosen.clip_en.name} (threshold {chosen.clip_en.threshold:.3f}),"
                f" {chosen.clip_multi.name} (threshold {chosen.clip_multi.threshold:.3f}), safety head,"
                f" {chosen.watermark.name}")
+
+
+# --- the release stage -------------------------------------------------------------------------------------
+
+@main.command("stats")
+@click.argument("parquet", nargs=-1, required=True)
+@click.option("--json", "json_out", default=None, help="Write the statistics as JSON here.")
+@click.option("--markdown", "markdown_out", default=None, help="Write the statistics as Markdown here.")
+@click.option("--plots", "plots_dir", default=None, help="Write the PNG plots into this folder.")
+def stats_command(parquet: tuple[str, ...], json_out: str | None, markdown_out: str | None,
+                  plots_dir: str | None) -> None:
+    """The LAION-5B post's statistics of Parquet files with LAION's columns (ours or LAION's own), streamed in
+    bounded memory; per `subset` when the files have one, and for all rows. Prints the summary table."""
+    import json
+
+    from laion_assets.core.release.statistics import (
+        MissingColumnsError,
+        compute_statistics,
+        summary_table,
+        to_markdown,
+        write_plots,
+    )
+
+    try:
+        with contextlib.ExitStack() as stack:
+            local = [stack.enter_context(_locate(p)[0].local_copies([_locate(p)[1]]))[0] for p in parquet]
+            stats = compute_statistics(local)
+    except (MissingColumnsError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(stats, fh, indent=1, sort_keys=True)
+    if markdown_out:
+        with open(markdown_out, "w") as fh:
+            fh.write(to_markdown(stats))
+    if plots_dir:
+        write_plots(stats, plots_dir)
+    click.echo(summary_table(stats))
+
+
+@main.group()
+def removals() -> None:
+    """The removal list: append-only versions under the storage root's removals/. Under the daemon a new version
+    re-runs the release of every crawl (image dedup, filtered metadata, release, statistics)."""
+
+
+@removals.command("add")
+@_storage_option
+@click.option("--url", "urls", multiple=True, help="An exact URL.")
+@click.option("--domain", "domains", multiple=True, help="A host and its subdomains, or a URL prefix with its scheme.")
+@click.option("--sha256", "sha256s", multiple=True, help="SHA-256 of the image bytes (64 hex digits).")
+@click.option("--md5", "md5s", multiple=True, help="MD5 of the URL (32 hex digits).")
+@click.option("--phash", "phashes", multiple=True, help="A 64-bit pHash (16 hex digits); each needs a --radius.")
+@click.option("--radius", "radii", multiple=True, type=int, help="Hamming radius of the --phash at the same position.")
+@click.option("--file", "list_file", default=None, help="A list: `KIND VALUE [RADIUS]` a line (# comments).")
+@click.option("--reason", required=True, help="Why (recorded with every entry, counted in the release manifest).")
+def removals_add(storage: str, urls: tuple[str, ...], domains: tuple[str, ...], sha256s: tuple[str, ...],
+                 md5s: tuple[str, ...], phashes: tuple[str, ...], radii: tuple[int, ...], list_file: str | None,
+                 reason: str) -> None:
+    """Write the next version of the removal list with these entries (nothing is written if any is malformed)."""
+    from laion_assets.core.release import removals as rl
+
+    try:
+        if len(phashes) != len(radii):
+            raise rl.RemovalEntryError(f"{len(phashes)} --phash given with {len(radii)} --radius: one each")
+        entries = [rl.make_entry(kind, v, reason) for kind, values in
+                   (("url", urls), ("domain", domains), ("sha256", sha256s), ("md5", md5s)) for v in values]
+        entries += [rl.make_entry("phash", h, reason, r) for h, r in zip(phashes, radii, strict=True)]
+        if list_file:
+            with open(list_file, encoding="utf-8") as fh:
+                entries += rl.parse_lines(fh, reason, list_file)
+        store = _folder(storage)
+        version = rl.add(store, entries)
+    except (rl.RemovalEntryError, OSError) as err:
+        raise click.ClickException(f"{err} (the removal list is unchanged)") from err
+    click.echo(f"{store.uri('removals')}: version {version} with {len(entries)} entries")
+
+
+@removals.command("list")
+@_storage_option
+def removals_list(storage: str) -> None:
+    """Every version of the removal list with how many entries of each kind it added."""
+    from laion_assets.core.release import removals as rl
+
+    rows = rl.summary(_folder(storage))
+    if not rows:
+        click.echo("no removal list yet")
+        return
+    click.echo("version  entries  " + "  ".join(rl.KINDS) + "  dates")
+    for r in rows:
+        click.echo(f"{r['version']}  {r['entries']:7d}  " + "  ".join(f"{r[k]:{len(k)}d}" for k in rl.KINDS)
+                   + "  " + ",".join(r["dates"]))
+
+
+@main.command("purge")
+@_storage_option
+@click.option("--crawl", "crawls", multiple=True, help="Crawl to purge (repeatable; default: every crawl stored).")
+@click.option("--version", "version", type=int, default=None, help="Removal list version (default: the latest).")
+def purge_command(storage: str, crawls: tuple[str, ...], version: int | None) -> None:
+    """Rewrite the webdataset shards without the samples the removal list names (atomically; the other samples'
+    bytes and the layout unchanged), and mark their Parquet rows `removed`: the images leave storage."""
+    from laion_assets.core import paths
+    from laion_assets.core.release import removals as rl
+    from laion_assets.core.release.purge import purge_crawl, report_line
+
+    store = _folder(storage)
+    try:
+        removal_list = rl.load(store, version)
+    except KeyError as err:
+        raise click.ClickException(str(err)) from err
+    if not len(removal_list):
+        raise click.ClickException("the removal list is empty: nothing to purge")
+    chosen = list(crawls) or sorted({k.split("/")[1] for k in store.list("crawls") if "/images/" in k})
+    for crawl in chosen:
+        if not store.list(paths.crawl_root(crawl)):
+            raise click.ClickException(f"no crawl {crawl} in {store.uri('crawls')}")
+        click.echo(report_line(crawl, purge_crawl(store, crawl, removal_list)))
 
 
 @main.command()

@@ -122,8 +122,38 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
               "watermarked": _total(demo.per_bucket("watermark_scores", crawl), "watermarked")}
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
                "images": statuses["success"], "statuses": dict(statuses), **totals}
+    summary["release"] = _release(demo, crawl)
     _print_made(summary, sample, demo.resources["storage"].get(), demo.layout, time.perf_counter() - start)
+    _print_release(summary["release"], demo.resources["storage"].get(), crawl)
     return summary
+
+
+def _release(demo: _Demo, crawl: str) -> dict[str, Any]:
+    """The release stage: image dedup, filtered metadata per bucket, the release and its statistics."""
+    dedup = demo.run("image_dedup", crawl)
+    filtered = demo.per_bucket("filtered_metadata", crawl)
+    release = demo.run("release", crawl)
+    statistics = demo.run("dataset_statistics", crawl)
+    return {"exact_duplicates": dedup.get("exact_duplicates", 0), "near_duplicates": dedup.get("near_duplicates", 0),
+            "filtered": _total(filtered, "rows"), "released": release.get("rows", 0),
+            "subsets": {s: release.get(f"rows_{s}", 0) for s in ("en", "multi", "nolang")},
+            "statistics": statistics.get("statistics", "")}
+
+
+def _print_release(release: dict[str, Any], store: Any, crawl: str) -> None:
+    from laion_assets.core.release.statistics import summary_table
+
+    subsets = ", ".join(f"{s} {n}" for s, n in release["subsets"].items())
+    print()
+    print(f"The release of {crawl}:")
+    print(f"  filtered_metadata    {release['filtered']} samples ({release['exact_duplicates']} exact and"
+          f" {release['near_duplicates']} near duplicates marked)")
+    print(f"  release              {store.uri(paths.release(crawl))}  ({release['released']} samples: {subsets};"
+          f" manifest {paths.RELEASE_MANIFEST})")
+    print(f"  dataset_statistics   {store.uri(paths.statistics_markdown(crawl))}  (and statistics.json, plots/*.png)")
+    print()
+    stats = store.read_json(paths.statistics_json(crawl))
+    print(summary_table(stats))
 
 
 def _print_made(summary: dict[str, Any], sample: dict[str, Any], store: Any, layout: Layout, seconds: float) -> None:

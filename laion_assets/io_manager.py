@@ -43,6 +43,18 @@ def table_metadata(store: Storage, key: str, schema: pa.Schema, rows: int) -> di
             "dagster/column_schema": dg.TableSchema(columns=columns)}
 
 
+class MissingPartitionsError(dg.Failure):
+    """An input spanning several partitions of which some were never materialized."""
+
+
+def require_partitions(store: Storage, asset: str, keys: dict[str, str]) -> None:
+    """Fail naming the partitions of `asset` whose stored output is missing, before anything is read or written."""
+    missing = sorted(p for p, key in keys.items() if not store.exists(key))
+    if missing:
+        raise MissingPartitionsError(f"{asset}: {len(missing)} upstream partition(s) not materialized: "
+                                     f"{', '.join(missing[:10])}")
+
+
 class StorageIOManager(dg.ConfigurableIOManager):
     """Stores outputs under the storage root at the keys of `core/paths.py`: Parquet tables and JSON records."""
 
@@ -109,6 +121,8 @@ class StorageIOManager(dg.ConfigurableIOManager):
         partitions_def = context.asset_partitions_def if context.has_asset_partitions else None
         if typing.get_origin(wanted) is dict:
             _, inner = typing.get_args(wanted)
+            require_partitions(store, asset, {str(p): self._key(asset, partition_dims(p, partitions_def))
+                                              for p in context.asset_partition_keys})
             return {str(p): self._read(store, self._key(asset, partition_dims(p, partitions_def)), inner)
                     for p in context.asset_partition_keys}
         partition = context.asset_partition_key if partitions_def else None

@@ -108,6 +108,23 @@ class _Checks(dg.ConfigurableResource):
 ChecksResource = config_class("ChecksResource", CheckSettings, base=_Checks)
 
 
+class RemovalListResource(dg.ConfigurableResource):
+    """The removal list under the storage root (`laion-assets removals add`): its latest version is the data version
+    of the `removal_list` source, and what the release stage applies."""
+
+    storage: StorageResource
+
+    def version(self) -> str:
+        from laion_assets.core.release.removals import current_version
+
+        return current_version(self.storage.get())
+
+    def load(self) -> Any:
+        from laion_assets.core.release.removals import load
+
+        return load(self.storage.get())
+
+
 # Every environment variable the code reads (the production dagster.yaml passes each of them to run pods).
 ENV_VARS = ("LAION_ASSETS_STORAGE", "LAION_ASSETS_SOURCE", "LAION_ASSETS_CHUNKS", "LAION_ASSETS_BUCKETS",
             "LAION_ASSETS_MODELS", "LAION_ASSETS_MODELS_DIR", "LAION_ASSETS_ALLOW_NETWORKS",
@@ -134,4 +151,5 @@ def resources_from_env(env: dict[str, str] | None = None, layout: Layout | None 
         "image_fetch": ImageFetchResource(
             allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]),
         "check_bands": ChecksResource(),
+        "removals": RemovalListResource(storage=storage),
     }

@@ -75,3 +75,15 @@ class Graph:
         if clip:
             for name in CLIP_STAGE:
                 self.per_bucket(name, crawl)
+
+
+RELEASE_STAGE = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
+
+
+def release_crawl(graph: Graph, crawl: str = SAMPLE_CRAWL, config: dict | None = None) -> None:
+    """The release stage of a crawl whose CLIP stage ran: image dedup, filtered metadata per bucket, the release (with
+    `config`), its statistics."""
+    graph.run("image_dedup", crawl)
+    graph.per_bucket("filtered_metadata", crawl)
+    graph.run("release", crawl, config)
+    graph.run("dataset_statistics", crawl)

@@ -21,6 +21,7 @@ from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources
 
 ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards", *CLIP_STAGE,
               "clip_filter_models", "embedding_model", "safety_model", "watermark_model"}
+RELEASE_STAGE = {"removal_list", "image_dedup", "filtered_metadata", "release", "dataset_statistics"}
 
 
 def test_definitions_load_and_validate():
@@ -30,11 +31,11 @@ def test_definitions_load_and_validate():
 
     dg.Definitions.validate_loadable(module_defs)
     graph = module_defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ALL_ASSETS
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ALL_ASSETS | RELEASE_STAGE
     for key in graph.materializable_asset_keys:
         assert graph.get(key).code_version, f"{key} has no code_version"
     names = {s.name for s in module_defs.sensors}
-    assert names == {"new_crawls", "observe_models", "reprocess_on_change", "crawl_backfill"}
+    assert names == {"new_crawls", "observe_models", "reprocess_on_change", "crawl_backfill", "observe_removals"}
 
 
 def check_graph(graph: Graph, store: Storage) -> None:

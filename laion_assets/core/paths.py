@@ -12,6 +12,11 @@ can never be mixed up.
     crawls/<crawl>/embeddings/buckets=<m>/{img_emb,text_emb,metadata}/...          (clip-retrieval layout)
     crawls/<crawl>/safety_scores/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/watermark_scores/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/image_dedup.parquet
+    crawls/<crawl>/filtered_metadata/buckets=<m>/bucket=<b>.parquet|.json
+    crawls/<crawl>/release/{en,multi,nolang}/part-NNNNN.parquet  (+ _manifest.json, last)
+    crawls/<crawl>/release/statistics.json|.md, plots/*.png
+    removals/v<NNNNNN>.jsonl                                                        (append-only versions)
 """
 
 from __future__ import annotations
@@ -198,6 +203,9 @@ def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
         "image_embeddings": lambda: image_embeddings_manifest(crawl, bucket, layout),
         "safety_scores": lambda: safety_scores(crawl, bucket, layout),
         "watermark_scores": lambda: watermark_scores(crawl, bucket, layout),
+        "image_dedup": lambda: image_dedup(crawl),
+        "filtered_metadata": lambda: filtered_record(crawl, bucket, layout),
+        "release": lambda: release_manifest(crawl),
     }
     if asset not in outputs:
         raise KeyError(f"no storage path for the output of asset {asset!r}: add it to paths.asset_output")
@@ -207,3 +215,56 @@ def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
 def model_registry() -> str:
     """The model registry's overrides (thresholds, checkpoints) that operators change at run time."""
     return "registry/models.json"
+
+
+# --- the release stage -------------------------------------------------------------------------------------
+
+RELEASE_MANIFEST = "_manifest.json"
+
+
+def image_dedup(crawl: str) -> str:
+    """Every kept sample of the crawl with what it duplicates (exact and near), crawl-wide."""
+    return f"{crawl_root(crawl)}/image_dedup.parquet"
+
+
+def filtered_metadata(crawl: str, bucket: str, layout: Layout) -> str:
+    return f"{crawl_root(crawl)}/filtered_metadata/buckets={layout.buckets}/{bucket_file(bucket)}"
+
+
+def filtered_record(crawl: str, bucket: str, layout: Layout) -> str:
+    """The record naming a bucket's filtered metadata and its counts (what the asset returns)."""
+    return filtered_metadata(crawl, bucket, layout).removesuffix(".parquet") + ".json"
+
+
+def release(crawl: str) -> str:
+    return f"{crawl_root(crawl)}/release"
+
+
+def release_part_name(subset: str, index: int) -> str:
+    """A part's name relative to the release folder."""
+    return f"{subset}/part-{index:05d}.parquet"
+
+
+def release_manifest(crawl: str) -> str:
+    return join(release(crawl), RELEASE_MANIFEST)
+
+
+def statistics_json(crawl: str) -> str:
+    return join(release(crawl), "statistics.json")
+
+
+def statistics_markdown(crawl: str) -> str:
+    return join(release(crawl), "statistics.md")
+
+
+def statistics_plot(crawl: str, name: str) -> str:
+    return join(release(crawl), f"plots/{name}.png")
+
+
+def removals() -> str:
+    """The removal list's folder: one file per version, never edited once written."""
+    return "removals"
+
+
+def removal_version(version: int) -> str:
+    return f"{removals()}/v{version:06d}.jsonl"

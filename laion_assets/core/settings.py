@@ -180,6 +180,26 @@ class ClipSettings:
     models: ModelSettings = dataclasses.field(default_factory=ModelSettings)
 
 
+# --- the release stage -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """Image dedup and the release's layout."""
+
+    near_radius: int = setting(4, "Hamming radius (bits of the 64-bit pHash) within which images are near "
+                                  "duplicates.")
+    drop_exact_duplicates: bool = setting(True, "Leave samples whose image bytes an earlier sample has out of the "
+                                                "release (they stay marked in filtered_metadata).")
+    drop_near_duplicates: bool = setting(False, "Leave near duplicates out of the release too (default: marked only).")
+    rows_per_part: int = setting(1_000_000, "Most rows in one release part.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.near_radius <= 16:
+            raise ValueError(f"near_radius must be between 0 and 16 bits, not {self.near_radius}")
+        if self.rows_per_part < 1:
+            raise ValueError(f"rows_per_part must be at least 1, not {self.rows_per_part}")
+
+
 def scalar_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of a settings class that are plain values (nested settings excluded)."""
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]

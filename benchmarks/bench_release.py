@@ -1,0 +1,142 @@
+"""The release stage at scale on synthetic buckets: filtered metadata (the join), image dedup (exact and multi-index
+near), release (the split into parts) and statistics, at two sizes, one core each.
+
+For each size, the synthetic inputs of --buckets buckets (download rows, CLIP, safety and watermark scores, unique
+pairs, with planted exact and near duplicates; `laion_assets/core/offline/release_inputs.py`) are written into a
+temporary storage root first (not timed), then a fresh process with POLARS_MAX_THREADS=1 runs the stage's core
+functions as the assets call them and reports each step's seconds and its own peak RSS (ru_maxrss, which includes
+the interpreter and libraries). Printed with the load average, so readers can judge a busy machine.
+
+Goals (issue 10): at least 1M rows/s per core for the join and split (filtered metadata + release); peak memory that
+does not grow with input size (within 20% between the sizes); near-duplicate marking that grows about linearly
+(time at the large size no more than 12x the time at the small one for 10x the rows).
+
+Usage: python benchmarks/bench_release.py [--sizes 2000000,20000000] [--buckets 8] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+CRAWL = "CC-MAIN-2099-01"
+
+
+def generate(root: str, rows: int, buckets: int) -> None:
+    from laion_assets.core.offline.release_inputs import bucket_inputs
+    from laion_assets.core.paths import Layout
+    from laion_assets.core.storage import Storage
+    from laion_assets_tests.release.upstream import write_bucket
+
+    store, layout = Storage(root), Layout(chunks=1, buckets=buckets)
+    for i, bucket in enumerate(layout.bucket_keys()):
+        write_bucket(store, CRAWL, bucket, bucket_inputs(rows // buckets, i, seed=7, shared_images=100),
+                     layout)
+
+
+def measure(root: str, buckets: int) -> dict:
+    """Runs in the child process: the stage on the stored inputs, step by step."""
+    import resource
+
+    import polars as pl
+
+    from laion_assets.core import paths
+    from laion_assets.core.download.plan import read_manifest
+    from laion_assets.core.paths import Layout
+    from laion_assets.core.release.filtered import filter_bucket
+    from laion_assets.core.release.images import dedup_crawl
+    from laion_assets.core.release.release import write_release
+    from laion_assets.core.release.statistics import release_statistics
+    from laion_assets.core.settings import ReleaseSettings
+    from laion_assets.core.storage import Storage
+
+    store, layout, settings = Storage(root), Layout(chunks=1, buckets=buckets), ReleaseSettings()
+    keys = layout.bucket_keys()
+    manifests = {b: read_manifest(store, paths.image_shards(CRAWL, b, layout)) for b in keys}
+    out: dict = {}
+    start = time.perf_counter()
+    scores = {b: pl.scan_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))) for b in keys}
+    table, report = dedup_crawl(store, CRAWL, manifests, scores, {}, settings.near_radius)
+    store.write_parquet(paths.image_dedup(CRAWL), table.to_arrow())
+    out["dedup_s"], out["kept"] = time.perf_counter() - start, report.samples
+    out["exact"], out["near"] = report.exact_duplicates, report.near_duplicates
+    del table
+    start = time.perf_counter()
+    records, rows_in = {}, 0
+    dedup = pl.scan_parquet(store.uri(paths.image_dedup(CRAWL)))
+    for b in keys:
+        manifest = manifests[b]
+        rows_in += manifest.rows
+        records[b] = filter_bucket(
+            store, CRAWL, b, layout, manifest, pl.read_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))),
+            pl.read_parquet(store.uri(paths.safety_scores(CRAWL, b, layout))),
+            pl.read_parquet(store.uri(paths.watermark_scores(CRAWL, b, layout))),
+            pl.read_parquet(store.uri(paths.unique_pairs(CRAWL, b, layout)), columns=["url", "language_score"]),
+            dedup.filter(pl.col("bucket") == b).collect())
+    out["join_s"], out["rows_in"] = time.perf_counter() - start, rows_in
+    start = time.perf_counter()
+    manifest = write_release(store, CRAWL, records, keys, settings, {}, "bench")
+    out["split_s"], out["released"] = time.perf_counter() - start, manifest.rows
+    start = time.perf_counter()
+    release_statistics(store, CRAWL, manifest.part_keys())
+    out["stats_s"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="2000000,20000000", help="Input rows (URLs) per run, comma-separated.")
+    parser.add_argument("--buckets", type=int, default=8)
+    parser.add_argument("--keep", action="store_true", help="Keep the temporary storage roots.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.buckets)))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = {}
+    for n in sizes:
+        root = tempfile.mkdtemp(prefix=f"bench-release-{n}-")
+        try:
+            t = time.perf_counter()
+            generate(root, n, args.buckets)
+            print(f"{n:,} rows generated in {time.perf_counter() - t:.0f} s (not timed below)", flush=True)
+            env = {**os.environ, "POLARS_MAX_THREADS": "1"}
+            child = subprocess.run([sys.executable, __file__, "--child", root, "--buckets", str(args.buckets)],
+                                   capture_output=True, text=True, env=env, check=True)
+            results[n] = json.loads(child.stdout.strip().splitlines()[-1])
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    print(f"\nload average {os.getloadavg()}, {os.cpu_count()} cores; each run on one core (POLARS_MAX_THREADS=1)")
+    print(f"{'rows in':>12} {'kept':>10} {'exact':>8} {'near':>8} {'dedup s':>8} {'join s':>8} {'split s':>8} "
+          f"{'stats s':>8} {'join+split rows/s/core':>23} {'peak RSS MB':>12}")
+    for r in results.values():
+        rate = r["rows_in"] / (r["join_s"] + r["split_s"])
+        r["rate"] = rate
+        print(f"{r['rows_in']:>12,} {r['kept']:>10,} {r['exact']:>8,} {r['near']:>8,} {r['dedup_s']:>8.1f} "
+              f"{r['join_s']:>8.1f} {r['split_s']:>8.1f} {r['stats_s']:>8.1f} {rate:>23,.0f} {r['peak_rss_mb']:>12.0f}")
+    print()
+    ok = min(r["rate"] for r in results.values()) >= 1_000_000
+    print(f"join and split >= 1M rows/s/core: {'PASS' if ok else 'FAIL'} "
+          f"(slowest {min(r['rate'] for r in results.values()):,.0f})")
+    if len(results) >= 2:
+        small, large = results[sizes[0]], results[sizes[-1]]
+        growth = large["peak_rss_mb"] / small["peak_rss_mb"]
+        scale = sizes[-1] / sizes[0]
+        ratio = large["dedup_s"] / small["dedup_s"]
+        verdict = "PASS" if growth <= 1.2 else "FAIL"
+        print(f"peak RSS within 20% across sizes: {verdict} (x{growth:.2f} for x{scale:.0f} rows)")
+        print(f"near-dup marking about linear (<= 1.2 x row ratio): {'PASS' if ratio <= 1.2 * scale else 'FAIL'} "
+              f"(x{ratio:.1f} time for x{scale:.0f} rows)")
+
+
+if __name__ == "__main__":
+    main()

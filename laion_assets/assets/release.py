@@ -1,0 +1,193 @@
+"""The release stage: crawl-wide image dedup, filtered metadata per crawl x bucket in LAION-5B's columns, and the
+crawl's release (parts + manifest).
+
+Everything comes in through the IO manager: the downloads' shard manifests, the CLIP stage's score tables, the
+unique pairs (for the language score), the dedup table; the release reads the filtered metadata records."""
+
+import dagster as dg
+import polars as pl
+
+from laion_assets.assets import checks
+from laion_assets.assets.metadata import preview_table, to_metadata
+from laion_assets.automation import REPROCESS, versioned_sources
+from laion_assets.config import config_class, settings_from
+from laion_assets.core import paths
+from laion_assets.core.download.plan import ShardsManifest
+from laion_assets.core.paths import Layout
+from laion_assets.core.settings import OperationsSettings, ReleaseSettings
+from laion_assets.k8s import op_tags
+from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions
+from laion_assets.resources import RemovalListResource, StorageResource
+
+CODE_VERSION = "1"
+ReleaseConfig = config_class("ReleaseConfig", ReleaseSettings, doc="Image dedup and the release's layout.")
+PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "punsafe", "pwatermark", "subset"]
+REMOVAL_SOURCES = {"removal_list": "The removal list under removals/ (data version: its latest version): a new "
+                                   "version re-runs the image dedup, filtered metadata, release and statistics."}
+# A crawl-level asset reads every bucket of its crawl; a bucket-level one reads its crawl's crawl-level output.
+buckets_to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="crawl")
+
+
+def bucket_of(layout: Layout, partition: str) -> str:
+    """The bucket of a crawl x bucket partition key string (the keys of a dict input)."""
+    return bucket_partitions(layout).get_partition_key_from_str(partition).keys_by_dimension["bucket"]
+
+
+def removal_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
+    return versioned_sources(REMOVAL_SOURCES, "removals", lambda removals: {"removal_list": removals.version()},
+                             "release", ops.sensor_interval_s)
+
+
+def earlier_crawls(context: dg.AssetExecutionContext, crawl: str) -> list[str]:
+    """Registered crawls before this one whose image dedup exists; a missing one fails the run (backfill in
+    order), as URL dedup does."""
+    registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
+    earlier = sorted(c for c in registered if c < crawl)
+    done = context.instance.get_materialized_partitions(context.assets_def.key)
+    missing = [c for c in earlier if c not in done]
+    if missing:
+        raise dg.Failure(f"{crawl}: earlier crawls have no image dedup yet ({', '.join(missing[:5])}); cross-crawl "
+                         "image dedup needs them first: backfill in order")
+    return earlier
+
+
+def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=crawl_partitions, kinds={"polars", "parquet"}, group_name="release",
+              op_tags=op_tags("image_dedup", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              deps=["removal_list"], ins={"image_shards": dg.AssetIn(partition_mapping=buckets_to_crawl),
+                   "clip_scores": dg.AssetIn(partition_mapping=buckets_to_crawl)})
+    def image_dedup(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
+                    removals: RemovalListResource, image_shards: dict[str, ShardsManifest],
+                    clip_scores: dict[str, pl.LazyFrame]):
+        """Every kept sample of the crawl marked as an exact duplicate (same sha256) or near duplicate (pHash within
+        the radius) of the first such sample by crawl, bucket and key, across all buckets and earlier crawls."""
+        from laion_assets.core.release.images import dedup_crawl
+
+        crawl = crawl_of(context)
+        store = storage.get()
+        settings = settings_from(ReleaseSettings, config)
+        earlier = {c: pl.scan_parquet(store.scratch_copies([paths.image_dedup(c)])[0])
+                   for c in earlier_crawls(context, crawl)}
+        downloads = {bucket_of(layout, k): v for k, v in image_shards.items()}
+        scores = {bucket_of(layout, k): v for k, v in clip_scores.items()}
+        removal_list = removals.load()
+        table, report = dedup_crawl(store, crawl, downloads, scores, earlier, settings.near_radius,
+                                    removal_list.reasons if len(removal_list) else None, removal_list.version)
+        context.log.info(f"{crawl}: {report.samples} kept samples, {report.exact_duplicates} exact and "
+                         f"{report.near_duplicates} near duplicates")
+        metadata = to_metadata(report.metadata())
+        metadata["removal_version"] = removal_list.version
+        dupes = table.filter(pl.col("duplicate_of").is_not_null() | pl.col("near_duplicate_of").is_not_null())
+        metadata["preview"] = preview_table(dupes.head(10).to_dicts(), ["sample_id", "duplicate_of",
+                                                                         "near_duplicate_of", "url"])
+        return dg.MaterializeResult(value=table, metadata=metadata)
+
+    return image_dedup
+
+
+def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=bucket_partitions(layout), kinds={"polars", "parquet"}, group_name="release",
+              op_tags=op_tags("filtered_metadata", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"image_dedup": dg.AssetIn(partition_mapping=buckets_to_crawl)},
+              check_specs=[checks.spec("filtered_metadata", "schema", "LAION-5B's columns, then ours"),
+                           checks.spec("filtered_metadata", "one_row_per_kept_sample",
+                                       "every kept sample is a row or counted as removed")])
+    def filtered_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
+                          removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.DataFrame,
+                          safety_scores: pl.DataFrame,
+                          watermark_scores: pl.DataFrame, unique_pairs: pl.LazyFrame, image_dedup: pl.LazyFrame):
+        """One row per sample that downloaded, passed the CLIP threshold and is not removed: URL, TEXT, WIDTH,
+        HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, then key, shard, sha256, phash, language_score,
+        crawl, subset, duplicate_of, near_duplicate_of."""
+        from laion_assets.core.release.columns import FILTERED_SCHEMA
+        from laion_assets.core.release.filtered import filter_bucket
+
+        crawl, bucket = crawl_and_bucket(context)
+        store = storage.get()
+        duplicates = image_dedup.filter(pl.col("bucket") == bucket).collect()
+        language = unique_pairs.select("url", "language_score").collect()
+        # The latest list is applied here too: a rebuild never brings back a sample removed since the dedup ran.
+        removal_list = removals.load()
+        record = filter_bucket(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
+                               watermark_scores, language, duplicates,
+                               removal_list.reasons if len(removal_list) else None, removal_list.version)
+        table = store.read_parquet(record.file)
+        metadata = to_metadata(record.metadata())
+        metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
+                         "preview": preview_table(table.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)})
+        for reason, n in record.removed.items():
+            metadata[f"removed/{reason}"] = n
+        accounted = record.rows + sum(record.removed.values()) == record.kept
+        return dg.MaterializeResult(value=record, metadata=metadata, check_results=[
+            checks.schema("filtered_metadata", table.schema, FILTERED_SCHEMA),
+            checks.holds("filtered_metadata", "one_row_per_kept_sample", accounted,
+                         f"{record.rows} rows and {sum(record.removed.values())} removed of {record.kept} kept")])
+
+    return filtered_metadata
+
+
+def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    from laion_assets.core.release.filtered import FilteredBucket
+
+    @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="release",
+              op_tags=op_tags("release", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"filtered_metadata": dg.AssetIn(partition_mapping=buckets_to_crawl)})
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
+                filtered_metadata: dict[str, FilteredBucket]):
+        """The crawl's dataset: `release/{en,multi,nolang}/part-NNNNN.parquet` and `_manifest.json` (written last:
+        counts, parts with sha256 and size, models and thresholds, removal version, code version, time)."""
+        from laion_assets.core.release.release import release_summary, write_release
+
+        crawl = crawl_of(context)
+        store = storage.get()
+        settings = settings_from(ReleaseSettings, config)
+        buckets = {bucket_of(layout, k): v for k, v in filtered_metadata.items()}
+        models: dict = {}
+        for record in buckets.values():
+            models.update(record.models)
+        manifest = write_release(store, crawl, buckets, layout.bucket_keys(), settings, models, CODE_VERSION)
+        metadata = to_metadata(release_summary(manifest))
+        metadata.update({"dagster/row_count": manifest.rows, "dagster/uri": store.uri(paths.release(crawl)),
+                         "removed_by_reason": dg.MetadataValue.json(manifest.removed),
+                         "dropped": dg.MetadataValue.json(manifest.dropped)})
+        if manifest.parts:
+            first = store.read_parquet(manifest.part_keys()[0])
+            metadata["preview"] = preview_table(first.slice(0, 10).to_pylist(), PREVIEW_COLUMNS)
+        context.log.info(f"{crawl}: released {manifest.rows} samples in {len(manifest.parts)} parts")
+        return dg.MaterializeResult(value=manifest, metadata=metadata)
+
+    return release
+
+
+def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    from laion_assets.core.release.release import ReleaseManifest
+
+    @dg.asset(partitions_def=crawl_partitions, kinds={"json", "markdown"}, group_name="release",
+              op_tags=op_tags("dataset_statistics", ops), code_version=CODE_VERSION, automation_condition=REPROCESS)
+    def dataset_statistics(context: dg.AssetExecutionContext, storage: StorageResource, release: ReleaseManifest):
+        """The figures of the LAION-5B post for each subset of the release: totals, sizes, quantiles, unsafe and
+        watermark proportions, text length, top languages; statistics.json, statistics.md and PNG plots beside the
+        release, and every headline figure as a numeric metadata entry (plotted across crawls by the UI)."""
+        from laion_assets.core.release.statistics import headline_figures, release_statistics, to_markdown
+
+        crawl = crawl_of(context)
+        store = storage.get()
+        stats, written = release_statistics(store, crawl, release.part_keys())
+        metadata: dict = {name: float(v) if isinstance(v, float) else int(v)
+                          for name, v in headline_figures(stats).items()}
+        metadata.update({
+            "statistics": dg.MetadataValue.md(to_markdown(stats, f"{crawl} release statistics")),
+            "dagster/uri": store.uri(written["json"]), "removal_version": release.removal_version,
+            "files": dg.MetadataValue.json({k: store.uri(v) for k, v in written.items()})})
+        for name, key in written.items():
+            if key.endswith(".png"):
+                metadata[f"plot/{name}"] = dg.MetadataValue.path(store.uri(key))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return dataset_statistics
+
+
+def build_release_assets(layout: Layout, ops: OperationsSettings) -> list:
+    sources, _ = removal_sources(ops)
+    return [*sources, image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops),
+            dataset_statistics_asset(layout, ops)]

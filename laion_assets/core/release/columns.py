@@ -1,0 +1,60 @@
+"""The release's columns: LAION-5B's names first, then ours, and the 64-bit `hash` of URL and TEXT.
+
+`hash` is xxHash64 (seed 0) of the UTF-8 bytes of `URL + "\\x00" + TEXT`, read as a signed int64 (the bit pattern
+of the unsigned digest), as LAION's collections store an int64 hash column for joins. The NUL separator keeps
+("ab", "c") and ("a", "bc") apart; xxHash64 is stable across machines and library versions (unlike a dataframe
+library's internal hash). In Python: `xxhash.xxh64_intdigest(url.encode() + b"\\x00" + text.encode())`, minus 2**64
+when at least 2**63.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+if TYPE_CHECKING:
+    import polars as pl
+
+SUBSETS = ("en", "multi", "nolang")
+LAION_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "pwatermark", "punsafe", "hash"]
+FILTERED_SCHEMA = pa.schema([
+    ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32()),
+    ("LANGUAGE", pa.string()), ("similarity", pa.float32()), ("pwatermark", pa.float32()), ("punsafe", pa.float32()),
+    ("hash", pa.int64()),
+    ("key", pa.string()), ("shard", pa.string()), ("sha256", pa.string()), ("phash", pa.string()),
+    ("language_score", pa.float32()), ("crawl", pa.string()), ("subset", pa.string()),
+    ("duplicate_of", pa.string()), ("near_duplicate_of", pa.string()),
+])
+SEPARATOR = b"\x00"
+
+
+def url_text_hash(urls: list[str | None], texts: list[str | None]) -> np.ndarray:
+    """The `hash` column: xxHash64 of URL, NUL, TEXT as int64 (a missing value hashes as the empty string)."""
+    digests = np.fromiter(
+        (xxhash.xxh64_intdigest((u or "").encode() + SEPARATOR + (t or "").encode())
+         for u, t in zip(urls, texts, strict=True)), dtype=np.uint64, count=len(urls))
+    return digests.view(np.int64)
+
+
+def subset_of(language: str | None) -> str:
+    """LAION-5B's split: laion2B-en (English), laion2B-multi (another detected language), laion1B-nolang (none)."""
+    if not language:
+        return "nolang"
+    return "en" if language == "en" else "multi"
+
+
+def subset_expr(language: pl.Expr) -> pl.Expr:
+    """subset_of as a polars expression."""
+    import polars as pl
+
+    return (pl.when(language.is_null() | (language == "")).then(pl.lit("nolang"))
+            .when(language == "en").then(pl.lit("en")).otherwise(pl.lit("multi")))
+
+
+def sample_id(crawl: str, bucket: str, key: str) -> str:
+    """A sample's name across crawls (keys repeat between buckets): what duplicate_of and near_duplicate_of hold.
+    Sorting these names sorts samples by crawl, then bucket, then key: the order in which duplicates are won."""
+    return f"{crawl}/{bucket}/{key}"

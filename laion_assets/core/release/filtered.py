@@ -1,0 +1,168 @@
+"""The filtered metadata of one crawl x bucket: every sample that downloaded, passed the CLIP threshold and is not
+removed, in LAION-5B's columns (plus ours), joined from the download rows, the CLIP scores, the safety and
+watermark scores, the unique pairs' language score and the crawl's image dedup.
+
+A kept sample with no safety or watermark score (its image failed to decode there) keeps its row with a null
+`punsafe` / `pwatermark`, as any row that is missing a score; a sample a removal list names is not written, and is
+counted under its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from laion_assets.core import paths
+from laion_assets.core.download.plan import ShardsManifest
+from laion_assets.core.records import JsonRecord
+from laion_assets.core.release.columns import FILTERED_SCHEMA, subset_expr, url_text_hash
+from laion_assets.core.storage import Storage
+
+if TYPE_CHECKING:
+    import polars as pl
+    import pyarrow as pa
+
+# Given the candidate rows (URL, sha256, phash columns), the reason each one is removed, or null.
+RemovalMatcher = Callable[["pl.DataFrame"], "pl.Series"]
+DOWNLOAD_COLUMNS = ["key", "url", "caption", "status", "original_width", "original_height", "sha256", "phash",
+                    "language"]
+
+
+@dataclass
+class FilteredBucket(JsonRecord):
+    """What `filtered_metadata` made for one bucket: its Parquet file (relative to the storage root) and counts."""
+
+    crawl: str
+    bucket: str
+    file: str
+    rows: int
+    downloaded: int
+    kept: int
+    removed: dict[str, int] = field(default_factory=dict)  # reason -> samples
+    removal_version: str = ""
+    subsets: dict[str, int] = field(default_factory=dict)
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    models: dict[str, Any] = field(default_factory=dict)  # what produced the columns: model -> threshold
+    seconds: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        return {"rows": self.rows, "downloaded": self.downloaded, "kept": self.kept,
+                "removed": sum(self.removed.values()), "removed_by_reason": self.removed,
+                "removal_version": self.removal_version, "subsets": self.subsets,
+                "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
+                "models": self.models, "seconds": round(self.seconds, 3)}
+
+
+class MissingScoresError(ValueError):
+    """The bucket's inputs do not belong together (a kept sample that the download never made)."""
+
+
+def download_rows(store: Storage, manifest: ShardsManifest) -> pl.DataFrame:
+    """Every row of a finished download with the storage key of the tar its image is in (`shard`)."""
+    import polars as pl
+
+    frames = []
+    for keys in manifest.keys():
+        rows = pl.from_arrow(store.read_parquet(keys.rows, columns=DOWNLOAD_COLUMNS))
+        frames.append(rows.with_columns(pl.lit(keys.tar).alias("shard")))
+    if not frames:
+        return pl.DataFrame(schema={c: pl.String for c in DOWNLOAD_COLUMNS} | {"shard": pl.String})
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def kept_samples(downloads: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """The downloaded samples the CLIP filter kept, with their similarity."""
+    import polars as pl
+
+    ok = downloads.filter(pl.col("status") == "success")
+    kept = scores.filter(pl.col("keep")).select("key", "similarity")
+    joined = ok.join(kept, on="key", how="inner")
+    if joined.height != kept.height:
+        unknown = kept.join(ok, on="key", how="anti")["key"].head(5).to_list()
+        raise MissingScoresError(f"{kept.height - joined.height} kept samples have no downloaded image in the "
+                                 f"bucket's shards (keys {unknown}): clip_scores and image_shards do not match")
+    return joined
+
+
+def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.DataFrame, safety: pl.DataFrame,
+                   watermark: pl.DataFrame, language_scores: pl.DataFrame, duplicates: pl.DataFrame,
+                   removals: RemovalMatcher | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The bucket's rows in FILTERED_SCHEMA order, sorted by key, and the samples removed per reason.
+
+    `duplicates`: key, duplicate_of, near_duplicate_of of this bucket's samples (from the crawl's image dedup);
+    `language_scores`: url, language_score (from the unique pairs)."""
+    import polars as pl
+
+    rows = kept_samples(downloads, scores)
+    # Removed: what the list applied by the image dedup named, or what the list applied now names (the newer
+    # one, when a version came since: a rebuild never brings a removed sample back).
+    marks = duplicates.select("key", pl.col("removed").alias("_dedup_removed")) if "removed" in duplicates.columns \
+        else duplicates.select("key", pl.lit(None, pl.String).alias("_dedup_removed"))
+    rows = rows.join(marks, on="key", how="left")
+    now = removals(rows.select("url", "sha256", "phash")) if removals is not None and rows.height else None
+    rows = rows.with_columns(now.alias("_removed") if now is not None else pl.lit(None, pl.String).alias("_removed"))
+    rows = rows.with_columns(pl.col("_removed").fill_null(pl.col("_dedup_removed")))
+    removed = {r: int(n) for r, n in rows.filter(pl.col("_removed").is_not_null())
+               .group_by("_removed").len().sort("_removed").iter_rows()}
+    rows = rows.filter(pl.col("_removed").is_null()).drop("_removed", "_dedup_removed")
+    rows = (rows
+            .join(safety.select("key", "punsafe"), on="key", how="left")
+            .join(watermark.select("key", "pwatermark"), on="key", how="left")
+            .join(language_scores.select("url", "language_score").unique("url"), on="url", how="left")
+            .join(duplicates.select("key", "duplicate_of", "near_duplicate_of"), on="key", how="left")
+            .sort("key"))
+    hashes = url_text_hash(rows["url"].to_list(), rows["caption"].to_list())
+    out = rows.select(
+        pl.col("url").alias("URL"), pl.col("caption").alias("TEXT"),
+        pl.col("original_width").alias("WIDTH"), pl.col("original_height").alias("HEIGHT"),
+        pl.col("language").fill_null("").alias("LANGUAGE"), "similarity", "pwatermark", "punsafe",
+        pl.Series("hash", hashes), "key", "shard", "sha256", "phash", "language_score",
+        pl.lit(crawl).alias("crawl"),
+        subset_expr(pl.col("language")).alias("subset"),
+        "duplicate_of", "near_duplicate_of")
+    return pl.from_arrow(out.to_arrow().cast(FILTERED_SCHEMA)), removed
+
+
+def write_filtered(store: Storage, crawl: str, bucket: str, layout: paths.Layout, table: pa.Table,
+                   report: FilteredBucket) -> FilteredBucket:
+    """Store the bucket's rows; the record that names them is what the asset returns."""
+    key = paths.filtered_metadata(crawl, bucket, layout)
+    store.write_parquet(key, table)
+    report.file, report.rows = key, table.num_rows
+    return report
+
+
+def filter_bucket(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest: ShardsManifest,
+                  scores: pl.DataFrame, safety: pl.DataFrame, watermark: pl.DataFrame,
+                  language_scores: pl.DataFrame, duplicates: pl.DataFrame, removals: RemovalMatcher | None = None,
+                  removal_version: str = "") -> FilteredBucket:
+    """The bucket's filtered metadata, written, and its record."""
+    start = time.perf_counter()
+    downloads = download_rows(store, manifest)
+    table, removed = build_filtered(crawl, bucket, downloads, scores, safety, watermark, language_scores,
+                                    duplicates, removals)
+    report = FilteredBucket(crawl=crawl, bucket=bucket, file="", rows=0,
+                            downloaded=int((downloads["status"] == "success").sum()),
+                            kept=int(scores["keep"].sum()), removed=removed, removal_version=removal_version,
+                            subsets={s: int(n) for s, n in table.group_by("subset").len().sort("subset").iter_rows()},
+                            exact_duplicates=int(table["duplicate_of"].is_not_null().sum()),
+                            near_duplicates=int(table["near_duplicate_of"].is_not_null().sum()))
+    report.models = models_used(scores, safety, watermark)
+    write_filtered(store, crawl, bucket, layout, table.to_arrow(), report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def models_used(scores: pl.DataFrame, safety: pl.DataFrame, watermark: pl.DataFrame) -> dict[str, Any]:
+    """The models (and CLIP thresholds) whose outputs the columns hold, from the score tables themselves."""
+    out: dict[str, Any] = {}
+    if scores.height:
+        for model, threshold in scores.select("model", "threshold").unique().sort("model").iter_rows():
+            out[f"clip:{model}"] = {"threshold": threshold}
+    for name, table in (("safety", safety), ("watermark", watermark)):
+        if table.height:
+            out[name] = sorted(table["model"].unique().drop_nulls().to_list())
+    return out

@@ -1,0 +1,75 @@
+"""Image dedup: the winner rule, order independence, and the multi-index near-duplicate search against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import xxhash
+
+from laion_assets.core.release.columns import subset_of, url_text_hash
+from laion_assets.core.release.dedup import key_masks, mark_duplicates, near_pairs
+
+
+def test_hash_is_xxhash64_of_url_nul_text_as_signed_int64():
+    got = url_text_hash(["https://a.example/x.jpg", "ab", "a"], ["a cat", "c", "bc"])
+    want = xxhash.xxh64_intdigest(b"https://a.example/x.jpg\x00a cat")
+    assert got.dtype == np.int64 and int(got[0]) == (want - 2**64 if want >= 2**63 else want)
+    assert got[1] != got[2]  # the separator keeps ("ab", "c") and ("a", "bc") apart
+    assert [subset_of(x) for x in ("en", "de", "", None)] == ["en", "multi", "nolang", "nolang"]
+
+
+def _clustered_hashes(n: int, seed: int) -> list[int]:
+    """Random 64-bit hashes, a third of them a few bits from an earlier one (clusters that chain)."""
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for _ in range(n):
+        if out and rng.random() < 0.35:
+            h = out[int(rng.integers(0, len(out)))]
+            for bit in rng.choice(64, int(rng.integers(0, 7)), replace=False):
+                h ^= 1 << int(bit)
+        else:
+            h = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        out.append(h)
+    return out
+
+
+@pytest.mark.parametrize("radius", [0, 2, 4, 6])
+def test_multi_index_search_finds_exactly_the_pairs_brute_force_finds(radius):
+    hashes = sorted(set(_clustered_hashes(1500, radius)))
+    got = near_pairs(pl.DataFrame({"h": pl.Series(hashes, dtype=pl.UInt64)}), radius)
+    found = {(a, b) for a, b in got.iter_rows()}
+    arr = np.array(hashes, dtype=np.uint64)
+    xor = arr[:, None] ^ arr[None, :]
+    bits = np.unpackbits(xor.view(np.uint8), axis=1).reshape(len(arr), len(arr), 64).sum(axis=2)
+    i, j = np.nonzero((bits <= radius) & ~np.eye(len(arr), dtype=bool))
+    assert found == {(int(arr[a]), int(arr[b])) for a, b in zip(i, j, strict=True)}
+    assert len(key_masks(4)) == 35  # 7 blocks, 3 of them matched: C(7, 3)
+
+
+def test_winners_are_the_first_by_crawl_bucket_key_whatever_the_input_order():
+    ids = ["C1/0001/000000009", "C1/0000/000000003", "C0/0003/000000001", "C1/0000/000000001", "C1/0002/000000000"]
+    sha = ["aa", "aa", "bb", "cc", "aa"]
+    phash = ["ffff0000ffff0000", "0000000000000001", "0000000000000003", "0000000000000000", "00000000000000ff"]
+    frame = pl.DataFrame({"sample_id": ids, "sha256": sha, "phash": phash})
+    first, counts = mark_duplicates(frame, 4)
+    for seed in range(5):
+        again, _ = mark_duplicates(frame.sample(fraction=1.0, shuffle=True, seed=seed), 4)
+        assert again.equals(first)
+    marks = {r["sample_id"]: (r["duplicate_of"], r["near_duplicate_of"]) for r in first.to_dicts()}
+    # Same bytes: the earliest of C1/0000/3, C1/0001/9, C1/0002/0 wins.
+    assert marks["C1/0001/000000009"] == ("C1/0000/000000003", None)
+    assert marks["C1/0002/000000000"] == ("C1/0000/000000003", None)
+    # Near (within 4 bits), among exact winners: the earlier crawl's sample wins, then the smaller bucket and key.
+    assert marks["C1/0000/000000001"] == (None, "C0/0003/000000001")
+    assert marks["C1/0000/000000003"] == (None, "C0/0003/000000001")
+    assert marks["C0/0003/000000001"] == (None, None)
+    assert (counts.exact_duplicates, counts.near_duplicates) == (2, 2)
+
+
+def test_missing_hashes_match_nothing_and_a_negative_radius_is_refused():
+    frame = pl.DataFrame({"sample_id": ["a", "b", "c"], "sha256": [None, None, "x"], "phash": [None, None, "zz"]})
+    out, counts = mark_duplicates(frame, 4)
+    assert counts.exact_duplicates == counts.near_duplicates == 0
+    with pytest.raises(ValueError, match="radius"):
+        mark_duplicates(frame, -1)

@@ -1,0 +1,75 @@
+"""The release stage's upstream outputs (downloads, scores, unique pairs) written straight into a storage root, as
+the earlier stages' assets would leave them, so that the release assets can be materialized without the CLIP
+stage's models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from laion_assets.core import paths
+from laion_assets.core.download.plan import ShardEntry, ShardsManifest
+from laion_assets.core.offline.release_inputs import BucketInputs, bucket_inputs
+from laion_assets.core.storage import Storage
+from laion_assets.definitions import build_assets
+from laion_assets_tests.graph import LAYOUT, OPS
+
+RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
+
+
+def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, layout: paths.Layout = LAYOUT
+                 ) -> None:
+    prefix = paths.image_shards(crawl, bucket, layout)
+    keys = paths.shard(prefix, "00000")
+    store.write_parquet(keys.rows, inputs.rows)
+    successes = sum(s == "success" for s in inputs.rows["status"].to_pylist())
+    entry = ShardEntry("00000", "00000.tar", "00000.parquet", "00000_stats.json", inputs.rows.num_rows, successes)
+    manifest = ShardsManifest(prefix, inputs.rows.num_rows, "synthetic",
+                              {"success": successes, "failed_to_download": inputs.rows.num_rows - successes}, [entry])
+    store.write_bytes(paths.shards_manifest(prefix), manifest.to_json())
+    store.write_parquet(paths.clip_scores(crawl, bucket, layout), inputs.scores)
+    store.write_parquet(paths.safety_scores(crawl, bucket, layout), inputs.safety)
+    store.write_parquet(paths.watermark_scores(crawl, bucket, layout), inputs.watermark)
+    store.write_parquet(paths.unique_pairs(crawl, bucket, layout), inputs.pairs)
+
+
+def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_images: int = 5) -> dict[str, Any]:
+    """Every bucket of a synthetic crawl; the first `shared_images` images of each bucket are the same bytes."""
+    made = {}
+    for i, bucket in enumerate(LAYOUT.bucket_keys()):
+        made[bucket] = bucket_inputs(n, i, seed=seed, shared_images=shared_images)
+        write_bucket(store, crawl, bucket, made[bucket])
+    return made
+
+
+class ReleaseGraph:
+    """The release assets materialized one partition at a time in one instance."""
+
+    def __init__(self, resources: dict[str, Any], instance: dg.DagsterInstance | None = None) -> None:
+        self.resources = resources
+        self.instance = instance or dg.DagsterInstance.ephemeral()
+        self.assets = build_assets(LAYOUT, OPS)
+        self.by = {a.key.to_user_string(): a for a in self.assets}
+        self.meta: dict[str, list[dict]] = {}
+        self.checks: list[Any] = []
+
+    def run(self, name: str, partition: Any, config: dict | None = None,
+            raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        result = dg.materialize(self.assets, selection=[self.by[name]], partition_key=partition,
+                                instance=self.instance, resources=self.resources, raise_on_error=raise_on_error,
+                                run_config={"ops": {name: {"config": config}}} if config else None)
+        for m in result.asset_materializations_for_node(name):
+            self.meta.setdefault(name, []).append({k: v.value for k, v in m.metadata.items()})
+        self.checks += result.get_asset_check_evaluations()
+        return result
+
+    def release(self, crawl: str, config: dict | None = None) -> None:
+        """image_dedup, every bucket's filtered_metadata, the release, then its statistics."""
+        if not self.instance.has_dynamic_partition("crawls", crawl):
+            self.instance.add_dynamic_partitions("crawls", [crawl])
+        self.run("image_dedup", crawl, config and {"near_radius": config.get("near_radius", 4)})
+        for bucket in LAYOUT.bucket_keys():
+            self.run("filtered_metadata", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
+        self.run("release", crawl, config)
+        self.run("dataset_statistics", crawl)
