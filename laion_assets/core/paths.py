@@ -231,7 +231,8 @@ def knn_indices_root() -> str:
 
 @dataclass(frozen=True)
 class IndexFiles:
-    """The files of one index folder; `report` is written last and marks the folder complete."""
+    """The files of one index folder; `report` is written last and marks the folder complete; `removed` lists the
+    keys removed after the build (filtered out at query time until the rebuild)."""
 
     image: str
     text: str
@@ -239,6 +240,7 @@ class IndexFiles:
     text_infos: str
     metadata: str
     report: str
+    removed: str
 
     def index(self, modality: str) -> str:
         return self.image if modality == "image" else self.text
@@ -253,4 +255,5 @@ class IndexFiles:
 
 def index_files(prefix: str) -> IndexFiles:
     return IndexFiles(join(prefix, "image.index"), join(prefix, "text.index"), join(prefix, "image.infos.json"),
-                      join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, "_report.json"))
+                      join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, "_report.json"),
+                      join(prefix, "removed_keys.parquet"))

@@ -48,3 +48,53 @@ def mixture_crawl(store: Storage, crawl: str, rows_per_bucket: int = 600, dim: i
         tables.append(index_metadata(keys, urls, [f"caption of {k}" for k in keys], rng))
         vectors.append(img.astype(np.float16).astype(np.float32))
     return buckets, pa.concat_tables(tables), np.concatenate(vectors)
+
+
+def clip_crawl(store: Storage, crawl: str, model: object, n: int = 90, seed: int = 0, layout: Layout = LAYOUT
+               ) -> tuple[list[EmbeddingKeys], pa.Table, dict[str, bytes]]:
+    """A crawl of rendered scenes in webdataset shards (one per bucket), embedded by the small CLIP (the service's
+    query encoder), with index metadata naming each sample's shard. Every third sample is marked unsafe
+    (punsafe 0.9). Returns the buckets, the metadata and {key: stored JPEG bytes}."""
+    import io
+    import random
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
+
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    buckets, tables, images = [], [], {}
+    per = n // layout.buckets
+    for b in layout.bucket_keys():
+        keys, captions, jpgs = [], [], []
+        for i in range(per):
+            scene = random_scene(rng)
+            key = f"{crawl[-2:]}{b}{i:05d}"
+            keys.append(key)
+            captions.append(scene.caption("en"))
+            jpgs.append(jpeg_bytes(render(scene, (128, 96), seed=seed * 1000 + int(b) * 100 + i)))
+            images[key] = jpgs[-1]
+        tar_key = f"{paths.image_shards(crawl, b, layout)}/00000.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for key, caption, jpg in zip(keys, captions, jpgs, strict=True):
+                for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        store.write_bytes(tar_key, buf.getvalue())
+        pixels = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpgs]
+        img = model.encode_images(torch.stack([model.preprocess(p) for p in pixels]))
+        txt = model.encode_texts(captions)
+        urls = [f"http://images.example/{k}.jpg" for k in keys]
+        files = paths.bucket_embeddings(crawl, b, layout)
+        write_embeddings(store, files, img.astype(np.float16), txt.astype(np.float16),
+                         pa.table({"key": keys, "url": urls, "caption": captions, "language": ["en"] * per}))
+        buckets.append(files)
+        table = index_metadata(keys, urls, captions, nrng, tars=[tar_key] * per)
+        punsafe = np.where(np.arange(per) % 3 == 0, 0.9, 0.05)
+        tables.append(table.set_column(table.schema.get_field_index("punsafe"), "punsafe", pa.array(punsafe)))
+    return buckets, pa.concat_tables(tables), images

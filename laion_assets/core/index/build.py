@@ -205,6 +205,8 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
             if log:
                 log(f"{modality} index {r.index_key}: {r.vectors} vectors, {r.bytes} bytes, "
                     f"{r.build_seconds:.1f} s, {r.quality}")
+    if os.path.exists(files.removed):
+        os.remove(files.removed)  # removals recorded against the old build are excluded from this one
     report.seconds = time.perf_counter() - start
     _write_json(files.report, report.as_dict())
     return report

@@ -52,6 +52,7 @@ class OpenIndex:
     text: Any
     metadata: pa.Table
     report: dict[str, Any] = field(default_factory=dict)
+    removed: frozenset[str] = frozenset()
 
     @property
     def dim(self) -> int:
@@ -83,7 +84,7 @@ def open_index(name: str, folder: str) -> OpenIndex:
     if not image.ntotal == text.ntotal == table.num_rows:
         raise IndexUnavailable(f"index {folder} is not row-aligned: {image.ntotal} image vectors, {text.ntotal} text "
                                f"vectors, {table.num_rows} metadata rows")
-    return OpenIndex(name, folder, image, text, table, report)
+    return OpenIndex(name, folder, image, text, table, report, read_removed(folder))
 
 
 def _dedup(embeddings: np.ndarray, threshold: float) -> set[int]:
@@ -141,3 +142,23 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     keep = keep[: num_images if num_images is not None else num_result_ids]
     rows = meta.rows_of(index.metadata, [ids_l[p] for p in keep], columns)
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
+
+
+def write_removed(folder: str, keys: Collection[str]) -> None:
+    """Record keys removed after the index was built: the service filters them out of every result."""
+    import pyarrow.parquet as pq
+
+    path = paths.index_files(folder).removed
+    tmp = os.path.join(folder, ".tmp-removed_keys.parquet")
+    pq.write_table(pa.table({"key": pa.array(sorted(keys), pa.string())}), tmp)
+    os.replace(tmp, path)
+
+
+def read_removed(folder: str) -> frozenset[str]:
+    """The keys removed after the build (none when the file is absent)."""
+    import pyarrow.parquet as pq
+
+    path = paths.index_files(folder).removed
+    if not os.path.exists(path):
+        return frozenset()
+    return frozenset(pq.read_table(path, columns=["key"])["key"].to_pylist())

@@ -1,0 +1,1 @@
+PAGE = "<html><body>page</body></html>"
