@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 from aiohttp import web
 
 from laion_assets.core.index import metadata as meta
-from laion_assets.core.index.search import Hit, OpenIndex, search
+from laion_assets.core.index.search import Hit, OpenIndex, RowFilter, search
 from laion_assets.core.settings import FetchSettings, ServeSettings
 from laion_assets.serve.encoder import BadQuery, QueryEncoder
 from laion_assets.serve.indices import Indices, load_indices
@@ -198,6 +199,14 @@ def _result(hit: Hit) -> dict[str, Any]:
     return {"id": hit.id, "similarity": hit.similarity, **_public(hit.row)}
 
 
+def _row_filter(doc: dict[str, Any]) -> RowFilter:
+    """Our filters beyond clip-retrieval's (the page sends them; ClipClient does not)."""
+    return RowFilter(max_punsafe=_number(doc, "max_punsafe", 0.0, 1.0),
+                     max_pwatermark=_number(doc, "max_pwatermark", 0.0, 1.0),
+                     language=_string(doc, "language") or "",
+                     min_width=_int(doc, "min_width", 0, 0, 1 << 30), min_height=_int(doc, "min_height", 0, 0, 1 << 30))
+
+
 async def knn_service(request: web.Request) -> web.Response:
     doc = await _json(request)
     index = _indice(request, doc)
@@ -217,13 +226,13 @@ async def knn_service(request: web.Request) -> web.Response:
                                               or not 0 <= aesthetic_score <= 9):
         raise BadRequest(f"aesthetic_score must be an integer 0..9, not {aesthetic_score!r}"[:200])
     _number(doc, "aesthetic_weight", 0.0, 1.0)
-    max_punsafe = _number(doc, "max_punsafe", 0.0, 1.0)
-    if use_safety and max_punsafe is None:
-        max_punsafe = s.safety_threshold
+    where = _row_filter(doc)
+    if use_safety and where.max_punsafe is None:
+        where = dataclasses.replace(where, max_punsafe=s.safety_threshold)
     query = await _query_vector(request, doc, index)
     hits = await asyncio.to_thread(
         search, index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold,
-        max_punsafe)
+        where)
     return web.json_response([_result(h) for h in hits])
 
 
@@ -285,19 +294,20 @@ async def image(request: web.Request) -> web.Response:
 
 # --- subset export ------------------------------------------------------------------------------------------------
 
-def _filter_mask(batch: pa.RecordBatch, f: dict[str, Any]) -> pa.Array:
-    mask = pc.greater_equal(batch["WIDTH"], f["min_width"])
-    mask = pc.and_kleene(mask, pc.greater_equal(batch["HEIGHT"], f["min_height"]))
-    if f["max_punsafe"] is not None:
-        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["punsafe"], 0.0), f["max_punsafe"]))
-    if f["max_pwatermark"] is not None:
-        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["pwatermark"], 0.0), f["max_pwatermark"]))
-    if f["language"]:
-        mask = pc.and_kleene(mask, pc.equal(batch["LANGUAGE"], f["language"]))
+def _filter_mask(batch: pa.RecordBatch, f: RowFilter) -> pa.Array:
+    """RowFilter.passes, vectorized over a batch."""
+    mask = pc.greater_equal(pc.fill_null(batch["WIDTH"], 0), f.min_width)
+    mask = pc.and_kleene(mask, pc.greater_equal(pc.fill_null(batch["HEIGHT"], 0), f.min_height))
+    if f.max_punsafe is not None:
+        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["punsafe"], 0.0), f.max_punsafe))
+    if f.max_pwatermark is not None:
+        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["pwatermark"], 0.0), f.max_pwatermark))
+    if f.language:
+        mask = pc.and_kleene(mask, pc.equal(batch["LANGUAGE"], f.language))
     return pc.fill_null(mask, False)
 
 
-def export_table(index: OpenIndex, ids: list[int] | None, f: dict[str, Any] | None, limit: int) -> pa.Table:
+def export_table(index: OpenIndex, ids: list[int] | None, f: RowFilter | None, limit: int) -> pa.Table:
     """The rows of ids, or every row passing the filter (batch by batch over the memory-mapped metadata), minus
     removed keys, in img2dataset's columns."""
     if ids is not None:
@@ -305,7 +315,7 @@ def export_table(index: OpenIndex, ids: list[int] | None, f: dict[str, Any] | No
     else:
         parts, rows = [], 0
         for batch in index.metadata.to_batches(meta.BATCH_ROWS):
-            kept = batch.filter(_filter_mask(batch, f or {}))
+            kept = batch.filter(_filter_mask(batch, f or RowFilter()))
             parts.append(kept)
             rows += kept.num_rows
             if rows > limit:
@@ -332,10 +342,7 @@ async def export(request: web.Request) -> web.Response:
         raw = doc.get("filter")
         if not isinstance(raw, dict):
             raise BadRequest("give ids (the current results) or a filter object")
-        language = _string(raw, "language") or ""
-        flt = {"min_width": _int(raw, "min_width", 0, 0, 1 << 30), "min_height": _int(raw, "min_height", 0, 0, 1 << 30),
-               "max_punsafe": _number(raw, "max_punsafe", 0.0, 1.0),
-               "max_pwatermark": _number(raw, "max_pwatermark", 0.0, 1.0), "language": language}
+        flt = _row_filter(raw)
     table = await asyncio.to_thread(export_table, index, ids, flt, s.export_limit)
     buf = io.BytesIO()
     pq.write_table(table, buf)

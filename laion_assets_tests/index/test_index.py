@@ -14,7 +14,7 @@ from laion_assets.core import paths
 from laion_assets.core.index.build import build_index, read_report
 from laion_assets.core.index.merge import merge_indices
 from laion_assets.core.index.metadata import MetadataError
-from laion_assets.core.index.search import IndexUnavailable, open_index, search
+from laion_assets.core.index.search import IndexUnavailable, RowFilter, open_index, search
 from laion_assets.core.settings import IndexSettings
 from laion_assets.core.storage import Storage
 from laion_assets_tests.index.worlds import mixture_crawl
@@ -80,9 +80,12 @@ def test_query_time_removals_and_safety_and_dedup(built):
     gone = {before[0].row["key"], before[3].row["key"]}
     after = search(index, query, "image", num_result_ids=20, removed=gone)
     assert len(after) == 20 and not {h.row["key"] for h in after} & gone
-    safe = search(index, query, "image", num_result_ids=20, max_punsafe=0.5)
+    safe = search(index, query, "image", num_result_ids=20, where=RowFilter(max_punsafe=0.5))
     assert safe and all(h.row["punsafe"] <= 0.5 for h in safe)
     assert {h.id for h in safe} == {h.id for h in before if h.row["punsafe"] <= 0.5}
+    narrow = RowFilter(max_pwatermark=0.6, language="de", min_width=300, min_height=200)
+    rows = search(index, query, "image", num_result_ids=20, where=narrow)
+    assert {h.id for h in rows} == {h.id for h in before if narrow.passes(h.row)} and len(rows) < 20
     capped = search(index, query, "image", num_result_ids=20, num_images=5)
     assert [h.id for h in capped] == [h.id for h in before[:5]]
     # Dedup drops results whose embedding repeats a better one: a low threshold makes near neighbours "the same".

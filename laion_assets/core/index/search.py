@@ -101,12 +101,33 @@ def _dedup(embeddings: np.ndarray, threshold: float) -> set[int]:
     return drop
 
 
+@dataclass(frozen=True)
+class RowFilter:
+    """Metadata conditions a result must meet (None or 0: no condition)."""
+
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    language: str = ""
+    min_width: int = 0
+    min_height: int = 0
+
+    def passes(self, row: dict[str, Any]) -> bool:
+        return ((self.max_punsafe is None or (row["punsafe"] or 0.0) <= self.max_punsafe)
+                and (self.max_pwatermark is None or (row["pwatermark"] or 0.0) <= self.max_pwatermark)
+                and (not self.language or row["LANGUAGE"] == self.language)
+                and (row["WIDTH"] or 0) >= self.min_width and (row["HEIGHT"] or 0) >= self.min_height)
+
+
+FILTER_COLUMNS = ["key", "punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT"]
+
+
 def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_result_ids: int = 100,
            num_images: int | None = None, removed: Collection[str] = frozenset(), deduplicate: bool = False,
-           dedup_threshold: float = 0.94, max_punsafe: float | None = None, columns: list[str] | None = None
+           dedup_threshold: float = 0.94, where: RowFilter | None = None, columns: list[str] | None = None
            ) -> list[Hit]:
     """The nearest rows to one query vector, best first: the top num_result_ids from faiss, minus removed keys,
-    duplicates (when asked) and rows whose punsafe is over max_punsafe; then at most num_images of them."""
+    duplicates (when asked) and rows failing `where` (safety by punsafe, watermark, language, size); then at most
+    num_images of them."""
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     q /= max(float(np.linalg.norm(q)), 1e-12)
     fx = index.faiss(modality)
@@ -129,7 +150,7 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     ids_l, sims_l = ids[0][valid].tolist(), sims[0][valid].tolist()
     if embeddings is not None:
         embeddings = embeddings[valid]
-    looked = meta.rows_of(index.metadata, ids_l, ["key", "punsafe"])
+    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS)
     keep = [i for i, r in enumerate(looked) if r["key"] not in removed]
     keep = keep[:num_result_ids]
     if embeddings is not None and keep:
@@ -137,8 +158,8 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         dropped = _dedup(e, dedup_threshold)
         keep = [p for j, p in enumerate(keep) if j not in dropped]
-    if max_punsafe is not None:
-        keep = [p for p in keep if looked[p]["punsafe"] is None or looked[p]["punsafe"] <= max_punsafe]
+    if where is not None:
+        keep = [p for p in keep if where.passes(looked[p])]
     keep = keep[: num_images if num_images is not None else num_result_ids]
     rows = meta.rows_of(index.metadata, [ids_l[p] for p in keep], columns)
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
