@@ -55,8 +55,20 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int = K) -> Quality:
-    """Recall@k and single-query latency of a faiss index (queries one at a time, as the service sends them)."""
+    """Recall@k and single-query latency of a faiss index (queries one at a time on one thread, as the service
+    runs them: its concurrency comes from parallel requests, not from OpenMP inside one query)."""
+    import faiss
+
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return _measure(index, queries, truth, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int) -> Quality:
     found = np.full((len(queries), k), -1, np.int64)
     times = np.zeros(len(queries))
     for i in range(len(queries)):
