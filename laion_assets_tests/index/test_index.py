@@ -154,3 +154,24 @@ def test_autofaiss_runs_beside_numpy_2_and_is_declared():
     assert autofaiss.__version__ and faiss.IndexFlatIP(4).d == 4
     project = tomllib.load(open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml"), "rb"))
     assert f"autofaiss=={autofaiss.__version__}" in project["tool"]["laion_assets"]["install-no-deps"]
+
+
+def test_the_index_command_builds_from_a_clip_retrieval_folder(tmp_path):
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from laion_assets.cli import main
+    from laion_assets_tests.index.worlds import LAYOUT
+
+    store = Storage(str(tmp_path / "data"))
+    _, table, _ = mixture_crawl(store, "CC-MAIN-2099-05", rows_per_bucket=200, seed=5)
+    pq.write_table(table, tmp_path / "meta.parquet")
+    pq.write_table(table.select(["key"]).slice(0, 10), tmp_path / "removed.parquet")
+    out = tmp_path / "index"
+    result = CliRunner().invoke(main, [
+        "index", store.uri(paths.embeddings("CC-MAIN-2099-05", LAYOUT)), "--metadata", str(tmp_path / "meta.parquet"),
+        "-o", str(out), "--exclude", str(tmp_path / "removed.parquet"), "--index-key", "IVF8,Flat",
+        "--eval-queries", "20"])
+    assert result.exit_code == 0, result.output
+    assert "rows=590" in result.output and "excluded=10" in result.output and "image_recall_at_10=" in result.output
+    assert open_index("cli", str(out)).metadata.num_rows == 590
