@@ -108,7 +108,8 @@ def _autofaiss(folder: str, modality: str, settings: IndexSettings, work: str) -
         max_index_memory_usage=settings.query_memory, current_memory_available=settings.build_memory,
         max_index_query_time_ms=settings.max_query_ms, nb_cores=settings.cores or None, verbose=logging.WARNING)
     if index is None:
-        raise RuntimeError(f"autofaiss built no {modality} index from {folder}: {infos}")
+        raise RuntimeError(f"autofaiss built no {modality} index from {folder} (its log says why: usually "
+                           f"build_memory {settings.build_memory} is too small to train the index it chose)")
     faiss.write_index(index, out)
     with open(os.path.join(work, f"{modality}.infos.json"), "w") as f:
         json.dump(infos, f, default=_json_number, indent=1, sort_keys=True)
