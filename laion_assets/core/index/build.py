@@ -87,7 +87,7 @@ def read_report(folder: str) -> IndexReport:
         return IndexReport.from_dict(json.load(f))
 
 
-def _write_json(path: str, doc: dict[str, Any]) -> None:
+def write_json(path: str, doc: dict[str, Any]) -> None:
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
@@ -209,7 +209,7 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
     if os.path.exists(files.removed):
         os.remove(files.removed)  # removals recorded against the old build are excluded from this one
     report.seconds = time.perf_counter() - start
-    _write_json(files.report, report.as_dict())
+    write_json(files.report, report.as_dict())
     return report
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from laion_assets.core import paths
 from laion_assets.core.index import metadata as meta
-from laion_assets.core.index.build import IndexReport, _write_json, read_report
+from laion_assets.core.index.build import IndexReport, read_report, write_json
 from laion_assets.core.index.evaluate import ExactTopK, measure
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.settings import IndexSettings
@@ -124,7 +124,7 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
             faiss.write_index(merged, tmp)
             os.replace(tmp, files.index(modality))
             params = f"nprobe={faiss.extract_index_ivf(merged).nprobe}"
-            _write_json(files.infos(modality), {"index_key": key, "index_param": params, "nb vectors": offset,
+            write_json(files.infos(modality), {"index_key": key, "index_param": params, "nb vectors": offset,
                                                 "parts": list(parts)})
             del merged
             r = report.modality(modality)
@@ -145,5 +145,5 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
 
     meta.write_arrow(tagged(), meta.complete(meta.empty()).schema, files.metadata)
     report.seconds = time.perf_counter() - start
-    _write_json(files.report, report.as_dict())
+    write_json(files.report, report.as_dict())
     return report
