@@ -175,3 +175,18 @@ def test_the_index_command_builds_from_a_clip_retrieval_folder(tmp_path):
     assert result.exit_code == 0, result.output
     assert "rows=590" in result.output and "excluded=10" in result.output and "image_recall_at_10=" in result.output
     assert open_index("cli", str(out)).metadata.num_rows == 590
+
+
+def test_merge_in_many_small_shards_under_a_tiny_build_budget(built, tmp_path):
+    """A part larger than the build budget is spread over several shards before merge_ondisk; nothing is lost."""
+    _, crawls = built
+    parts = {name: c["folder"] for name, c in crawls.items()}
+    report = merge_indices(parts, str(tmp_path / "all"), IndexSettings(build_memory="64K", eval_queries=20))
+    merged = open_index("all", str(tmp_path / "all"))
+    assert merged.image.ntotal == merged.text.ntotal == report.rows == merged.metadata.num_rows
+    assert report.image.quality["recall_at_10"] >= 0.9
+    c = crawls["CC-MAIN-2099-02"]
+    keys = c["table"]["key"].to_pylist()
+    key = [k for k in keys if k not in c["removed"]][-1]  # the last row: in the last shard
+    hit = search(merged, c["vectors"][keys.index(key)], "image", num_result_ids=1)[0]
+    assert hit.row["key"] == key and hit.row["indice"] == "CC-MAIN-2099-02"

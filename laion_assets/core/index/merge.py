@@ -54,9 +54,9 @@ def _vectors(index: Any, batch: int = meta.BATCH_ROWS) -> Iterator[tuple[int, np
 def _key(total: int, dim: int, settings: IndexSettings) -> tuple[str, int]:
     """The merged index's factory string and nlist: flat codes when they fit the query budget, else 8-bit scalar
     quantization, else PQ."""
-    nlist = settings.merged_nlist or max(1, min(int(4 * math.sqrt(total)), total // 39 or 1))
     from autofaiss.utils.cast import cast_memory_to_bytes
 
+    nlist = settings.merged_nlist or max(1, min(int(4 * math.sqrt(total)), total // 39 or 1))
     budget = cast_memory_to_bytes(settings.query_memory)
     if total * dim * 4 <= budget:
         return f"IVF{nlist},Flat", nlist
@@ -69,6 +69,7 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
                   work_dir: str | None = None, log: Log | None = None) -> IndexReport:
     """Merge complete index folders ({indice name: folder}, in that order) into out_dir."""
     import faiss
+    from autofaiss.utils.cast import cast_memory_to_bytes
     from faiss.contrib.ondisk import merge_ondisk
 
     settings = settings or IndexSettings()
@@ -107,16 +108,25 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
             trained_path = os.path.join(work, f"{modality}.trained.index")
             faiss.write_index(trained, trained_path)
             exact = ExactTopK(np.concatenate(queries) if queries else np.zeros((0, report.dim), np.float32))
-            shards, offset = [], 0
-            for i, ix in enumerate(indices):
-                shard = faiss.read_index(trained_path)
+            # Shards are written whenever their codes reach half the build budget, so that merging a part holds at
+            # most that much of it in memory, however large the part.
+            flush_at = max(1, cast_memory_to_bytes(settings.build_memory) // 2
+                           // max(1, faiss.extract_index_ivf(trained).code_size))
+            shards: list[str] = []
+            shard, offset = faiss.read_index(trained_path), 0
+            for ix in indices:
                 for lo, vectors in _vectors(ix):
                     shard.add_with_ids(vectors, np.arange(offset + lo, offset + lo + len(vectors), dtype=np.int64))
                     exact.add(vectors, offset + lo)
-                shards.append(os.path.join(work, f"{modality}.shard{i}.index"))
-                faiss.write_index(shard, shards[-1])
+                    if shard.ntotal >= flush_at:
+                        shards.append(os.path.join(work, f"{modality}.shard{len(shards)}.index"))
+                        faiss.write_index(shard, shards[-1])
+                        shard = faiss.read_index(trained_path)
                 offset += ix.ntotal
-                del shard
+            if shard.ntotal or not shards:
+                shards.append(os.path.join(work, f"{modality}.shard{len(shards)}.index"))
+                faiss.write_index(shard, shards[-1])
+            del shard
             merged = faiss.read_index(trained_path)
             merge_ondisk(merged, shards, files.ivfdata(modality))
             faiss.extract_index_ivf(merged).nprobe = settings.merged_nprobe or max(16, nlist // 8)
@@ -136,10 +146,11 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
                 r.quality = measure(served, exact.queries, exact.ids).as_dict()
             if log:
                 log(f"merged {modality} index {key}: {offset} vectors from {len(parts)} indices, {r.quality}")
+
     def tagged() -> Iterator[pa.Table]:
         for name, folder in parts.items():
             table = meta.open_arrow(paths.index_files(folder).metadata)
-            if "indice" in table.column_names:  # merging merged indices keeps the crawl of each row
+            if "indice" in table.column_names:  # a merged part's rows are tagged with the part's name
                 table = table.drop_columns(["indice"])
             yield meta.complete(table.append_column("indice", pa.array([name] * table.num_rows, pa.string())))
 
