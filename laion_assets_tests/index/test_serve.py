@@ -124,7 +124,7 @@ def test_images_come_from_our_shards(service, world):
 
 def test_image_url_goes_through_the_guard(world, loopback):
     root, encoder, images, tables = world
-    key = tables[CRAWLS[0]]["key"][3].as_py()
+    key = tables[CRAWLS[0]]["key"][4].as_py()  # a safe one: ClipClient asks for the safety filter by default
     loopback.static("/q.jpg", images[key], "image/jpeg")
     doc = {"indice_name": CRAWLS[0], "image_url": f"{loopback.base}/q.jpg", "num_images": 3}
     with running(make_app(str(root), ServeSettings(), encoder)) as base:
@@ -132,8 +132,8 @@ def test_image_url_goes_through_the_guard(world, loopback):
         assert refused.status_code == 400 and "forbidden (loopback)" in refused.json()["error"]
     assert loopback.hits.get("/q.jpg", 0) == 0
     with running(make_app(str(root), ServeSettings(allow_networks=("127.0.0.1/32",)), encoder)) as base:
-        allowed = post(base, "/knn-service", doc)
-        assert allowed.status_code == 200 and allowed.json()[0]["key"] == key
+        client = clip_client_module().ClipClient(url=f"{base}/knn-service", indice_name=CRAWLS[0], num_images=3)
+        assert client.query(image=f"{loopback.base}/q.jpg")[0]["key"] == key  # ClipClient sends it as image_url
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
