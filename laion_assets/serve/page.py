@@ -107,6 +107,7 @@ async function search(query) {
 function render(results) {
   const grid = $("results");
   grid.innerHTML = "";
+  grid.dataset.renders = (+grid.dataset.renders || 0) + 1;  // lets a script wait for this search's results
   for (const r of results) {
     const card = document.createElement("div");
     card.className = "result";

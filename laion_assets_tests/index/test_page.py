@@ -47,9 +47,11 @@ def test_search_filter_more_like_this_and_export(service, world, tmp_path):
         assert not unsafe_keys & set(tab.eval_on_selector_all(".result", "cards => cards.map(c => c.dataset.key)"))
         # More like this: the first result's image as the query finds that very image first.
         key = tab.get_attribute(".result", "data-key")
+        renders = int(tab.get_attribute("#results", "data-renders"))
         tab.click(".result .more")
-        tab.wait_for_function(f"document.querySelector('.result').dataset.key === '{key}' && "
+        tab.wait_for_function(f"+document.getElementById('results').dataset.renders > {renders} && "
                               "document.getElementById('status').textContent.endsWith('results')")
+        assert tab.get_attribute(".result", "data-key") == key
         shown = tab.eval_on_selector_all(".result", "cards => cards.map(c => +c.dataset.id)")
         # Export the current results, then the whole crawl under a filter.
         with tab.expect_download() as download:
