@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q --no-deps $$($(VENV)/bin/python -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb'))['tool']['laion_assets']; print(' '.join(t['install-no-deps'] + t['install-no-deps-dev']))")
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -17,13 +17,16 @@ import click
 from laion_assets.cli_options import options, settings_from
 from laion_assets.core.settings import (
     DEFAULT_SOURCE,
+    DEFAULT_STORAGE,
     ClipSettings,
     DownloadSettings,
     ExtractSettings,
     FetchSettings,
+    IndexSettings,
     ModelSettings,
     ResizeSettings,
     SampleSettings,
+    ServeSettings,
     SourceSettings,
 )
 
@@ -513,6 +516,52 @@ def demo(storage: str | None) -> None:
     from laion_assets.demo import run_demo
 
     run_demo(storage)
+
+
+# --- the kNN index and the search service ---------------------------------------------------------------------
+
+@main.command("index")
+@click.argument("embeddings")
+@click.option("--metadata", "metadata_path", required=True,
+              help="Parquet file of the index metadata, row-aligned with the embeddings (bucket after bucket).")
+@click.option("--output-dir", "-o", required=True, help="Local folder of the index (image.index, text.index, ...).")
+@click.option("--exclude", "exclude_path", default=None, help="Parquet file with a `key` column: rows left out.")
+@options(IndexSettings)
+def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_path: str | None,
+                  **kwargs: Any) -> None:
+    """Build the kNN indices of a clip-retrieval embedding folder (img_emb/, text_emb/, metadata/)."""
+    import pyarrow.parquet as pq
+
+    from laion_assets.core import paths
+    from laion_assets.core.index.build import build_index
+    from laion_assets.core.storage import Storage
+
+    store = Storage(embeddings)
+    numbers = sorted(int(k.rsplit("_", 1)[1].split(".")[0]) for k in store.list("metadata"))
+    exclude = set(pq.read_table(exclude_path, columns=["key"])["key"].to_pylist()) if exclude_path else set()
+    report = build_index(store, [paths.embedding_files("", i) for i in numbers], pq.read_table(metadata_path),
+                         output_dir, settings_from(IndexSettings, kwargs), exclude=exclude, log=click.echo)
+    click.echo(" ".join(f"{k}={v}" for k, v in report.metadata().items()))
+
+
+@main.command("serve")
+@click.option("--storage", default=None, help="Local storage root whose indices are served (default: "
+                                               "LAION_ASSETS_STORAGE or ./data).")
+@options(ServeSettings)
+@options(ModelSettings, exclude=("clip_en_arch", "clip_en_pretrained", "clip_multi_arch", "clip_multi_pretrained",
+                                 "threshold_en", "threshold_multi", "safety_head", "watermark_arch",
+                                 "watermark_checkpoint", "watermark_image_size", "batch_size", "decode_workers"))
+def serve_command(storage: str | None, **kwargs: Any) -> None:
+    """Serve the storage root's kNN indices: clip-retrieval's API (/knn-service, /metadata, /indices-list) and the
+    search page at /."""
+    from laion_assets.serve.app import serve
+    from laion_assets.serve.encoder import QueryEncoder
+
+    settings = settings_from(ServeSettings, kwargs)
+    models = settings_from(ModelSettings, kwargs)
+    root = storage or os.environ.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE)
+    click.echo(f"serving the indices of {root} on http://{settings.host}:{settings.port}/")
+    serve(root, settings, QueryEncoder(models), print_fn=click.echo)
 
 
 if __name__ == "__main__":

@@ -268,3 +268,52 @@ def removals() -> str:
 
 def removal_version(version: int) -> str:
     return f"{removals()}/v{version:06d}.jsonl"
+
+# --- the kNN index ---------------------------------------------------------------------------------------------
+
+ALL_INDICES = "all"
+
+
+def knn_index(crawl: str) -> str:
+    """A crawl's kNN index folder: clip-retrieval's `image.index`, `text.index`, their infos, and the metadata."""
+    return f"{crawl_root(crawl)}/knn_index"
+
+
+def knn_index_all() -> str:
+    """The crawls' indices merged into one (the `all` indice of the search service)."""
+    return f"knn_index/{ALL_INDICES}"
+
+
+def knn_indices_root() -> str:
+    """What the search service lists: `crawls/<crawl>/knn_index` folders and `knn_index/all`."""
+    return "crawls"
+
+
+@dataclass(frozen=True)
+class IndexFiles:
+    """The files of one index folder; `report` is written last and marks the folder complete; `removed` lists the
+    keys removed after the build (filtered out at query time until the rebuild)."""
+
+    image: str
+    text: str
+    image_infos: str
+    text_infos: str
+    metadata: str
+    report: str
+    removed: str
+
+    def index(self, modality: str) -> str:
+        return self.image if modality == "image" else self.text
+
+    def infos(self, modality: str) -> str:
+        return self.image_infos if modality == "image" else self.text_infos
+
+    def ivfdata(self, modality: str) -> str:
+        """The inverted lists of a merged index, kept on disk beside it (faiss reads them memory-mapped)."""
+        return f"{self.index(modality)[: -len('.index')]}.ivfdata"
+
+
+def index_files(prefix: str) -> IndexFiles:
+    return IndexFiles(join(prefix, "image.index"), join(prefix, "text.index"), join(prefix, "image.infos.json"),
+                      join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, "_report.json"),
+                      join(prefix, "removed_keys.parquet"))

@@ -254,3 +254,39 @@ class OperationsSettings:
             if name in env:
                 values[f.name] = type(f.default)(env[name])
         return cls(**values)
+
+
+# --- the kNN index and the search service ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the kNN indices are built (autofaiss) and measured, and what the service may use to query them."""
+
+    build_memory: str = setting("4G", "Memory autofaiss may use while building (its current_memory_available).")
+    query_memory: str = setting("2G", "Largest index autofaiss may choose: what one loaded index may take in RAM "
+                                      "when queried (its max_index_memory_usage).")
+    max_query_ms: float = setting(10.0, "Query time autofaiss tunes the index for (its max_index_query_time_ms).")
+    index_key: str = setting("", "faiss index factory string (empty: autofaiss picks one from the budgets).")
+    cores: int = setting(0, "Threads used while building (0: every core).")
+    eval_queries: int = setting(200, "Held-out queries measuring recall@10 against exact search and latency "
+                                     "(0: no measurement).")
+    merged_nlist: int = setting(0, "Inverted lists of the merged index (0: about 4 sqrt(vectors)).")
+    merged_nprobe: int = setting(0, "Lists the merged index probes per query (0: nlist / 8, at least 16).")
+    seed: int = setting(0, "Seed of the held-out query sample and of the merged index's training sample.")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The search service: where it listens and what a request may ask of it."""
+
+    host: str = setting("127.0.0.1", "Address the service listens on.")
+    port: int = setting(1234, "Port the service listens on.")
+    max_body_bytes: int = setting(20 * 1024 * 1024, "Largest request body accepted (uploaded images included).")
+    max_results: int = setting(10_000, "Largest num_images / num_result_ids a query may ask for.")
+    safety_threshold: float = setting(0.5, "punsafe above which use_safety_model hides a result.")
+    dedup_threshold: float = setting(0.94, "Inner product above which deduplicate treats two results as one image.")
+    image_fetch_bytes: int = setting(10 * 1024 * 1024, "Largest image_url body fetched.")
+    image_fetch_deadline_s: float = setting(10.0, "Seconds an image_url fetch may take, all in.")
+    allow_networks: tuple[str, ...] = setting((), "CIDR image_url may reach despite the address guard (repeatable).",
+                                              cli="--allow-network")
+    export_limit: int = setting(1_000_000, "Most rows one subset export may return.")

@@ -1,0 +1,83 @@
+"""The metadata of an index's rows: one Arrow IPC file, row-aligned with the index (row i describes vector i), read
+memory-mapped so that a service over billions of rows only pages in the rows it returns."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# What every index row carries (LAION's column names where it has one); `tar` (the storage key of the webdataset
+# shard holding the image) and `indice` (the crawl of a merged index's row) are added when known.
+COLUMNS: dict[str, pa.DataType] = {
+    "URL": pa.string(), "caption": pa.string(), "key": pa.string(), "shard": pa.string(), "WIDTH": pa.int64(),
+    "HEIGHT": pa.int64(), "similarity": pa.float64(), "punsafe": pa.float64(), "pwatermark": pa.float64(),
+    "LANGUAGE": pa.string(),
+}
+OPTIONAL: dict[str, pa.DataType] = {"tar": pa.string(), "indice": pa.string()}
+BATCH_ROWS = 65_536
+
+
+class MetadataError(ValueError):
+    """Index metadata that lacks a column, has the wrong type, or is not row-aligned with the embeddings."""
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """The caller's table with exactly our columns (cast to our types), or MetadataError naming what is missing."""
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise MetadataError(f"index metadata lacks column(s) {missing} (has {table.column_names})")
+    wanted = {**COLUMNS, **{c: t for c, t in OPTIONAL.items() if c in table.column_names}}
+    try:
+        return pa.table({c: table[c].cast(t) for c, t in wanted.items()})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise MetadataError(f"index metadata has a column of the wrong type: {err}") from err
+
+
+def empty() -> pa.Table:
+    return pa.schema(list(COLUMNS.items())).empty_table()
+
+
+def complete(table: pa.Table) -> pa.Table:
+    """A conformed table with every optional column too (nulls where unknown): one schema for merged parts."""
+    table = conform(table)
+    extra = {n: table[n] if n in table.column_names else pa.nulls(table.num_rows, t) for n, t in OPTIONAL.items()}
+    return pa.table({**{n: table[n] for n in COLUMNS}, **extra})
+
+
+def write_arrow(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, path: str) -> int:
+    """Write record batches to an Arrow IPC file atomically (temporary name, then rename); returns the row count."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    rows = 0
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in batches:
+                for b in (batch.to_batches(BATCH_ROWS) if isinstance(batch, pa.Table) else [batch]):
+                    writer.write_batch(b)
+                    rows += b.num_rows
+    except BaseException:
+        os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    return rows
+
+
+def open_arrow(path: str) -> pa.Table:
+    """The metadata file, memory-mapped: taking rows reads only their pages."""
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+
+def rows_of(table: pa.Table, ids: list[int], columns: list[str] | None = None) -> list[dict]:
+    """The rows at ids (in that order) as dicts."""
+    if not ids:
+        return []
+    taken = table.take(pa.array(ids, pa.int64()))
+    return (taken.select(columns) if columns else taken).to_pylist()
+
+
+def find_key(table: pa.Table, key: str) -> int | None:
+    """The row of a key (a scan of the key column: the service does it for /image only)."""
+    found = pc.index(table["key"], pa.scalar(key, pa.string())).as_py()
+    return None if found is None or found < 0 else int(found)

@@ -1,0 +1,185 @@
+"""Searching a built index folder: faiss indices read memory-mapped (on-disk inverted lists for a merged index),
+metadata memory-mapped, removals newer than the index filtered out at query time, and clip-retrieval's post
+filters (dedup by embedding, safety by punsafe)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from laion_assets.core import paths
+from laion_assets.core.index import metadata as meta
+
+MODALITIES = ("image", "text")
+
+
+def load_faiss(index_path: str, infos_path: str | None = None) -> Any:
+    """A faiss index read without loading its vectors (memory-mapped; a merged index's inverted lists stay in their
+    .ivfdata file), with the search parameters autofaiss tuned (recorded in its infos) applied."""
+    import faiss
+
+    ivfdata = index_path[: -len(".index")] + ".ivfdata"
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if os.path.exists(ivfdata) else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    index = faiss.read_index(index_path, flags)
+    if infos_path and os.path.exists(infos_path):
+        with open(infos_path) as f:
+            params = json.load(f).get("index_param")
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+    return index
+
+
+@dataclass
+class Hit:
+    id: int
+    similarity: float
+    row: dict[str, Any]
+
+
+@dataclass
+class OpenIndex:
+    """One indice of the service: its two faiss indices and the metadata, all memory-mapped."""
+
+    name: str
+    folder: str
+    image: Any
+    text: Any
+    metadata: pa.Table
+    report: dict[str, Any] = field(default_factory=dict)
+    removed: frozenset[str] = frozenset()
+
+    @property
+    def dim(self) -> int:
+        return int(self.image.d)
+
+    def faiss(self, modality: str) -> Any:
+        return self.image if modality == "image" else self.text
+
+
+class IndexUnavailable(RuntimeError):
+    """An index folder that cannot be served (missing or corrupt files); the message says why."""
+
+
+def open_index(name: str, folder: str) -> OpenIndex:
+    """An index folder, checked: complete (report present), both indices readable and row-aligned with the
+    metadata. Anything else is IndexUnavailable with the reason."""
+    files = paths.index_files(folder)
+    if not os.path.exists(files.report):
+        raise IndexUnavailable(f"{files.report} is missing: the index was not built completely")
+    try:
+        with open(files.report) as f:
+            report = json.load(f)
+        image = load_faiss(files.image, files.image_infos)
+        text = load_faiss(files.text, files.text_infos)
+        table = meta.open_arrow(files.metadata)
+    except Exception as err:  # faiss raises RuntimeError, Arrow ArrowInvalid, json ValueError: all mean "corrupt"
+        raise IndexUnavailable(f"cannot read the index in {folder}: {type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if not image.ntotal == text.ntotal == table.num_rows:
+        raise IndexUnavailable(f"index {folder} is not row-aligned: {image.ntotal} image vectors, {text.ntotal} text "
+                               f"vectors, {table.num_rows} metadata rows")
+    return OpenIndex(name, folder, image, text, table, report, read_removed(folder))
+
+
+def _dedup(embeddings: np.ndarray, threshold: float) -> set[int]:
+    """Positions of results that repeat an earlier (better ranked) one: inner product above threshold."""
+    drop: set[int] = set()
+    if len(embeddings) < 2:
+        return drop
+    sims = embeddings @ embeddings.T
+    for i in range(len(embeddings)):
+        if i in drop:
+            continue
+        later = np.nonzero(sims[i, i + 1 :] > threshold)[0] + i + 1
+        drop.update(int(j) for j in later)
+    return drop
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Metadata conditions a result must meet (None or 0: no condition)."""
+
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    language: str = ""
+    min_width: int = 0
+    min_height: int = 0
+
+    def passes(self, row: dict[str, Any]) -> bool:
+        return ((self.max_punsafe is None or (row["punsafe"] or 0.0) <= self.max_punsafe)
+                and (self.max_pwatermark is None or (row["pwatermark"] or 0.0) <= self.max_pwatermark)
+                and (not self.language or row["LANGUAGE"] == self.language)
+                and (row["WIDTH"] or 0) >= self.min_width and (row["HEIGHT"] or 0) >= self.min_height)
+
+
+FILTER_COLUMNS = ["key", "punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT"]
+
+
+def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_result_ids: int = 100,
+           num_images: int | None = None, removed: Collection[str] = frozenset(), deduplicate: bool = False,
+           dedup_threshold: float = 0.94, where: RowFilter | None = None, columns: list[str] | None = None
+           ) -> list[Hit]:
+    """The nearest rows to one query vector, best first: the top num_result_ids from faiss, minus removed keys,
+    duplicates (when asked) and rows failing `where` (safety by punsafe, watermark, language, size); then at most
+    num_images of them."""
+    q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+    q /= max(float(np.linalg.norm(q)), 1e-12)
+    fx = index.faiss(modality)
+    # Removed keys are dropped after the search, so ask for that many more (bounded: a long removal list thins
+    # results rather than making every query scan the whole index).
+    extra = min(len(removed), 10 * num_result_ids + 100)
+    k = int(min(fx.ntotal, num_result_ids + extra))
+    if k <= 0:
+        return []
+    embeddings = None
+    if deduplicate:
+        try:
+            sims, ids, rec = fx.search_and_reconstruct(q, k)
+            embeddings = rec[0]
+        except RuntimeError:  # an index type without reconstruction: dedup needs the vectors, search without it
+            sims, ids = fx.search(q, k)
+    else:
+        sims, ids = fx.search(q, k)
+    valid = ids[0] >= 0
+    ids_l, sims_l = ids[0][valid].tolist(), sims[0][valid].tolist()
+    if embeddings is not None:
+        embeddings = embeddings[valid]
+    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS)
+    keep = [i for i, r in enumerate(looked) if r["key"] not in removed]
+    keep = keep[:num_result_ids]
+    if embeddings is not None and keep:
+        e = embeddings[keep]
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        dropped = _dedup(e, dedup_threshold)
+        keep = [p for j, p in enumerate(keep) if j not in dropped]
+    if where is not None:
+        keep = [p for p in keep if where.passes(looked[p])]
+    keep = keep[: num_images if num_images is not None else num_result_ids]
+    rows = meta.rows_of(index.metadata, [ids_l[p] for p in keep], columns)
+    return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
+
+
+def write_removed(folder: str, keys: Collection[str]) -> None:
+    """Record keys removed after the index was built: the service filters them out of every result."""
+    import pyarrow.parquet as pq
+
+    path = paths.index_files(folder).removed
+    tmp = os.path.join(folder, ".tmp-removed_keys.parquet")
+    pq.write_table(pa.table({"key": pa.array(sorted(keys), pa.string())}), tmp)
+    os.replace(tmp, path)
+
+
+def read_removed(folder: str) -> frozenset[str]:
+    """The keys removed after the build (none when the file is absent)."""
+    import pyarrow.parquet as pq
+
+    path = paths.index_files(folder).removed
+    if not os.path.exists(path):
+        return frozenset()
+    return frozenset(pq.read_table(path, columns=["key"])["key"].to_pylist())

@@ -1,0 +1,411 @@
+"""The search service: clip-retrieval's back-end API (`POST /knn-service`, `POST /metadata`, `GET /indices-list`)
+so that `clip_retrieval.clip_client.ClipClient` works unchanged, plus `GET /image/<indice>/<key>` (the stored
+image from our shards), `GET /indices-status`, `POST /export` (an img2dataset-ready parquet) and the page at `/`.
+
+aiohttp (already the download stage's HTTP library): one event loop serves many concurrent clients, the request
+body limit is the server's own (`client_max_size`), and faiss and CLIP run in worker threads (both release the GIL),
+so a slow query never blocks the others. Every bad request gets a 4xx with a JSON `{"error": ...}`; nothing
+returns a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import io
+import logging
+import math
+import os
+import tarfile
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+from aiohttp import web
+
+from laion_assets.core.index import metadata as meta
+from laion_assets.core.index.search import Hit, OpenIndex, RowFilter, search
+from laion_assets.core.settings import FetchSettings, ServeSettings
+from laion_assets.serve.encoder import BadQuery, QueryEncoder
+from laion_assets.serve.indices import Indices, load_indices
+
+LOG = logging.getLogger(__name__)
+INDICES = web.AppKey("indices", Indices)
+SETTINGS = web.AppKey("settings", ServeSettings)
+ENCODER = web.AppKey("encoder", QueryEncoder)
+ROOT = web.AppKey("root", str)
+FETCHER = web.AppKey("fetcher", object)
+IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# What an exported subset holds: img2dataset reads URL and TEXT; the rest are LAION's columns.
+EXPORT_COLUMNS = {"URL": "URL", "TEXT": "caption", "WIDTH": "WIDTH", "HEIGHT": "HEIGHT", "similarity": "similarity",
+                  "punsafe": "punsafe", "pwatermark": "pwatermark", "LANGUAGE": "LANGUAGE", "key": "key",
+                  "shard": "shard"}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json_response(doc: Any, status: int = 200) -> web.Response:
+    # orjson: the API's JSON both ways is a large share of a query's time at hundreds of queries per second
+    return web.Response(body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status=status,
+                        content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure as JSON with a message: 4xx for the client's mistakes, a bare 500 (logged here) for ours."""
+    try:
+        return await handler(request)
+    except (BadRequest, BadQuery) as err:
+        return _error(getattr(err, "status", 400), str(err))
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return _error(err.status, err.reason if err.status != 413 else
+                      f"request body over the limit of {request.app[SETTINGS].max_body_bytes} bytes")
+    except Exception:
+        LOG.exception("internal error on %s %s", request.method, request.path)
+        return _error(500, "internal error (logged by the service)")
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    body = await request.read()  # ClipClient posts JSON without a content type: read the body as it comes
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise BadRequest(f"the body is not JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    return doc
+
+
+def _int(doc: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
+    value = doc.get(name, default)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, not {value!r}"[:200])
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _flag(doc: dict[str, Any], name: str, default: bool) -> bool:
+    value = doc.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, not {value!r}"[:200])
+    return value
+
+
+def _number(doc: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+    value = doc.get(name)
+    if value is None or value == "":  # clip-front sends "" for "not set"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a number, not {value!r}"[:200])
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo:g} and {hi:g}, not {value}")
+    return float(value)
+
+
+def _string(doc: dict[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _indice(request: web.Request, doc: dict[str, Any]) -> OpenIndex:
+    indices = request.app[INDICES]
+    name = doc.get("indice_name")
+    if name is None and len(indices.available) == 1:
+        name = next(iter(indices.available))
+    if not isinstance(name, str):
+        raise BadRequest(f"indice_name must be one of {sorted(indices.available)}")
+    if name in indices.unavailable:
+        raise BadRequest(f"indice {name!r} is unavailable: {indices.unavailable[name]}", 503)
+    if name not in indices.available:
+        raise BadRequest(f"unknown indice {name!r}: one of {sorted(indices.available)}", 404)
+    return indices.available[name]
+
+
+# --- queries ------------------------------------------------------------------------------------------------------
+
+async def _fetch_image(request: web.Request, url: str) -> bytes:
+    """An image_url's bytes, through the download stage's guard (no private or loopback addresses unless allowed,
+    a byte cap, a deadline)."""
+    fetcher: Any = request.app[FETCHER]
+    result = await fetcher.fetch(url)
+    if result.status != "success":
+        raise BadRequest(f"cannot fetch image_url: {result.error}")
+    return result.body
+
+
+async def _query_vector(request: web.Request, doc: dict[str, Any], index: OpenIndex) -> np.ndarray:
+    text, image, image_url = _string(doc, "text"), _string(doc, "image"), _string(doc, "image_url")
+    embedding = doc.get("embedding_input")
+    given = [n for n, v in (("text", text), ("image", image), ("image_url", image_url),
+                            ("embedding_input", embedding)) if v not in (None, "")]
+    if not given:
+        raise BadRequest("empty query: give one of text, image (base64), image_url or embedding_input")
+    if len(given) > 1:
+        raise BadRequest(f"give one query, not {', '.join(given)}")
+    encoder = request.app[ENCODER]
+    if text is not None and text.strip():
+        return await asyncio.to_thread(encoder.text, text)
+    if text is not None:
+        raise BadRequest("empty query: the text is blank")
+    if image:
+        try:
+            data = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("image must be base64") from None
+        return await asyncio.to_thread(encoder.image, data)
+    if image_url:
+        data = await _fetch_image(request, image_url)
+        return await asyncio.to_thread(encoder.image, data)
+    if not isinstance(embedding, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
+        raise BadRequest("embedding_input must be a list of numbers")
+    if len(embedding) != index.dim:
+        raise BadRequest(f"embedding_input has {len(embedding)} dimensions, the index {index.dim}")
+    vector = np.asarray(embedding, np.float32)
+    if not np.all(np.isfinite(vector)) or not np.any(vector):
+        raise BadRequest("embedding_input must be finite and not all zeros")
+    return vector
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """A metadata row as the API shows it: clip-retrieval's `url` beside our columns, and LAION's image-text
+    `similarity` renamed, since clip-retrieval's `similarity` is the query's."""
+    out = {"url": row.get("URL"), **row}
+    if "similarity" in out:
+        out["image_text_similarity"] = out.pop("similarity")
+    return out
+
+
+def _result(hit: Hit) -> dict[str, Any]:
+    return {"id": hit.id, "similarity": hit.similarity, **_public(hit.row)}
+
+
+def _row_filter(doc: dict[str, Any]) -> RowFilter:
+    """Our filters beyond clip-retrieval's (the page sends them; ClipClient does not)."""
+    return RowFilter(max_punsafe=_number(doc, "max_punsafe", 0.0, 1.0),
+                     max_pwatermark=_number(doc, "max_pwatermark", 0.0, 1.0),
+                     language=_string(doc, "language") or "",
+                     min_width=_int(doc, "min_width", 0, 0, 1 << 30), min_height=_int(doc, "min_height", 0, 0, 1 << 30))
+
+
+async def knn_service(request: web.Request) -> web.Response:
+    doc = await _json(request)
+    index = _indice(request, doc)
+    s = request.app[SETTINGS]
+    modality = doc.get("modality", "image")
+    if modality not in ("image", "text"):
+        raise BadRequest(f"modality must be image or text, not {modality!r}"[:200])
+    num_images = _int(doc, "num_images", 40, 1, s.max_results)
+    num_result_ids = _int(doc, "num_result_ids", num_images, 1, s.max_results)
+    deduplicate = _flag(doc, "deduplicate", False)
+    use_safety = _flag(doc, "use_safety_model", False)
+    _flag(doc, "use_mclip", False)
+    _flag(doc, "use_violence_detector", False)
+    aesthetic_score = doc.get("aesthetic_score")
+    if aesthetic_score not in (None, "") and (isinstance(aesthetic_score, bool)
+                                              or not isinstance(aesthetic_score, int)
+                                              or not 0 <= aesthetic_score <= 9):
+        raise BadRequest(f"aesthetic_score must be an integer 0..9, not {aesthetic_score!r}"[:200])
+    _number(doc, "aesthetic_weight", 0.0, 1.0)
+    where = _row_filter(doc)
+    if use_safety and where.max_punsafe is None:
+        where = dataclasses.replace(where, max_punsafe=s.safety_threshold)
+    query = await _query_vector(request, doc, index)
+    hits = await asyncio.to_thread(
+        search, index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold,
+        where)
+    return _json_response([_result(h) for h in hits])
+
+
+async def metadata(request: web.Request) -> web.Response:
+    doc = await _json(request)
+    ids = doc.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise BadRequest("ids must be a list of integers")
+    if not ids:
+        return _json_response([])
+    index = _indice(request, doc)
+    if len(ids) > request.app[SETTINGS].max_results:
+        raise BadRequest(f"at most {request.app[SETTINGS].max_results} ids per request")
+    bad = [i for i in ids if not 0 <= i < index.metadata.num_rows]
+    if bad:
+        raise BadRequest(f"ids out of range 0..{index.metadata.num_rows - 1}: {bad[:5]}")
+    rows = meta.rows_of(index.metadata, ids)
+    out = [{"id": i, "metadata": _public(r)} for i, r in zip(ids, rows, strict=True)
+           if r["key"] not in index.removed]
+    return _json_response(out)
+
+
+async def indices_list(request: web.Request) -> web.Response:
+    return _json_response(sorted(request.app[INDICES].available))
+
+
+async def indices_status(request: web.Request) -> web.Response:
+    return _json_response(request.app[INDICES].status())
+
+
+def _read_image(root: str, tar_key: str, key: str) -> tuple[bytes, str]:
+    path = os.path.join(root, tar_key)
+    if tar_key.startswith("/") or ".." in tar_key.split("/") or not os.path.exists(path):
+        raise BadRequest(f"the shard of {key} is not in the storage root", 404)
+    with tarfile.open(path) as tar:
+        for ext, kind in IMAGE_TYPES.items():
+            try:
+                member = tar.getmember(f"{key}.{ext}")
+            except KeyError:
+                continue
+            f = tar.extractfile(member)
+            if f is not None:
+                return f.read(), kind
+    raise BadRequest(f"no image of {key} in its shard", 404)
+
+
+async def image(request: web.Request) -> web.Response:
+    index = _indice(request, {"indice_name": request.match_info["indice"]})
+    key = request.match_info["key"]
+    row = meta.find_key(index.metadata, key)
+    if row is None or key in index.removed:
+        raise BadRequest(f"no key {key!r} in indice {index.name!r}", 404)
+    tar_key = index.metadata["tar"][row].as_py() if "tar" in index.metadata.column_names else None
+    if not tar_key:
+        raise BadRequest(f"the index does not record the shard of {key}", 404)
+    body, kind = await asyncio.to_thread(_read_image, request.app[ROOT], tar_key, key)
+    return web.Response(body=body, content_type=kind, headers={"Cache-Control": "max-age=86400"})
+
+
+# --- subset export ------------------------------------------------------------------------------------------------
+
+def _filter_mask(batch: pa.RecordBatch, f: RowFilter) -> pa.Array:
+    """RowFilter.passes, vectorized over a batch."""
+    mask = pc.greater_equal(pc.fill_null(batch["WIDTH"], 0), f.min_width)
+    mask = pc.and_kleene(mask, pc.greater_equal(pc.fill_null(batch["HEIGHT"], 0), f.min_height))
+    if f.max_punsafe is not None:
+        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["punsafe"], 0.0), f.max_punsafe))
+    if f.max_pwatermark is not None:
+        mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["pwatermark"], 0.0), f.max_pwatermark))
+    if f.language:
+        mask = pc.and_kleene(mask, pc.equal(batch["LANGUAGE"], f.language))
+    return pc.fill_null(mask, False)
+
+
+def export_table(index: OpenIndex, ids: list[int] | None, f: RowFilter | None, limit: int) -> pa.Table:
+    """The rows of ids, or every row passing the filter (batch by batch over the memory-mapped metadata), minus
+    removed keys, in img2dataset's columns."""
+    if ids is not None:
+        table = index.metadata.take(pa.array(ids, pa.int64()))
+    else:
+        parts, rows = [], 0
+        for batch in index.metadata.to_batches(meta.BATCH_ROWS):
+            kept = batch.filter(_filter_mask(batch, f or RowFilter()))
+            parts.append(kept)
+            rows += kept.num_rows
+            if rows > limit:
+                raise BadRequest(f"the filter matches more than {limit} rows: narrow it", 413)
+        table = pa.Table.from_batches(parts, schema=index.metadata.schema)
+    if index.removed:
+        table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(index.removed), pa.string()))))
+    return pa.table({out: table[col] for out, col in EXPORT_COLUMNS.items()})
+
+
+async def export(request: web.Request) -> web.Response:
+    import pyarrow.parquet as pq
+
+    doc = await _json(request)
+    index = _indice(request, doc)
+    s = request.app[SETTINGS]
+    ids, flt = doc.get("ids"), None
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadRequest("ids must be a list of integers")
+        if len(ids) > s.export_limit or any(not 0 <= i < index.metadata.num_rows for i in ids):
+            raise BadRequest(f"ids must be at most {s.export_limit} row numbers of the index")
+    else:
+        raw = doc.get("filter")
+        if not isinstance(raw, dict):
+            raise BadRequest("give ids (the current results) or a filter object")
+        flt = _row_filter(raw)
+    table = await asyncio.to_thread(export_table, index, ids, flt, s.export_limit)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    name = f"{index.name}-subset-{table.num_rows}.parquet"
+    return web.Response(body=buf.getvalue(), content_type="application/vnd.apache.parquet",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                 "X-Rows": str(table.num_rows)})
+
+
+async def page(request: web.Request) -> web.Response:
+    from laion_assets.serve.page import PAGE
+
+    return web.Response(text=PAGE, content_type="text/html")
+
+
+async def _fetcher(app: web.Application) -> Any:
+    """One guarded fetcher for image_url queries, for the service's lifetime."""
+    from laion_assets.core.download.fetch import Fetcher
+
+    s = app[SETTINGS]
+    # An explicit user request, not crawling: robots.txt and TDMRep do not apply; the address guard, the byte cap
+    # and the deadline do.
+    settings = FetchSettings(max_bytes=s.image_fetch_bytes, deadline_s=s.image_fetch_deadline_s, retries=0,
+                             connect_timeout_s=min(10.0, s.image_fetch_deadline_s), allow_networks=s.allow_networks,
+                             respect_robots_txt=False, respect_tdmrep=False, respect_x_robots_tag=False)
+    async with Fetcher(settings) as fetcher:
+        app[FETCHER] = fetcher
+        yield
+
+
+def make_app(root: str, settings: ServeSettings, encoder: QueryEncoder, indices: Indices | None = None
+             ) -> web.Application:
+    """The service over a local storage root's indices (loaded here unless given)."""
+    app = web.Application(middlewares=[errors], client_max_size=settings.max_body_bytes)
+    app[ROOT] = os.path.abspath(root)
+    app[SETTINGS] = settings
+    app[ENCODER] = encoder
+    app[INDICES] = indices if indices is not None else load_indices(app[ROOT])
+    app.cleanup_ctx.append(_fetcher)
+    app.router.add_get("/", page)
+    app.router.add_post("/knn-service", knn_service)
+    app.router.add_post("/metadata", metadata)
+    app.router.add_get("/indices-list", indices_list)
+    app.router.add_get("/indices-status", indices_status)
+    app.router.add_get("/image/{indice}/{key}", image)
+    app.router.add_post("/export", export)
+    return app
+
+
+def serve(root: str, settings: ServeSettings, encoder: QueryEncoder, print_fn: Any = print) -> None:
+    """Run the service until interrupted. faiss searches one query per thread: requests run in parallel worker
+    threads, and OpenMP inside each query would only make them fight over the cores."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    app = make_app(root, settings, encoder)
+    status = app[INDICES].status()
+    for name, st in status.items():
+        print_fn(f"indice {name}: " + (f"{st['rows']} rows" if st["available"] else f"unavailable ({st['reason']})"))
+    web.run_app(app, host=settings.host, port=settings.port, print=print_fn, access_log=None)
