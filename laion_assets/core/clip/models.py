@@ -53,6 +53,11 @@ class LoadedClip:
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """L2-normalized image embeddings of preprocessed images (N, 3, S, S), anywhere."""
+        return self.encode_pixels(images)
+
+    @torch.inference_mode()
+    def encode_pixels(self, images: torch.Tensor) -> np.ndarray:
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -62,7 +67,12 @@ class LoadedClip:
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
+        return self.encode_tokens(self.tokenizer(texts))
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """L2-normalized text embeddings of tokenized captions (what `tokenizer` returns)."""
+        tokens = tokens.to(self.device, non_blocking=True)
         with self._autocast():
             features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
