@@ -43,7 +43,7 @@ class BucketOutputs:
 
 def decode_path(settings: ModelSettings, device_type: str) -> str:
     """`pil` (CPU workers decode) or `device` (the model's device decodes); auto: device on CUDA."""
-    choice = getattr(settings, "decode", "auto")
+    choice = settings.decode
     if choice == "auto":
         return "device" if device_type == "cuda" else "pil"
     return choice
