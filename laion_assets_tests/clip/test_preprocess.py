@@ -39,3 +39,25 @@ def test_decode_falls_back_and_reports_one_error_per_bad_image(models):
     assert [e != "" for e in errors] == [False, True, True, False]
     assert images[0] is not None and images[0].dtype == torch.uint8 and images[0].shape[0] == 3
     assert images[1] is None and "cannot decode image" in errors[1]
+
+
+def test_sdpa_attention_equals_multihead_attention_and_fp8_needs_cuda():
+    import open_clip
+    import pytest
+
+    from laion_assets.core.clip.models import PrecisionError, inference_model, use_sdpa
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("laion-assets-small").eval()
+    images = torch.randn(4, 3, 32, 32)
+    tokens = open_clip.get_tokenizer("laion-assets-small")(["a red square", "a dog", "x", "two blue circles"])
+    with torch.inference_mode():
+        before = model.encode_image(images), model.encode_text(tokens)
+        assert use_sdpa(model) == 4  # two image and two text blocks
+        after = model.encode_image(images), model.encode_text(tokens)
+    for a, b in zip(before, after, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    with pytest.raises(PrecisionError, match="needs a CUDA device"):
+        inference_model(model, torch.device("cpu"), "fp8")
+    with pytest.raises(PrecisionError, match="one of"):
+        inference_model(model, torch.device("cpu"), "int3")

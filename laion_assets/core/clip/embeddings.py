@@ -98,7 +98,7 @@ def embed_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str],
                  settings: ModelSettings, log: Log | None = None
                  ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
     """Embeddings of the kept samples of a finished download, with the model's name in the metadata."""
-    model = load_clip(spec, pick_device(settings.device))
+    model = load_clip(spec, pick_device(settings.device), settings.embed_precision)
     shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
         img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log)

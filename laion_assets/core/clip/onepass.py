@@ -119,6 +119,14 @@ class Batch:
     tokens: dict[str, torch.Tensor]  # plan name -> tokens of its rows
     token_rows: dict[str, list[int]]
 
+    def pin_memory(self) -> Batch:
+        """The uint8 buffers in page-locked memory (DataLoader's pin_memory calls this), so copies to the GPU
+        are asynchronous and run at full bus speed."""
+        self.pixels = {k: v.pin_memory() for k, v in self.pixels.items()}
+        if self.jpegs is not None:
+            self.jpegs = self.jpegs.pin_memory()
+        return self
+
     def image_bytes(self, i: int) -> torch.Tensor:
         assert self.jpegs is not None
         return self.jpegs[self.offsets[i]:self.offsets[i + 1]]

@@ -72,9 +72,7 @@ def device_views(batch: Batch, views: list[View], device: torch.device) -> dict[
     """The batch decoded on `device`, in every view: view key -> uint8 (N, 3, S, S). Decode errors are written
     into `batch.errors`."""
     n = len(batch.keys)
-    datas = [batch.image_bytes(i) for i in range(n)]
-    if device.type == "cuda":
-        datas = [d.pin_memory() if not d.is_pinned() else d for d in datas]
+    datas = [batch.image_bytes(i) for i in range(n)]  # views of one (pinned, on CUDA) buffer
     images, errors = decode(datas, device)
     for i, err in enumerate(errors):
         if err and not batch.errors[i]:

@@ -76,7 +76,7 @@ def clip_bucket(store: Storage, download: ShardsManifest, chosen: ModelSet, sett
     if rescore:
         models.english, models.multilingual = scores.load_scorers(chosen, device)
     if embed:
-        models.embed = load_clip(chosen.embed, device)
+        models.embed = load_clip(chosen.embed, device, settings.embed_precision)
     if mark:
         models.watermark, models.watermark_spec = load_watermark(chosen.watermark, device), chosen.watermark
     keep = None if rescore else scores.kept_keys(out.scores if out.scores is not None else stored_scores)
