@@ -17,20 +17,20 @@ On the lent H100 (Python 3.12, torch 2.11, torchvision, timm, pyarrow, pillow, n
 open_clip and the rest not), from this repository's root here:
 
     echo /.whl/ >> .git/info/exclude
-    for w in open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 orjson==3.11.4 xxhash==3.6.0 polars==1.35.2 \\
-             torchao==0.14.1 boto3 botocore s3transfer jmespath; do
+    for w in open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 orjson==3.13.0 torchao==0.17.0; do
       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d .whl "$w"; done
 
-then one run (carry .whl; about 10 minutes):
+(what the bench imports beyond the machine's packages, as listed by importing it here; torchao's release must
+support torch 2.11: check its notes and pick another 0.1x if not.) then one run (carry .whl; about 10 minutes):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
       .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; PYTHONUNBUFFERED=1 python3 benchmarks/bench_clip.py \\
       --device cuda --images 16384 --batch-size 512 --workers 15 2>&1 | tee $OUT/bench_clip.txt
 
-The script says at its start which module is missing, if any. torchao must match torch 2.11 (0.14.x); without it
-the fp8 line says so and the rest runs.
+The script says at its start which module is missing, if any; without torchao the fp8 line says so and the rest
+runs. The output names the device, the load average and every goal's verdict.
 """
 
 from __future__ import annotations
@@ -60,8 +60,7 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def build_shards(n: int, per_shard: int = 256) -> list[str]:
-    """Synthetic samples as image_shards writes them; reused when present."""
+def _write_shard(path: str, shard: int, lo: int, hi: int) -> None:
     import orjson
 
     from laion_assets.core.download.resize import process_image
@@ -69,24 +68,31 @@ def build_shards(n: int, per_shard: int = 256) -> list[str]:
     from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
     from laion_assets.core.settings import ResizeSettings
 
+    rng = random.Random(shard)
+    samples = []
+    for i in range(lo, hi):
+        scene = random_scene(rng)
+        size = (rng.randint(320, 1024), rng.randint(240, 768))
+        data = process_image(jpeg_bytes(render(scene, size, seed=i)), ResizeSettings()).data
+        key = f"{shard:05d}{i - lo:04d}"
+        samples.append((key, {"jpg": data, "txt": scene.caption("en").encode(),
+                              "json": orjson.dumps({"key": key, "language": "en"})}))
+    write_tar(path + ".tmp", samples)
+    os.replace(path + ".tmp", path)
+
+
+def build_shards(n: int, per_shard: int = 256) -> list[str]:
+    """Synthetic samples as image_shards writes them, built by every core; reused when present."""
+    from concurrent.futures import ProcessPoolExecutor
+
     WORK.mkdir(parents=True, exist_ok=True)
-    paths = []
-    rng = random.Random(0)
-    for shard, lo in enumerate(range(0, n, per_shard)):
-        path = WORK / f"{n:06d}-{shard:05d}.tar"
-        paths.append(str(path))
-        if path.exists():
-            continue
-        samples = []
-        for i in range(lo, min(n, lo + per_shard)):
-            scene = random_scene(rng)
-            size = (rng.randint(320, 1024), rng.randint(240, 768))
-            data = process_image(jpeg_bytes(render(scene, size, seed=i)), ResizeSettings()).data
-            key = f"{shard:05d}{i - lo:04d}"
-            samples.append((key, {"jpg": data, "txt": scene.caption("en").encode(),
-                                  "json": orjson.dumps({"key": key, "language": "en"})}))
-        write_tar(str(path), samples)
-    return paths
+    jobs = [(str(WORK / f"{n:06d}-{shard:05d}.tar"), shard, lo, min(n, lo + per_shard))
+            for shard, lo in enumerate(range(0, n, per_shard))]
+    todo = [j for j in jobs if not Path(j[0]).exists()]
+    if todo:
+        with ProcessPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_shard, *zip(*todo, strict=True)))
+    return [j[0] for j in jobs]
 
 
 class GpuBusy:

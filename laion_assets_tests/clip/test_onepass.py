@@ -42,3 +42,26 @@ def test_one_pass_equals_a_pass_per_model(models, tmp_path):
     kept_only = one_pass(shards, Models(embed=embed), keep, batch_size=16, workers=1)
     assert np.array_equal(embeddings.embedding_arrays(kept_only, embed)[0], img)
     assert kept_only.embed_report.samples == len(keep) and not kept_only.score_rows
+
+
+def test_the_pass_materializes_in_part_and_a_threshold_change_refilters(tmp_path):
+    import dagster as dg
+
+    from laion_assets.core.clip.registry import save_overrides
+    from laion_assets.core.settings import SAMPLE_CRAWL
+    from laion_assets_tests.graph import CLIP_PASS, Graph, graph_resources
+
+    graph = Graph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
+    graph.whole_crawl(tmp_path / "mirror", sample={"wat_files": 1, "pages_per_file": 6})
+    bucket = dg.MultiPartitionKey({"crawl": SAMPLE_CRAWL, "bucket": "0000"})
+    kept = graph.meta["clip_scores"][0]["kept"]
+    # A new watermark model re-runs watermark_scores alone, on the stored scores' kept samples.
+    graph.run("watermark_scores", bucket)
+    assert len(graph.meta["clip_scores"]) == 2 and graph.meta["watermark_scores"][-1]["samples"] == kept
+    # A stricter threshold: clip_scores re-filtered without decoding, and its dependants follow in the same run.
+    save_overrides(graph.resources["storage"].get(), {"threshold_en": 0.99, "threshold_multi": 0.99}, "test")
+    graph.run(CLIP_PASS[0], bucket, also=CLIP_PASS[1:])
+    scores = graph.meta["clip_scores"][-1]
+    assert scores["refiltered_only"] is True and scores["kept"] < kept
+    assert graph.meta["image_embeddings"][-1]["dagster/row_count"] == scores["kept"]
+    assert graph.meta["watermark_scores"][-1]["samples"] == scores["kept"]

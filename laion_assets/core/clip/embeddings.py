@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, pick_device
-from laion_assets.core.clip.onepass import Models, PassResult, StageReport, one_pass
+from laion_assets.core.clip.onepass import Models, PassResult, StageReport, decode_path, one_pass
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.settings import ModelSettings
@@ -101,6 +101,7 @@ def embed_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str],
     model = load_clip(spec, pick_device(settings.device), settings.embed_precision)
     shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
-        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log)
+        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log,
+                                              decode_path(settings, model.device.type))
     meta = meta.append_column("model", pa.array([spec.name] * meta.num_rows, pa.string()))
     return img, txt, meta, report

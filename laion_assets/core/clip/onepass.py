@@ -32,6 +32,11 @@ from laion_assets.core.clip.specs import WatermarkSpec
 PATHS = ("pil", "device")
 
 
+def decode_path(settings: Any, device_type: str) -> str:
+    """ModelSettings.decode as a path: `pil` (CPU workers decode) or `device`; auto: device on CUDA."""
+    return ("device" if device_type == "cuda" else "pil") if settings.decode == "auto" else settings.decode
+
+
 @dataclass(frozen=True)
 class View:
     """How one model sees an image: `resize` (PIL image -> PIL image of size x size) runs where the image is

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, weights_id
-from laion_assets.core.clip.onepass import Models, PassResult, StageReport, one_pass
+from laion_assets.core.clip.onepass import Models, PassResult, StageReport, decode_path, one_pass
 from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.clip.shards import downloaded_samples
 from laion_assets.core.download.plan import ShardsManifest
@@ -111,7 +111,8 @@ def score_bucket(store: Storage, download: ShardsManifest, chosen: ModelSet, set
         return reused
     english, multilingual = load_scorers(chosen, pick_device(settings.device))
     with store.local_copies([s.tar for s in download.keys()]) as local:
-        return score_shards(local, english, multilingual, settings.batch_size, settings.decode_workers, log)
+        return score_shards(local, english, multilingual, settings.batch_size, settings.decode_workers, log,
+                            decode_path(settings, english.device.type))
 
 
 def similarity_histogram(scores: pa.Table, bins: int = 10) -> dict[str, int]:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from laion_assets.core.clip import scores
 from laion_assets.core.clip.models import Log, load_clip, pick_device
-from laion_assets.core.clip.onepass import Models, StageReport, one_pass
+from laion_assets.core.clip.onepass import Models, StageReport, decode_path, one_pass
 from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.settings import ModelSettings
@@ -39,14 +39,6 @@ class BucketOutputs:
     watermark: tuple[pa.Table, dict[str, Any]] | None = None
     kept: frozenset[str] = frozenset()
     decode_path: str = ""
-
-
-def decode_path(settings: ModelSettings, device_type: str) -> str:
-    """`pil` (CPU workers decode) or `device` (the model's device decodes); auto: device on CUDA."""
-    choice = settings.decode
-    if choice == "auto":
-        return "device" if device_type == "cuda" else "pil"
-    return choice
 
 
 def clip_bucket(store: Storage, download: ShardsManifest, chosen: ModelSet, settings: ModelSettings,

@@ -149,4 +149,7 @@ def watermark_bucket(store: Storage, download: ShardsManifest, keep: frozenset[s
     model = load_watermark(spec, device)
     shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
-        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log)
+        from laion_assets.core.clip.onepass import decode_path
+
+        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log,
+                                decode_path(settings, device.type))
