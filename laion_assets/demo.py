@@ -39,8 +39,9 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, Any]:
-    mats = result.asset_materializations_for_node(node)
+def _meta(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    mats = [e.materialization for e in result.get_asset_materialization_events()
+            if e.materialization.asset_key.to_user_string() == asset]
     return {k: v.value for k, v in mats[-1].metadata.items()} if mats else {}
 
 
@@ -77,14 +78,18 @@ class _Demo:
         self.resources, self.layout = resources, layout
         self.instance = _instance()
         self.assets = build_assets(layout)
-        self.by_name = {a.key.to_user_string(): a for a in self.assets}
 
     def run(self, name: str, partition: str | dg.MultiPartitionKey | None = None) -> dict[str, Any]:
-        result = dg.materialize(self.assets, selection=[self.by_name[name]], partition_key=partition,
+        return self.run_together((name,), partition)[name]
+
+    def run_together(self, names: tuple[str, ...], partition: str | dg.MultiPartitionKey | None = None
+                     ) -> dict[str, dict[str, Any]]:
+        """Assets of one run (the CLIP pass's three) for one partition: each one's metadata."""
+        result = dg.materialize(self.assets, selection=dg.AssetSelection.assets(*names), partition_key=partition,
                                 instance=self.instance, resources=self.resources, raise_on_error=True,
                                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
-        print(f"  materialized {name}" + (f" [{partition}]" if partition else ""), flush=True)
-        return _meta(result, name)
+        print(f"  materialized {', '.join(names)}" + (f" [{partition}]" if partition else ""), flush=True)
+        return {name: _meta(result, name) for name in names}
 
     def per_bucket(self, name: str, crawl: str) -> list[dict[str, Any]]:
         return [self.run(name, dg.MultiPartitionKey({"crawl": crawl, "bucket": b})) for b in self.layout.bucket_keys()]
@@ -115,11 +120,13 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     with image_server(os.path.join(sample["mirror"], "www")):
         shards = demo.per_bucket("image_shards", crawl)
     statuses = Counter({s: _total(shards, s) for s in STATUSES})
-    scores = demo.per_bucket("clip_scores", crawl)
+    clip = [demo.run_together(("clip_scores", "image_embeddings", "watermark_scores"),  # one pass per bucket
+                              dg.MultiPartitionKey({"crawl": crawl, "bucket": b})) for b in demo.layout.bucket_keys()]
+    scores = [c["clip_scores"] for c in clip]
     totals = {"scored": _total(scores, "samples"), "kept": _total(scores, "kept"),
-              "embedded": _total(demo.per_bucket("image_embeddings", crawl), "dagster/row_count"),
+              "embedded": _total([c["image_embeddings"] for c in clip], "dagster/row_count"),
               "unsafe": _total(demo.per_bucket("safety_scores", crawl), "unsafe"),
-              "watermarked": _total(demo.per_bucket("watermark_scores", crawl), "watermarked")}
+              "watermarked": _total([c["watermark_scores"] for c in clip], "watermarked")}
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
                "images": statuses["success"], "statuses": dict(statuses), **totals}
     summary["release"] = _release(demo, crawl)

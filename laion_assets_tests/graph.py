@@ -18,6 +18,7 @@ LAYOUT = Layout(chunks=2, buckets=2)
 # A failed network step is retried once, at once: tests wait for no backoff.
 OPS = OperationsSettings(retry_delay_s=0.05, max_retries=1)
 CLIP_STAGE = ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores")
+CLIP_PASS = ("clip_scores", "image_embeddings", "watermark_scores")  # one op, one pass over the shards
 
 
 def graph_resources(storage: str, mirror: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -35,17 +36,22 @@ class Graph:
         self.resources = resources
         self.instance = instance or dg.DagsterInstance.ephemeral()
         self.assets = build_assets(LAYOUT, OPS)
-        self.by = {a.key.to_user_string(): a for a in self.assets}
+        # A multi-asset under each of its keys
+        self.by = {k.to_user_string(): a for a in self.assets
+                   for k in (a.keys if isinstance(a, dg.AssetsDefinition) else [a.key])}
         self.meta: dict[str, list[dict]] = {}
         self.checks: list[Any] = []
 
-    def run(self, name: str, partition: Any = None, config: dict | None = None) -> dg.ExecuteInProcessResult:
-        result = dg.materialize(self.assets, selection=[self.by[name]], partition_key=partition,
+    def run(self, name: str, partition: Any = None, config: dict | None = None, also: tuple[str, ...] = ()
+            ) -> dg.ExecuteInProcessResult:
+        """`name` (and the assets in `also`, in the same run) for one partition."""
+        result = dg.materialize(self.assets, selection=dg.AssetSelection.assets(name, *also), partition_key=partition,
                                 instance=self.instance, resources=self.resources,
                                 run_config={"ops": {name: {"config": config}}} if config else None)
         assert result.success
-        for m in result.asset_materializations_for_node(name):
-            self.meta.setdefault(name, []).append({k: v.value for k, v in m.metadata.items()})
+        for event in result.get_asset_materialization_events():
+            m = event.materialization
+            self.meta.setdefault(m.asset_key.to_user_string(), []).append({k: v.value for k, v in m.metadata.items()})
         self.checks += result.get_asset_check_evaluations()
         return result
 
@@ -73,8 +79,9 @@ class Graph:
         self.per_bucket("unique_pairs", crawl)
         self.per_bucket("image_shards", crawl, shard_config)
         if clip:
-            for name in CLIP_STAGE:
-                self.per_bucket(name, crawl)
+            for bucket in LAYOUT.bucket_keys():  # the one-pass op's three assets in one run
+                self.run(CLIP_PASS[0], dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}), also=CLIP_PASS[1:])
+            self.per_bucket("safety_scores", crawl)
 
 
 RELEASE_STAGE = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")

@@ -1,5 +1,8 @@
 """The CLIP stage: similarity filtering, ViT-L/14 embeddings, safety and watermark scores per crawl x bucket.
 
+clip_scores, image_embeddings and watermark_scores are one op (`clip_pass`) that reads each shard once and decodes
+each image once for all of them (core/clip/stage.py); it can run for any subset of the three.
+
 Each asset depends on the model registry source it uses (the filter CLIPs and thresholds, the embedding model,
 the safety head, the watermark classifier): a new data version there (a new checkpoint, a changed threshold)
 re-runs it and what follows. A threshold change re-filters the stored similarities without rescoring. The core
@@ -22,7 +25,7 @@ from laion_assets.k8s import op_tags
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
 from laion_assets.resources import ChecksResource, ModelRegistryResource, StorageResource
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 ScoreConfig = config_class("ScoreConfig", ClipSettings, doc="How clip_scores treats a bucket scored before.")
 SCORE_PREVIEW = ["key", "language", "model", "similarity", "keep", "caption"]
 MODEL_SOURCES = {
@@ -39,77 +42,133 @@ def model_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
                              ops.sensor_interval_s)
 
 
-def clip_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    @dg.asset(op_tags=op_tags("clip_scores", ops),
-              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
-              pool="gpu", code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["clip_filter_models"],
-              check_specs=[checks.spec("clip_scores", "schema", "the score columns"),
-                           checks.spec("clip_scores", "one_row_per_image", "a row for every downloaded image"),
-                           checks.spec("clip_scores", "kept_fraction", "kept fraction in its band", blocking=False)])
-    def clip_scores(context: dg.AssetExecutionContext, config: ScoreConfig, storage: StorageResource,
-                    models: ModelRegistryResource, check_bands: ChecksResource,
-                    image_shards: ShardsManifest):
-        """Image-caption cosine similarity of every downloaded sample (English captions: the English CLIP;
-        other and undetected languages: the multilingual CLIP), the model and threshold used, and keep."""
-        from laion_assets.core.clip import scores
+def _selected(context: dg.AssetExecutionContext, results: list) -> list:
+    """The check results of the checks this run selected (a subset run selects those of its assets)."""
+    chosen = context.selected_asset_check_keys
+    return [r for r in results if dg.AssetCheckKey(dg.AssetKey(r.asset_key.path), r.check_name) in chosen]
 
-        crawl, bucket = crawl_and_bucket(context)
-        store = storage.get()
-        own = paths.clip_scores(crawl, bucket, layout)  # this asset's previous output, for reuse
-        chosen = models.model_set(context.log.info)
-        previous = store.read_parquet(own) if store.exists(own) else None
-        table, report = scores.score_bucket(store, image_shards, chosen, models.settings(), previous,
-                                            config.reuse_similarities, throttled(context.log.info))
-        context.log.info(f"{crawl} bucket {bucket}: {report.samples} samples, {report.kept} kept"
-                         + (" (re-filtered stored similarities)" if report.refiltered_only else ""))
-        metadata = to_metadata(report.metadata())
-        metadata.update({
-            "thresholds": dg.MetadataValue.json({s.name: s.threshold for s in (chosen.clip_en, chosen.clip_multi)}),
-            "similarity_histogram": dg.MetadataValue.json(scores.similarity_histogram(table)),
-            "preview": preview_table(table.slice(0, 8).to_pylist(), SCORE_PREVIEW)})
-        successes = image_shards.statuses.get("success", 0)
-        bands = check_bands.settings()
-        return dg.MaterializeResult(value=table, metadata=metadata, check_results=[
+
+def _score_result(context: dg.AssetExecutionContext, table: pa.Table, report, chosen, successes: int,
+                  bands) -> dg.MaterializeResult:
+    from laion_assets.core.clip import scores
+
+    crawl, bucket = crawl_and_bucket(context)
+    context.log.info(f"{crawl} bucket {bucket}: {report.samples} samples, {report.kept} kept"
+                     + (" (re-filtered stored similarities)" if report.refiltered_only else ""))
+    metadata = to_metadata(report.metadata())
+    metadata.update({
+        "thresholds": dg.MetadataValue.json({s.name: s.threshold for s in (chosen.clip_en, chosen.clip_multi)}),
+        "similarity_histogram": dg.MetadataValue.json(scores.similarity_histogram(table)),
+        "preview": preview_table(table.slice(0, 8).to_pylist(), SCORE_PREVIEW)})
+    return dg.MaterializeResult(asset_key="clip_scores", value=table, metadata=metadata, check_results=_selected(
+        context, [
             checks.schema("clip_scores", table.schema, scores.SCORE_SCHEMA),
             checks.holds("clip_scores", "one_row_per_image", table.num_rows == successes,
                          f"{table.num_rows} rows for {successes} downloaded images"),
             checks.band("clip_scores", "kept_fraction", report.kept / max(1, report.samples),
-                        bands.min_kept_fraction, bands.max_kept_fraction, "kept fraction")])
-
-    return clip_scores
+                        bands.min_kept_fraction, bands.max_kept_fraction, "kept fraction")]))
 
 
-def image_embeddings_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    @dg.asset(op_tags=op_tags("image_embeddings", ops),
-              partitions_def=bucket_partitions(layout), kinds={"pytorch", "numpy"}, group_name="clip", pool="gpu",
-              code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["embedding_model"],
-              check_specs=[checks.spec("image_embeddings", "row_aligned",
-                                       "image and text arrays and metadata have one row per kept sample")])
-    def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelRegistryResource,
-                         image_shards: ShardsManifest, clip_scores: pa.Table
-                         ):
-        """L2-normalized image and text embeddings (ViT-L/14; float16) of the kept samples, in clip-retrieval's
-        layout: img_emb/img_emb_{bucket}.npy, text_emb/text_emb_{bucket}.npy, metadata/metadata_{bucket}.parquet."""
-        from laion_assets.core.clip import embeddings, scores
+def _embedding_result(context: dg.AssetExecutionContext, store, layout: Layout, embedded, keep: frozenset[str],
+                      model_name: str) -> dg.MaterializeResult:
+    from laion_assets.core.clip import embeddings
+
+    crawl, bucket = crawl_and_bucket(context)
+    img, txt, meta, report = embedded
+    manifest = embeddings.write_embeddings(store, paths.bucket_embeddings(crawl, bucket, layout), img, txt, meta)
+    _, _, stored = embeddings.read_embeddings(store, manifest.files)  # checks the three files belong together
+    metadata = to_metadata(report.metadata())
+    metadata.update({"model": model_name, "dim": manifest.dim,
+                     "dagster/uri": store.uri(paths.embeddings(crawl, layout)), "dagster/row_count": manifest.rows})
+    aligned = manifest.rows == stored.num_rows == len(keep) - report.failed
+    return dg.MaterializeResult(asset_key="image_embeddings", value=manifest, metadata=metadata,
+                                check_results=_selected(context, [
+        checks.holds("image_embeddings", "row_aligned", aligned,
+                     f"{manifest.rows} rows of embeddings and metadata for {len(keep)} kept samples "
+                     f"({report.failed} failed to decode)")]))
+
+
+def _watermark_result(context: dg.AssetExecutionContext, marked, keep: frozenset[str], model_name: str
+                      ) -> dg.MaterializeResult:
+    from laion_assets.core.clip import watermark
+
+    table, report = marked
+    return dg.MaterializeResult(asset_key="watermark_scores", value=table,
+                                metadata={**to_metadata(report), "model": model_name},
+                                check_results=_selected(context, [
+        checks.schema("watermark_scores", table.schema, watermark.WATERMARK_SCHEMA),
+        checks.holds("watermark_scores", "one_row_per_kept", table.num_rows == len(keep),
+                     f"{table.num_rows} rows for {len(keep)} kept samples")]))
+
+
+def clip_pass_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    """clip_scores, image_embeddings and watermark_scores as one op that reads each shard once and decodes each
+    image once for all three; any subset of them can be materialized (a new watermark model re-runs
+    watermark_scores alone, a new threshold re-filters clip_scores, and its dependants follow)."""
+    partitions = bucket_partitions(layout)
+    common = {"group_name": "clip", "code_version": CODE_VERSION, "automation_condition": REPROCESS}
+    def out(kinds: set[str], description: str) -> dg.AssetOut:
+        return dg.AssetOut(kinds=kinds, description=description, is_required=False, **common)
+
+    outs = {
+        "clip_scores": out({"pytorch", "parquet"},
+                           "Image-caption cosine similarity of every downloaded sample (English captions: the English "
+                           "CLIP; other and undetected languages: the multilingual CLIP), the model and threshold "
+                           "used, and keep."),
+        "image_embeddings": out({"pytorch", "numpy"},
+                                "L2-normalized image and text embeddings (ViT-L/14; float16) of the kept samples, in "
+                                "clip-retrieval's layout: img_emb/img_emb_{bucket}.npy, "
+                                "text_emb/text_emb_{bucket}.npy, metadata/metadata_{bucket}.parquet."),
+        "watermark_scores": out({"pytorch", "parquet"},
+                                "pwatermark of every kept sample from the watermark classifier on its image "
+                                "(watermark above 0.8)."),
+    }
+    shards, scores_key = dg.AssetKey("image_shards"), dg.AssetKey("clip_scores")
+    # Each output depends on the shards and on its own model source only, so a new watermark model re-runs
+    # watermark_scores alone; the two that read the kept samples depend on clip_scores.
+    internal = {"clip_scores": {shards, dg.AssetKey("clip_filter_models")},
+                "image_embeddings": {shards, scores_key, dg.AssetKey("embedding_model")},
+                "watermark_scores": {shards, scores_key, dg.AssetKey("watermark_model")}}
+    check_specs = [
+        checks.spec("clip_scores", "schema", "the score columns"),
+        checks.spec("clip_scores", "one_row_per_image", "a row for every downloaded image"),
+        checks.spec("clip_scores", "kept_fraction", "kept fraction in its band", blocking=False),
+        checks.spec("image_embeddings", "row_aligned",
+                    "image and text arrays and metadata have one row per kept sample"),
+        checks.spec("watermark_scores", "schema", "key, model, pwatermark, watermark, status"),
+        checks.spec("watermark_scores", "one_row_per_kept", "a row for every kept sample"),
+    ]
+
+    @dg.multi_asset(name="clip_pass", outs=outs, check_specs=check_specs, can_subset=True, partitions_def=partitions,
+                    ins={"image_shards": dg.AssetIn("image_shards")}, internal_asset_deps=internal,
+                    deps=["clip_filter_models", "embedding_model", "watermark_model"],
+                    op_tags=op_tags("clip_scores", ops), pool="gpu")
+    def clip_pass(context: dg.AssetExecutionContext, config: ScoreConfig, storage: StorageResource,
+                  models: ModelRegistryResource, check_bands: ChecksResource, image_shards: ShardsManifest):
+        from laion_assets.core.clip import stage
 
         crawl, bucket = crawl_and_bucket(context)
+        want = {k.to_user_string() for k in context.selected_asset_keys}
         store = storage.get()
+        own = paths.clip_scores(crawl, bucket, layout)  # this op's stored output: reused, or what is kept
         chosen = models.model_set(context.log.info)
-        keep = scores.kept_keys(clip_scores)
-        img, txt, meta, report = embeddings.embed_bucket(store, image_shards, keep, chosen.embed, models.settings(),
-                                                         throttled(context.log.info))
-        manifest = embeddings.write_embeddings(store, paths.bucket_embeddings(crawl, bucket, layout), img, txt, meta)
-        _, _, stored = embeddings.read_embeddings(store, manifest.files)  # checks the three files belong together
-        metadata = to_metadata(report.metadata())
-        metadata.update({"model": chosen.embed.name, "dim": manifest.dim,
-                         "dagster/uri": store.uri(paths.embeddings(crawl, layout)), "dagster/row_count": manifest.rows})
-        aligned = manifest.rows == stored.num_rows == len(keep) - report.failed
-        return dg.MaterializeResult(value=manifest, metadata=metadata, check_results=[
-            checks.holds("image_embeddings", "row_aligned", aligned,
-                         f"{manifest.rows} rows of embeddings and metadata for {len(keep)} kept samples "
-                         f"({report.failed} failed to decode)")])
+        stored = store.read_parquet(own) if store.exists(own) else None
+        try:
+            out = stage.clip_bucket(store, image_shards, chosen, models.settings(), want, stored,
+                                    config.reuse_similarities, throttled(context.log.info))
+        except stage.MissingScoresError as err:
+            raise dg.Failure(f"{crawl} bucket {bucket}: {err}") from err
+        context.log.info(f"{crawl} bucket {bucket}: {', '.join(sorted(want))} in one pass"
+                         + (f" ({out.decode_path} decoding)" if out.decode_path else ""))
+        if out.scores is not None:
+            yield _score_result(context, out.scores, out.score_report, chosen, image_shards.statuses.get("success", 0),
+                                check_bands.settings())
+        if out.embeddings is not None:
+            yield _embedding_result(context, store, layout, out.embeddings, out.kept, chosen.embed.name)
+        if out.watermark is not None:
+            yield _watermark_result(context, out.watermark, out.kept, chosen.watermark.name)
 
-    return image_embeddings
+    return clip_pass
 
 
 def safety_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
@@ -145,31 +204,5 @@ def safety_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDef
     return safety_scores
 
 
-def watermark_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    @dg.asset(op_tags=op_tags("watermark_scores", ops),
-              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
-              pool="gpu", code_version=CODE_VERSION, automation_condition=REPROCESS, deps=["watermark_model"],
-              check_specs=[checks.spec("watermark_scores", "schema", "key, model, pwatermark, watermark, status"),
-                           checks.spec("watermark_scores", "one_row_per_kept", "a row for every kept sample")])
-    def watermark_scores(context: dg.AssetExecutionContext, storage: StorageResource,
-                         models: ModelRegistryResource, image_shards: ShardsManifest,
-                         clip_scores: pa.Table):
-        """pwatermark of every kept sample from the watermark classifier on its image (watermark above 0.8)."""
-        from laion_assets.core.clip import scores, watermark
-
-        chosen = models.model_set(context.log.info)
-        keep = scores.kept_keys(clip_scores)
-        table, report = watermark.watermark_bucket(storage.get(), image_shards, keep, chosen.watermark,
-                                                   models.settings(), throttled(context.log.info))
-        return dg.MaterializeResult(value=table, metadata={**to_metadata(report), "model": chosen.watermark.name},
-                                    check_results=[
-            checks.schema("watermark_scores", table.schema, watermark.WATERMARK_SCHEMA),
-            checks.holds("watermark_scores", "one_row_per_kept", table.num_rows == len(keep),
-                         f"{table.num_rows} rows for {len(keep)} kept samples")])
-
-    return watermark_scores
-
-
 def build_clip_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
-    return [clip_scores_asset(layout, ops), image_embeddings_asset(layout, ops), safety_scores_asset(layout, ops),
-            watermark_scores_asset(layout, ops)]
+    return [clip_pass_asset(layout, ops), safety_scores_asset(layout, ops)]

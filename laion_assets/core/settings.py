@@ -155,6 +155,10 @@ class ModelSettings:
     device: str = setting("auto", "cpu, cuda, cuda:N or auto (CUDA when present).")
     batch_size: int = setting(256, "Images per model batch.")
     decode_workers: int = setting(1, "DataLoader processes decoding the shards.")
+    decode: str = setting("auto", "Where the CLIP pass decodes images: pil (the DataLoader workers), device (the "
+                                  "model's device: nvJPEG on CUDA) or auto (device on CUDA, pil on CPU).")
+    embed_precision: str = setting("fp16", "Weights of the embedding CLIP on CUDA: fp16, bf16 or fp8 (torchao's "
+                                           "float8 matmuls; H100).")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ModelSettings:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 
 import numpy as np
 import pyarrow as pa
 
 from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, pick_device
-from laion_assets.core.clip.scores import StageReport
-from laion_assets.core.clip.shards import decoded_batches
+from laion_assets.core.clip.onepass import Models, PassResult, StageReport, decode_path, one_pass
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.settings import ModelSettings
@@ -34,38 +32,25 @@ class IncompleteEmbeddingsError(RuntimeError):
 
 
 def embed_shards(tar_paths: list[str], keep: frozenset[str], model: LoadedClip, batch_size: int = 256,
-                 workers: int = 1, log: Log | None = None) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
+                 workers: int = 1, log: Log | None = None, path: str = "pil"
+                 ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
     """L2-normalized image and text embeddings (float16) of the kept samples, row-aligned with metadata
     sorted by key; a sample whose image fails to decode here is left out and counted."""
-    start = time.perf_counter()
-    report = StageReport()
-    keys: list[str] = []
-    meta: list[dict[str, str]] = []
-    img_parts: list[np.ndarray] = []
-    txt_parts: list[np.ndarray] = []
-    pin = model.device.type == "cuda"
-    for batch in decoded_batches(tar_paths, model.preprocess, model.image_size, batch_size, workers, keep, pin):
-        idx = [i for i, e in enumerate(batch.errors) if not e]
-        report.samples += len(batch.keys)
-        report.failed += len(batch.keys) - len(idx)
-        if not idx:
-            continue
-        img_parts.append(model.encode_images(batch.images[idx]).astype(np.float16))
-        txt_parts.append(model.encode_texts([batch.captions[i] for i in idx]).astype(np.float16))
-        for i in idx:
-            keys.append(batch.keys[i])
-            meta.append({"key": batch.keys[i], "url": batch.urls[i], "caption": batch.captions[i],
-                         "language": batch.languages[i]})
-        if log:
-            log(f"embedded {len(keys)} samples")
+    return embedding_arrays(one_pass(tar_paths, Models(embed=model), keep, batch_size, workers, path, log), model)
+
+
+def embedding_arrays(result: PassResult, model: LoadedClip) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
+    """A pass's embeddings sorted by key: image, text, metadata rows and the report."""
+    report = result.embed_report
     dim = model.model.visual.output_dim
-    img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float16)
-    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float16)
+    img = np.concatenate(result.img_parts) if result.img_parts else np.zeros((0, dim), np.float16)
+    txt = np.concatenate(result.txt_parts) if result.txt_parts else np.zeros((0, dim), np.float16)
+    keys = result.embed_keys
     order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, dtype=np.int64)
     report.kept = len(keys)
     report.by_model = {model.spec.name: len(keys)}
-    report.seconds = time.perf_counter() - start
-    table = pa.Table.from_pylist([meta[i] for i in order], schema=EMBED_META_SCHEMA)
+    report.seconds = result.seconds
+    table = pa.Table.from_pylist([result.embed_meta[i] for i in order], schema=EMBED_META_SCHEMA)
     return img[order], txt[order], table, report
 
 
@@ -113,9 +98,10 @@ def embed_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str],
                  settings: ModelSettings, log: Log | None = None
                  ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
     """Embeddings of the kept samples of a finished download, with the model's name in the metadata."""
-    model = load_clip(spec, pick_device(settings.device))
+    model = load_clip(spec, pick_device(settings.device), settings.embed_precision)
     shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
-        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log)
+        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log,
+                                              decode_path(settings, model.device.type))
     meta = meta.append_column("model", pa.array([spec.name] * meta.num_rows, pa.string()))
     return img, txt, meta, report

@@ -19,7 +19,6 @@ from torch import nn
 
 from laion_assets.core.clip import checkpoints
 from laion_assets.core.clip.models import pick_device
-from laion_assets.core.clip.shards import decoded_batches
 from laion_assets.core.clip.specs import LAION_WATERMARK, WatermarkSpec, watermark_spec_from_checkpoint  # noqa: F401
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.settings import ModelSettings
@@ -104,26 +103,19 @@ WATERMARK_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("pw
 
 def watermark_shards(tar_paths: list[str], keep: frozenset[str], model: nn.Module, spec: WatermarkSpec,
                      device: torch.device, batch_size: int = 128, workers: int = 1,
-                     log: Log | None = None) -> tuple[pa.Table, dict[str, Any]]:
+                     log: Log | None = None, path: str = "pil") -> tuple[pa.Table, dict[str, Any]]:
     """pwatermark of every kept sample, a row each (a sample that fails to decode is a failed row)."""
-    start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    transform = watermark_transform(spec.image_size)
-    for batch in decoded_batches(tar_paths, transform, spec.image_size, batch_size, workers, keep,
-                                 pin=device.type == "cuda"):
-        idx = [i for i, e in enumerate(batch.errors) if not e]
-        scores = np.full(len(batch.keys), np.nan, np.float32)
-        if idx:
-            scores[idx] = pwatermark(model, batch.images[idx], device)
-        for i, key in enumerate(batch.keys):
-            ok = not batch.errors[i]
-            rows.append({"key": key, "model": spec.name, "pwatermark": float(scores[i]) if ok else None,
-                         "watermark": bool(ok and scores[i] > spec.threshold),
-                         "status": "scored" if ok else "failed_to_decode", "error_message": batch.errors[i] or None})
-        if log:
-            log(f"watermark scored {len(rows)} samples")
-    rows.sort(key=lambda r: r["key"])
-    seconds = time.perf_counter() - start
+    from laion_assets.core.clip.onepass import Models, one_pass
+
+    model = model.to(device)
+    return watermark_table(one_pass(tar_paths, Models(watermark=model, watermark_spec=spec), keep, batch_size,
+                                    workers, path, log))
+
+
+def watermark_table(result: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """A pass's watermark rows sorted by key, and their report."""
+    rows = sorted(result.watermark_rows, key=lambda r: r["key"])
+    seconds = result.seconds
     marked = sum(r["watermark"] for r in rows)
     return pa.Table.from_pylist(rows, schema=WATERMARK_SCHEMA), {
         "samples": len(rows), "watermarked": marked, "failed_to_decode": sum(r["status"] != "scored" for r in rows),
@@ -157,4 +149,7 @@ def watermark_bucket(store: Storage, download: ShardsManifest, keep: frozenset[s
     model = load_watermark(spec, device)
     shards = download.keys()
     with store.local_copies([s.tar for s in shards]) as local:
-        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log)
+        from laion_assets.core.clip.onepass import decode_path
+
+        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log,
+                                decode_path(settings, device.type))
