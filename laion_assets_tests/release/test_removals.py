@@ -138,7 +138,8 @@ def test_a_new_removal_version_requests_the_release_again_through_reprocess(tmp_
         for bucket in LAYOUT.bucket_keys():  # the upstream files exist: the instance learns they were made
             partition = str(dg.MultiPartitionKey({"crawl": CRAWL, "bucket": bucket}))
             graph.instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
-            for spec in graph.by[asset].check_specs:  # and that their blocking checks passed
+            # and that their blocking checks passed (the CLIP pass's multi-asset holds three assets' checks)
+            for spec in [s for s in graph.by[asset].check_specs if s.asset_key == dg.AssetKey(asset)]:
                 graph.instance.report_runless_asset_event(dg.AssetCheckEvaluation(
                     asset_key=spec.asset_key, check_name=spec.name, passed=True, partition=partition))
     first = tick()

@@ -50,7 +50,9 @@ class ReleaseGraph:
         self.resources = resources
         self.instance = instance or dg.DagsterInstance.ephemeral()
         self.assets = build_assets(LAYOUT, OPS)
-        self.by = {a.key.to_user_string(): a for a in self.assets}
+        # A multi-asset (the CLIP pass) under each of its keys
+        self.by = {k.to_user_string(): a for a in self.assets
+                   for k in (a.keys if isinstance(a, dg.AssetsDefinition) else [a.key])}
         self.meta: dict[str, list[dict]] = {}
         self.checks: list[Any] = []
 
