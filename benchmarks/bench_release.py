@@ -3,13 +3,32 @@ near), release (the split into parts) and statistics, at two sizes, one core eac
 
 For each size, the synthetic inputs of --buckets buckets (download rows, CLIP, safety and watermark scores, unique
 pairs, with planted exact and near duplicates; `laion_assets/core/offline/release_inputs.py`) are written into a
-temporary storage root first (not timed), then a fresh process with POLARS_MAX_THREADS=1 runs the stage's core
-functions as the assets call them and reports each step's seconds and its own peak RSS (ru_maxrss, which includes
-the interpreter and libraries). Printed with the load average, so readers can judge a busy machine.
+temporary storage root first (not timed), then a fresh process with POLARS_MAX_THREADS=1 and Arrow's pool at one
+thread runs the stage's core functions as the assets call them and reports each step's wall and CPU seconds and its
+own peak RSS (VmHWM: the interpreter and libraries included, the parent's memory not). Rates per core are taken
+from CPU time, which neighbours on a shared machine do not inflate; wall-clock rates are printed beside them, with
+the load average.
 
 Goals (issue 10): at least 1M rows/s per core for the join and split (filtered metadata + release); peak memory that
 does not grow with input size (within 20% between the sizes); near-duplicate marking that grows about linearly
 (time at the large size no more than 12x the time at the small one for 10x the rows).
+
+Measured on a shared 2-core machine, 23 Nov 2026, `--buckets 8`, before (main at 2ab25c3) and after (issue-10b) in
+one sitting, load average 4-5 (CPU seconds; rows/s per core from CPU time, wall clock in brackets):
+
+    rows in    code    dedup  join  split  join+split rows/s/core    peak RSS
+    200,000    before    1.0   0.6    0.3   218,656 (216,491)          401 MB
+    200,000    after     0.7   0.9    0.4   146,686  (84,469)          342 MB
+    2,000,000  before    9.5   6.8    3.4   194,921 (189,310)        1,047 MB
+    2,000,000  after     8.1   4.9    1.9   296,593 (178,070)          975 MB
+    1,000,000  after     4.4   2.4    0.8   315,119 (146,848)          597 MB   (load 3.5)
+    10,000,000 after    56.8  30.7    7.4   262,172 (196,293)        3,881 MB
+
+All three goals still fail: the join and split run at about 0.3M rows/s per core (string-keyed joins, the language
+score's unique-by-URL join, and writing the rows twice, as filtered metadata and as parts, dominate); peak memory
+grows with the crawl because the image dedup holds every kept sample of the crawl (and with --buckets fixed every
+bucket grows too); the dedup's CPU time grows x12-13 for x10 rows. 20M rows were not run: at 3.9 GB for 10M, the
+dedup would reach the 8 GiB a process may use on the shared machine.
 
 Usage: python benchmarks/bench_release.py [--sizes 2000000,20000000] [--buckets 8] [--keep]
 """
