@@ -275,11 +275,13 @@ class Storage:
         with self.local_copies([key]) as (local,):
             return pq.ParquetFile(local).metadata.num_rows
 
-    def write_parquet(self, key: str, table: Any) -> None:
+    def write_parquet(self, key: str, table: Any, **options: Any) -> None:
+        """Store a pyarrow Table as zstd Parquet; `options` go to pyarrow.parquet.write_table (and may override the
+        compression)."""
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, **{"compression": "zstd", **options})
         self.write_bytes(key, buf.getvalue())
 
     def delete(self, key: str) -> None:

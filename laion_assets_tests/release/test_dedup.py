@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import xxhash
 
-from laion_assets.core.release.columns import subset_of, url_text_hash
+from laion_assets.core.release.columns import subset_of, url_text_hash, url_text_hash_expr
 from laion_assets.core.release.dedup import key_masks, mark_duplicates, near_pairs
 
 
@@ -17,6 +17,25 @@ def test_hash_is_xxhash64_of_url_nul_text_as_signed_int64():
     assert got.dtype == np.int64 and int(got[0]) == (want - 2**64 if want >= 2**63 else want)
     assert got[1] != got[2]  # the separator keeps ("ab", "c") and ("a", "bc") apart
     assert [subset_of(x) for x in ("en", "de", "", None)] == ["en", "multi", "nolang", "nolang"]
+
+
+def test_vectorised_hash_matches_xxhash_on_tricky_strings():
+    """The polars-hash expression the pipeline uses gives exactly the reference's int64 on empty, missing,
+    unicode (multi-byte, combining, emoji), long and high-digest strings."""
+    urls = ["", "", None, "https://ü.example/ß.jpg", "ab", "a", "x" * 5000, "https://a.example/\u00e9", "é", "\t "]
+    texts = ["", "t", None, "日本語のキャプション 🎉", "c", "bc", "y" * 3, "e\u0301", None, " \n"]
+    got = pl.DataFrame({"u": urls, "t": texts}, schema={"u": pl.String, "t": pl.String}).select(
+        url_text_hash_expr(pl.col("u"), pl.col("t")).alias("h"))["h"]
+    assert got.dtype == pl.Int64
+    digests = [xxhash.xxh64_intdigest((u or "").encode() + b"\x00" + (t or "").encode())
+               for u, t in zip(urls, texts, strict=True)]
+    want = [d - 2**64 if d >= 2**63 else d for d in digests]
+    assert got.to_list() == want == url_text_hash(urls, texts).tolist()
+    assert any(h < 0 for h in want)  # the sign conversion is exercised
+    rng = np.random.default_rng(3)
+    many = ["".join(map(chr, rng.integers(1, 0x2FFF, int(n)))) for n in rng.integers(0, 40, 2000)]
+    got = pl.DataFrame({"u": many, "t": many[::-1]}).select(url_text_hash_expr(pl.col("u"), pl.col("t")))
+    assert got.to_series().to_list() == url_text_hash(many, many[::-1]).tolist()
 
 
 def _clustered_hashes(n: int, seed: int) -> list[int]:

@@ -5,6 +5,10 @@ of the unsigned digest), as LAION's collections store an int64 hash column for j
 ("ab", "c") and ("a", "bc") apart; xxHash64 is stable across machines and library versions (unlike a dataframe
 library's internal hash). In Python: `xxhash.xxh64_intdigest(url.encode() + b"\\x00" + text.encode())`, minus 2**64
 when at least 2**63.
+
+The pipeline computes it column-wise with `url_text_hash_expr` (the `polars-hash` plugin's exact xxHash64, in
+Rust: a per-row Python call cost more than the rest of the join); `url_text_hash` is the plain-Python reference the
+tests hold it to.
 """
 
 from __future__ import annotations
@@ -29,10 +33,34 @@ FILTERED_SCHEMA = pa.schema([
     ("duplicate_of", pa.string()), ("near_duplicate_of", pa.string()),
 ])
 SEPARATOR = b"\x00"
+# How the filtered metadata and the release parts are written: zstd, with dictionary pages only for the columns of
+# few distinct values (dictionary-encoding URLs, captions and digests, which are nearly all distinct, cost half of
+# the write time and made the files larger).
+DICTIONARY_COLUMNS = ["LANGUAGE", "crawl", "subset", "shard"]
+PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS}
+
+
+def filtered_dtypes() -> dict[str, pl.DataType]:
+    """FILTERED_SCHEMA as polars dtypes, for casting a frame without a round trip through Arrow."""
+    import polars as pl
+
+    return dict(pl.from_arrow(FILTERED_SCHEMA.empty_table()).schema)
+
+
+def url_text_hash_expr(url: pl.Expr, text: pl.Expr) -> pl.Expr:
+    """The `hash` column as a polars expression (Int64): xxHash64 of URL, NUL, TEXT, with a missing value hashed as
+    the empty string, exactly as `url_text_hash`."""
+    import polars as pl
+    import polars_hash  # noqa: F401  (registers the `nchash` expression namespace)
+
+    joined = pl.concat_str([url.fill_null(""), pl.lit(SEPARATOR.decode()), text.fill_null("")])
+    # The plugin returns the unsigned digest; the release stores its bit pattern as a signed int64.
+    return joined.nchash.xxhash64().reinterpret(signed=True)
 
 
 def url_text_hash(urls: list[str | None], texts: list[str | None]) -> np.ndarray:
-    """The `hash` column: xxHash64 of URL, NUL, TEXT as int64 (a missing value hashes as the empty string)."""
+    """The `hash` column, one Python call per row: xxHash64 of URL, NUL, TEXT as int64 (a missing value hashes as
+    the empty string). The reference for `url_text_hash_expr`."""
     digests = np.fromiter(
         (xxhash.xxh64_intdigest((u or "").encode() + SEPARATOR + (t or "").encode())
          for u, t in zip(urls, texts, strict=True)), dtype=np.uint64, count=len(urls))

@@ -79,12 +79,15 @@ def mark_duplicates(samples: pl.DataFrame, radius: int) -> tuple[pl.DataFrame, D
 
     if radius < 0:
         raise ValueError(f"the near-duplicate radius must be 0 or more, not {radius}")
+    # Samples are handled by their rank in sample_id order (integers, not names, in every group and join: the
+    # names' windows and joins were most of the memory); names are looked up by rank at the end.
     df = samples.select(DEDUP_COLUMNS).sort("sample_id").with_row_index("rank")
-    first_bytes = pl.col("sample_id").first().over("sha256")
-    df = df.with_columns(
-        pl.when(pl.col("sha256").is_not_null() & (first_bytes != pl.col("sample_id"))).then(first_bytes)
-        .otherwise(None).alias("duplicate_of"))
-    candidates = (df.filter(pl.col("duplicate_of").is_null() & pl.col("phash").is_not_null())
+    first_bytes = (df.filter(pl.col("sha256").is_not_null()).group_by("sha256")
+                   .agg(pl.col("rank").min().alias("first_bytes")))
+    df = (df.join(first_bytes, on="sha256", how="left", maintain_order="left")
+          .with_columns(pl.when(pl.col("first_bytes") < pl.col("rank")).then(pl.col("first_bytes"))
+                        .alias("duplicate_rank")).drop("first_bytes"))
+    candidates = (df.filter(pl.col("duplicate_rank").is_null() & pl.col("phash").is_not_null())
                   .with_columns(pl.col("phash").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("h"))
                   .filter(pl.col("h").is_not_null()))
     # The earliest sample of each distinct hash, and for each hash the earliest sample of any hash near it.
@@ -98,9 +101,10 @@ def mark_duplicates(samples: pl.DataFrame, radius: int) -> tuple[pl.DataFrame, D
                   pl.when(pl.col("other_first") < pl.col("rank")).then(pl.col("other_first"))).alias("near_rank"))
               .filter(pl.col("near_rank").is_not_null())
               .select("rank", "near_rank"))
-    names = df.select(pl.col("rank").alias("near_rank"), pl.col("sample_id").alias("near_duplicate_of"))
-    out = (df.join(marked.join(names, on="near_rank").select("rank", "near_duplicate_of"), on="rank", how="left")
-           .sort("rank").drop("rank"))
+    out = df.join(marked, on="rank", how="left", maintain_order="left")
+    names = out["sample_id"]  # in rank order: the name of rank r is at position r
+    out = out.select("sample_id", "sha256", "phash", names.gather(out["duplicate_rank"]).alias("duplicate_of"),
+                     names.gather(out["near_rank"]).alias("near_duplicate_of"))
     counts = DedupCounts(samples=out.height, exact_duplicates=int(out["duplicate_of"].is_not_null().sum()),
                          near_duplicates=int(out["near_duplicate_of"].is_not_null().sum()))
     return out, counts

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.records import JsonRecord
-from laion_assets.core.release.columns import FILTERED_SCHEMA, subset_expr, url_text_hash
+from laion_assets.core.release.columns import PARQUET_OPTIONS, filtered_dtypes, subset_expr, url_text_hash_expr
 from laion_assets.core.storage import Storage
 
 if TYPE_CHECKING:
@@ -64,13 +64,15 @@ def download_rows(store: Storage, manifest: ShardsManifest) -> pl.DataFrame:
     """Every row of a finished download with the storage key of the tar its image is in (`shard`)."""
     import polars as pl
 
-    frames = []
-    for keys in manifest.keys():
-        rows = pl.from_arrow(store.read_parquet(keys.rows, columns=DOWNLOAD_COLUMNS))
-        frames.append(rows.with_columns(pl.lit(keys.tar).alias("shard")))
-    if not frames:
+    keys = list(manifest.keys())
+    if not keys:
         return pl.DataFrame(schema={c: pl.String for c in DOWNLOAD_COLUMNS} | {"shard": pl.String})
-    return pl.concat(frames, how="vertical_relaxed")
+    # One polars scan of only the needed columns (several times faster than pyarrow's read_table + from_arrow
+    # on one core); collected inside local_copies, which are temporary downloads on S3.
+    with store.local_copies([k.rows for k in keys]) as local:
+        frames = [pl.scan_parquet(path).select(DOWNLOAD_COLUMNS).with_columns(pl.lit(k.tar).alias("shard"))
+                  for path, k in zip(local, keys, strict=True)]
+        return pl.concat(frames, how="vertical_relaxed").collect()
 
 
 def kept_samples(downloads: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
@@ -114,23 +116,22 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
             .join(language_scores.select("url", "language_score").unique("url"), on="url", how="left")
             .join(duplicates.select("key", "duplicate_of", "near_duplicate_of"), on="key", how="left")
             .sort("key"))
-    hashes = url_text_hash(rows["url"].to_list(), rows["caption"].to_list())
-    out = rows.select(
+    out = rows.lazy().select(
         pl.col("url").alias("URL"), pl.col("caption").alias("TEXT"),
         pl.col("original_width").alias("WIDTH"), pl.col("original_height").alias("HEIGHT"),
         pl.col("language").fill_null("").alias("LANGUAGE"), "similarity", "pwatermark", "punsafe",
-        pl.Series("hash", hashes), "key", "shard", "sha256", "phash", "language_score",
-        pl.lit(crawl).alias("crawl"),
+        url_text_hash_expr(pl.col("url"), pl.col("caption")).alias("hash"), "key", "shard", "sha256", "phash",
+        "language_score", pl.lit(crawl).alias("crawl"),
         subset_expr(pl.col("language")).alias("subset"),
-        "duplicate_of", "near_duplicate_of")
-    return pl.from_arrow(out.to_arrow().cast(FILTERED_SCHEMA)), removed
+        "duplicate_of", "near_duplicate_of").cast(filtered_dtypes()).collect()
+    return out, removed
 
 
 def write_filtered(store: Storage, crawl: str, bucket: str, layout: paths.Layout, table: pa.Table,
                    report: FilteredBucket) -> FilteredBucket:
     """Store the bucket's rows; the record that names them is what the asset returns."""
     key = paths.filtered_metadata(crawl, bucket, layout)
-    store.write_parquet(key, table)
+    store.write_parquet(key, table, **PARQUET_OPTIONS)
     report.file, report.rows = key, table.num_rows
     return report
 

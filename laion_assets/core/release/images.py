@@ -41,13 +41,18 @@ def bucket_candidates(store: Storage, crawl: str, bucket: str, manifest: ShardsM
     """The kept samples of one bucket: crawl, bucket, key, url, sha256, phash."""
     import polars as pl
 
-    frames = [pl.from_arrow(store.read_parquet(k.rows, columns=["key", "url", "status", "sha256", "phash"]))
-              for k in manifest.keys()]
-    rows = pl.concat(frames) if frames else pl.DataFrame(
-        schema={"key": pl.String, "url": pl.String, "status": pl.String, "sha256": pl.String, "phash": pl.String})
-    kept = scores.lazy().filter(pl.col("keep")).select("key").collect()
-    return (rows.filter(pl.col("status") == "success").join(kept, on="key", how="semi")
-            .select(pl.lit(crawl).alias("crawl"), pl.lit(bucket).alias("bucket"), "key", "url", "sha256", "phash"))
+    keys = list(manifest.keys())
+    if not keys:
+        return pl.DataFrame(schema={c: pl.String for c in ["crawl", "bucket", "key", "url", "sha256", "phash"]})
+    kept = scores.lazy().filter(pl.col("keep")).select("key")
+    # One lazy polars scan: only the five columns are read and failed rows are dropped while reading, so the
+    # whole download's rows are never held (reading them with pyarrow first cost four times the memory).
+    with store.local_copies([k.rows for k in keys]) as local:
+        rows = pl.concat([pl.scan_parquet(path).select("key", "url", "status", "sha256", "phash") for path in local],
+                         how="vertical_relaxed")
+        return (rows.filter(pl.col("status") == "success").join(kept, on="key", how="semi")
+                .select(pl.lit(crawl).alias("crawl"), pl.lit(bucket).alias("bucket"), "key", "url", "sha256", "phash")
+                .collect())
 
 
 def dedup_crawl(store: Storage, crawl: str, downloads: Mapping[str, ShardsManifest],

@@ -18,10 +18,13 @@ from typing import Any
 
 from laion_assets.core import paths
 from laion_assets.core.records import JsonRecord
-from laion_assets.core.release.columns import FILTERED_SCHEMA, SUBSETS
+from laion_assets.core.release.columns import FILTERED_SCHEMA, PARQUET_OPTIONS, SUBSETS
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.settings import ReleaseSettings
 from laion_assets.core.storage import Storage
+
+# Rows per read batch and per row group of a part.
+BATCH_ROWS = 65_536
 
 
 @dataclass
@@ -71,21 +74,26 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _kept_rows(settings: ReleaseSettings) -> Any:
+def _kept_mask(batch: Any, settings: ReleaseSettings) -> Any:
+    """Which rows of a table of filtered metadata the release keeps (exact, and optionally near, duplicates out);
+    None when it keeps them all."""
     import pyarrow.compute as pc
 
-    keep = pc.scalar(True)
-    if settings.drop_exact_duplicates:
-        keep = keep & pc.field("duplicate_of").is_null()
-    if settings.drop_near_duplicates:
-        keep = keep & pc.field("near_duplicate_of").is_null()
+    dropped = [c for c, drop in (("duplicate_of", settings.drop_exact_duplicates),
+                                 ("near_duplicate_of", settings.drop_near_duplicates)) if drop]
+    keep = None
+    for column in dropped:
+        null = pc.is_null(batch.column(column))
+        keep = null if keep is None else pc.and_(keep, null)
     return keep
 
 
 def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expected: list[str],
                   settings: ReleaseSettings, models: dict[str, Any], code_version: str) -> ReleaseManifest:
     """Write the crawl's release from every bucket's filtered metadata; returns the manifest (already stored)."""
-    import pyarrow.dataset as ds
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     missing = sorted(set(expected) - set(buckets))
     if missing:
@@ -99,16 +107,29 @@ def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBuck
     store.delete(paths.release_manifest(crawl))
     parts: list[ReleasePart] = []
     counts = dict.fromkeys(SUBSETS, 0)
-    keep = _kept_rows(settings)
-    with store.local_copies([b.file for b in ordered]) as local:
-        dataset = ds.dataset(local, format="parquet", schema=FILTERED_SCHEMA)
-        total = dataset.count_rows()
-        exact_dropped = dataset.count_rows(filter=ds.field("duplicate_of").is_valid()) \
-            if settings.drop_exact_duplicates else 0
-        for subset in SUBSETS:
-            rows = dataset.scanner(filter=keep & (ds.field("subset") == subset), batch_size=65_536).to_batches()
-            parts += _write_parts(store, crawl, subset, rows, settings.rows_per_part)
-            counts[subset] = sum(p.rows for p in parts if p.subset == subset)
+    exact_dropped = total = 0
+    # One pass over the buckets' files, in bucket order, each batch split among the three subsets' writers: the
+    # rows of each subset keep their bucket and key order, and every file is read once (not once per subset).
+    with store.local_copies([b.file for b in ordered]) as local, store.staging_dir() as stage:
+        writers = {subset: _PartWriter(store, crawl, subset, stage, settings.rows_per_part) for subset in SUBSETS}
+        for path in local:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                table = pa.Table.from_batches([batch])
+                missing = set(FILTERED_SCHEMA.names) - set(table.column_names)
+                if missing:
+                    raise ValueError(f"{path}: not filtered metadata, columns {sorted(missing)} missing")
+                table = table.select(FILTERED_SCHEMA.names).cast(FILTERED_SCHEMA)
+                total += table.num_rows
+                if settings.drop_exact_duplicates:
+                    exact_dropped += table.num_rows - table.column("duplicate_of").null_count
+                mask = _kept_mask(table, settings)
+                kept = table if mask is None else table.filter(mask)
+                for subset, writer in writers.items():
+                    writer.write(kept.filter(pc.equal(kept.column("subset"), subset)))
+        for subset, writer in writers.items():
+            writer.close()
+            parts += writer.parts
+            counts[subset] = sum(p.rows for p in writer.parts)
     for key in sorted(old - {paths.join(root, p.file) for p in parts}):
         if key.endswith(".parquet") and "/part-" in key:
             store.delete(key)
@@ -130,38 +151,59 @@ def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBuck
     return manifest
 
 
-def _write_parts(store: Storage, crawl: str, subset: str, batches: Any, rows_per_part: int) -> list[ReleasePart]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _PartWriter:
+    """One subset's parts: rows buffered into row groups of BATCH_ROWS, a new part every `rows_per_part` rows, each
+    part committed (with its size and sha256) as soon as it is full."""
 
-    parts: list[ReleasePart] = []
-    with store.staging_dir() as stage:
-        writer, rows, local = None, 0, ""
+    def __init__(self, store: Storage, crawl: str, subset: str, stage: str, rows_per_part: int) -> None:
+        self.store, self.crawl, self.subset, self.stage, self.rows_per_part = store, crawl, subset, stage, rows_per_part
+        self.parts: list[ReleasePart] = []
+        self.pending: list[Any] = []  # tables not yet written, fewer than BATCH_ROWS rows in all
+        self.pending_rows = 0
+        self.writer: Any = None
+        self.rows = 0  # rows in the open part
+        self.local = ""
 
-        def close() -> None:
-            nonlocal writer
-            if writer is None:
-                return
-            writer.close()
-            writer = None
-            name = paths.release_part_name(subset, len(parts))
-            parts.append(ReleasePart(subset, name, rows, os.path.getsize(local), _sha256(local)))
-            store.put_file(local, paths.join(paths.release(crawl), name))
+    def write(self, table: Any) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        # A row group is written once BATCH_ROWS rows are pending, or enough to fill the open part.
+        while self.pending_rows and self.pending_rows >= min(BATCH_ROWS, self.rows_per_part - self.rows):
+            self._flush()
 
-        for batch in batches:
-            offset = 0
-            while offset < batch.num_rows:
-                if writer is None:
-                    local = os.path.join(stage, f"{subset}-{len(parts)}.parquet")
-                    writer, rows = pq.ParquetWriter(local, FILTERED_SCHEMA, compression="zstd"), 0
-                take = min(batch.num_rows - offset, rows_per_part - rows)
-                writer.write_table(pa.Table.from_batches([batch.slice(offset, take)], FILTERED_SCHEMA))
-                rows += take
-                offset += take
-                if rows == rows_per_part:
-                    close()
-        close()
-    return parts
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending_rows:
+            return
+        if self.writer is None:
+            self.local = os.path.join(self.stage, f"{self.subset}-{len(self.parts)}.parquet")
+            self.writer, self.rows = pq.ParquetWriter(self.local, FILTERED_SCHEMA, **PARQUET_OPTIONS), 0
+        table = pa.concat_tables(self.pending)
+        take = min(table.num_rows, BATCH_ROWS, self.rows_per_part - self.rows)
+        self.writer.write_table(table.slice(0, take), row_group_size=take)
+        rest = table.slice(take)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self.rows += take
+        if self.rows == self.rows_per_part:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        name = paths.release_part_name(self.subset, len(self.parts))
+        self.parts.append(ReleasePart(self.subset, name, self.rows, os.path.getsize(self.local), _sha256(self.local)))
+        self.store.put_file(self.local, paths.join(paths.release(self.crawl), name))
+        self.rows = 0
+
+    def close(self) -> None:
+        while self.pending_rows:
+            self._flush()
+        self._commit()
 
 
 def settings_dict(settings: ReleaseSettings) -> dict[str, Any]:
