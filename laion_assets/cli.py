@@ -560,6 +560,11 @@ def serve_command(storage: str | None, **kwargs: Any) -> None:
     settings = settings_from(ServeSettings, kwargs)
     models = settings_from(ModelSettings, kwargs)
     root = storage or os.environ.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE)
+    if root.startswith("s3://"):
+        # faiss maps index files from a local disk, and a service must not download gigabytes at every start:
+        # copy the index folders to a local root first (README, "Search": `aws s3 sync`).
+        raise click.ClickException(f"serve needs a local storage root, not {root}: copy crawls/*/knn_index and "
+                                   "knn_index/all to a local folder (aws s3 sync) and serve that")
     click.echo(f"serving the indices of {root} on http://{settings.host}:{settings.port}/")
     serve(root, settings, QueryEncoder(models), print_fn=click.echo)
 
