@@ -102,6 +102,7 @@ def test_knn_index_assets_removals_and_automation(tmp_path):
     assert all(len(f["sha256"]) == 64 for f in record["files"])
     passed = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in graph.checks}
     assert passed[("knn_index", "recall")] and passed[("knn_index_all", "recall")]
+    assert passed[("release", "rows_match_filtered")]
 
     # The service's search finds a sample from its own image embedding.
     target = release.row(0, named=True)
