@@ -59,7 +59,8 @@ def knn_index_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         filtered = {bucket_of(layout, k): v for k, v in filtered_metadata.items()}
         record = build_crawl_index(store, crawl, embeddings, filtered, settings, log=context.log.info)
         metadata = to_metadata(record.metadata())
-        metadata.update({"dagster/uri": store.uri(record.folder), "dagster/row_count": record.rows})
+        # (dagster/uri is the stored record, which the IO manager sets)
+        metadata.update({"folder": store.uri(record.folder), "dagster/row_count": record.rows})
         return dg.MaterializeResult(value=record, metadata=metadata,
                                     check_results=[recall_check("knn_index", record, settings.min_recall)])
 
@@ -85,7 +86,8 @@ def knn_index_all_asset(ops: OperationsSettings) -> dg.AssetsDefinition:
             raise dg.Failure("no crawl has a complete kNN index yet: materialize knn_index first")
         record = merge_crawl_indices(store, crawls, settings, removals.load().version, log=context.log.info)
         metadata = to_metadata(record.metadata())
-        metadata.update({"dagster/uri": store.uri(record.folder), "dagster/row_count": record.rows,
+        # (dagster/uri is the stored record, which the IO manager sets)
+        metadata.update({"folder": store.uri(record.folder), "dagster/row_count": record.rows,
                          "crawls": len(crawls)})
         return dg.MaterializeResult(value=record, metadata=metadata,
                                     check_results=[recall_check("knn_index_all", record, settings.min_recall)])

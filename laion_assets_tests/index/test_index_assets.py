@@ -141,3 +141,39 @@ def test_knn_index_assets_removals_and_automation(tmp_path):
     assert not result.success
     failed = [c for c in graph.checks if c.check_name == "recall" and not c.passed]
     assert len(failed) == 1 and failed[0].asset_key == dg.AssetKey("knn_index")
+
+
+def test_knn_index_assets_on_s3_upload_the_folders_and_serve_refuses_s3(s3_server, tmp_path, monkeypatch):
+    import boto3
+    from click.testing import CliRunner
+
+    from laion_assets.cli import main
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="laion-index")
+    graph = ReleaseGraph(graph_resources("s3://laion-index/run", tmp_path / "mirror",
+                                         {"AWS_ENDPOINT_URL": s3_server}))
+    store = graph.resources["storage"].get()
+    made = write_crawl(store, CRAWL, n=80)
+    vectors = write_embeddings_of(store, made)
+    graph.release(CRAWL)
+    graph.run("knn_index", CRAWL, BUILD)
+    graph.run("knn_index_all", None, {"eval_queries": 10})
+    assert graph.meta["knn_index"][-1]["folder"] == "s3://laion-index/run/" + paths.knn_index(CRAWL)
+    # Every file of the record is in the bucket with its size; a local copy of the folders serves.
+    local = tmp_path / "copy"
+    for key, name in ((paths.knn_index(CRAWL), "knn_index"), (paths.knn_index_all(), "knn_index_all")):
+        record = json.loads(store.read_bytes(paths.asset_output(name, {"crawl": CRAWL}, LAYOUT)))
+        assert {f["name"] for f in record["files"]} == {k.rsplit("/", 1)[1] for k in store.list(key)}
+        for f in record["files"]:
+            assert store.size(paths.join(key, f["name"])) == f["bytes"]
+            (local / key).mkdir(parents=True, exist_ok=True)
+            store.download(paths.join(key, f["name"]), str(local / key / f["name"]))
+    released_urls = set(meta.open_arrow(str(local / paths.knn_index(CRAWL) / "metadata.arrow"))["URL"].to_pylist())
+    url = sorted(released_urls)[0]
+    for indice in (CRAWL, "all"):
+        assert urls_found(str(local), indice, vectors[url])[0] == url
+    result = CliRunner().invoke(main, ["serve", "--storage", "s3://laion-index/run"])
+    assert result.exit_code != 0 and "local storage root" in result.output
