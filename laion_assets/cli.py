@@ -526,7 +526,7 @@ def demo(storage: str | None) -> None:
               help="Parquet file of the index metadata, row-aligned with the embeddings (bucket after bucket).")
 @click.option("--output-dir", "-o", required=True, help="Local folder of the index (image.index, text.index, ...).")
 @click.option("--exclude", "exclude_path", default=None, help="Parquet file with a `key` column: rows left out.")
-@options(IndexSettings)
+@options(IndexSettings, exclude=("min_recall",))  # the floor of the assets' recall check
 def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_path: str | None,
                   **kwargs: Any) -> None:
     """Build the kNN indices of a clip-retrieval embedding folder (img_emb/, text_emb/, metadata/)."""
