@@ -526,7 +526,7 @@ def demo(storage: str | None) -> None:
               help="Parquet file of the index metadata, row-aligned with the embeddings (bucket after bucket).")
 @click.option("--output-dir", "-o", required=True, help="Local folder of the index (image.index, text.index, ...).")
 @click.option("--exclude", "exclude_path", default=None, help="Parquet file with a `key` column: rows left out.")
-@options(IndexSettings)
+@options(IndexSettings, exclude=("min_recall",))  # the floor of the assets' recall check
 def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_path: str | None,
                   **kwargs: Any) -> None:
     """Build the kNN indices of a clip-retrieval embedding folder (img_emb/, text_emb/, metadata/)."""
@@ -560,6 +560,11 @@ def serve_command(storage: str | None, **kwargs: Any) -> None:
     settings = settings_from(ServeSettings, kwargs)
     models = settings_from(ModelSettings, kwargs)
     root = storage or os.environ.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE)
+    if root.startswith("s3://"):
+        # faiss maps index files from a local disk, and a service must not download gigabytes at every start:
+        # copy the index folders to a local root first (README, "Search": `aws s3 sync`).
+        raise click.ClickException(f"serve needs a local storage root, not {root}: copy crawls/*/knn_index and "
+                                   "knn_index/all to a local folder (aws s3 sync) and serve that")
     click.echo(f"serving the indices of {root} on http://{settings.host}:{settings.port}/")
     serve(root, settings, QueryEncoder(models), print_fn=click.echo)
 

@@ -7,6 +7,7 @@ import dagster as dg
 from laion_assets.assets.clip import build_clip_assets, model_sources
 from laion_assets.assets.crawl import build_crawl_assets
 from laion_assets.assets.download import build_download_assets
+from laion_assets.assets.index import build_index_assets
 from laion_assets.assets.release import build_release_assets, removal_sources
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import OperationsSettings
@@ -21,7 +22,8 @@ def build_assets(layout: Layout, ops: OperationsSettings | None = None) -> list:
     sources, _ = model_sources(ops)
     return [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops),
             *build_clip_assets(layout, ops),
-            *build_release_assets(layout, ops)]
+            *build_release_assets(layout, ops),
+            *build_index_assets(layout, ops)]
 
 
 def build_definitions(layout: Layout | None = None, resources: dict | None = None,

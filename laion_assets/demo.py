@@ -130,8 +130,10 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
                "images": statuses["success"], "statuses": dict(statuses), **totals}
     summary["release"] = _release(demo, crawl)
+    summary["index"] = _index(demo, crawl)
     _print_made(summary, sample, demo.resources["storage"].get(), demo.layout, time.perf_counter() - start)
     _print_release(summary["release"], demo.resources["storage"].get(), crawl)
+    _print_index(summary["index"], demo.resources["storage"].get(), crawl)
     return summary
 
 
@@ -145,6 +147,25 @@ def _release(demo: _Demo, crawl: str) -> dict[str, Any]:
             "filtered": _total(filtered, "rows"), "released": release.get("rows", 0),
             "subsets": {s: release.get(f"rows_{s}", 0) for s in ("en", "multi", "nolang")},
             "statistics": statistics.get("statistics", "")}
+
+
+# --- the kNN indices (issue 11) ---------------------------------------------------------------------------------
+
+def _index(demo: _Demo, crawl: str) -> dict[str, Any]:
+    """The crawl's kNN indices over its released samples, and `all` (the crawls' indices merged)."""
+    return {"crawl": demo.run("knn_index", crawl), "all": demo.run("knn_index_all")}
+
+
+def _print_index(index: dict[str, Any], store: Any, crawl: str) -> None:
+    print()
+    print("The kNN indices:")
+    for name, key, meta in (("knn_index", paths.knn_index(crawl), index["crawl"]),
+                            ("knn_index_all", paths.knn_index_all(), index["all"])):
+        print(f"  {name:<20} {store.uri(key)}  ({meta.get('rows', 0)} samples, {meta.get('image_index_key', '')};"
+              f" recall@10 {meta.get('recall_at_10', 0):.3f}, p50/p99 {meta.get('image_p50_ms', 0):.2f}/"
+              f"{meta.get('image_p99_ms', 0):.2f} ms)")
+    print("Search them (clip-retrieval's API and the page) with:")
+    print(f"  .venv/bin/laion-assets serve --storage {store.root} --preset small     # then open http://127.0.0.1:1234/")
 
 
 def _print_release(release: dict[str, Any], store: Any, crawl: str) -> None:

@@ -131,12 +131,15 @@ def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinitio
 
     @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="release",
               op_tags=op_tags("release", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              ins={"filtered_metadata": dg.AssetIn(partition_mapping=buckets_to_crawl)})
+              ins={"filtered_metadata": dg.AssetIn(partition_mapping=buckets_to_crawl)},
+              check_specs=[checks.spec("release", "rows_match_filtered",
+                                       "the parts' rows equal the filtered rows (removals already out) less the "
+                                       "duplicates the settings drop")])
     def release(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
                 filtered_metadata: dict[str, FilteredBucket]):
         """The crawl's dataset: `release/{en,multi,nolang}/part-NNNNN.parquet` and `_manifest.json` (written last:
         counts, parts with sha256 and size, models and thresholds, removal version, code version, time)."""
-        from laion_assets.core.release.release import release_summary, write_release
+        from laion_assets.core.release.release import account_rows, release_summary, write_release
 
         crawl = crawl_of(context)
         store = storage.get()
@@ -154,7 +157,10 @@ def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinitio
             first = store.read_parquet(manifest.part_keys()[0])
             metadata["preview"] = preview_table(first.slice(0, 10).to_pylist(), PREVIEW_COLUMNS)
         context.log.info(f"{crawl}: released {manifest.rows} samples in {len(manifest.parts)} parts")
-        return dg.MaterializeResult(value=manifest, metadata=metadata)
+        account = account_rows(store, manifest, buckets, settings)
+        return dg.MaterializeResult(value=manifest, metadata=metadata, check_results=[
+            checks.holds("release", "rows_match_filtered", account.holds, account.describe(),
+                         released=account.released, expected=account.expected)])
 
     return release
 

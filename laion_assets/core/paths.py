@@ -206,6 +206,8 @@ def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
         "image_dedup": lambda: image_dedup(crawl),
         "filtered_metadata": lambda: filtered_record(crawl, bucket, layout),
         "release": lambda: release_manifest(crawl),
+        "knn_index": lambda: knn_index_record(crawl),
+        "knn_index_all": knn_index_all_record,
     }
     if asset not in outputs:
         raise KeyError(f"no storage path for the output of asset {asset!r}: add it to paths.asset_output")
@@ -282,6 +284,15 @@ def knn_index(crawl: str) -> str:
 def knn_index_all() -> str:
     """The crawls' indices merged into one (the `all` indice of the search service)."""
     return f"knn_index/{ALL_INDICES}"
+
+
+def knn_index_record(crawl: str) -> str:
+    """The knn_index asset's record (files, sizes, checksums, counts), beside the folder it describes."""
+    return f"{crawl_root(crawl)}/knn_index_record.json"
+
+
+def knn_index_all_record() -> str:
+    return f"knn_index/{ALL_INDICES}_record.json"
 
 
 def knn_indices_root() -> str:

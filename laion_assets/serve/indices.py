@@ -1,5 +1,10 @@
 """Which indices the service offers: one per crawl with a complete `crawls/<crawl>/knn_index`, plus `all` (the
-merged index) when built. One that cannot be opened is listed as unavailable with the reason; the rest serve."""
+merged index) when built. One that cannot be opened is listed as unavailable with the reason; the rest serve.
+
+Removals newer than an index: at startup the storage root's latest removal list is matched against every index's
+rows (URL, sha256, pHash), and the matching keys are filtered out of every result (with the folder's own
+`removed_keys.parquet`) until the knn_index asset rebuilds the index without them. A removal added while the
+service runs takes effect at its next start (or with the rebuild, which the REPROCESS automation launches)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import os
 from dataclasses import dataclass, field
 
 from laion_assets.core import paths
+from laion_assets.core.index.crawl import removed_since_build
 from laion_assets.core.index.search import IndexUnavailable, OpenIndex, open_index
+from laion_assets.core.release import removals
+from laion_assets.core.storage import Storage
 
 
 def index_folders(root: str) -> dict[str, str]:
@@ -43,9 +51,13 @@ class Indices:
 
 def load_indices(root: str) -> Indices:
     indices = Indices()
+    removal_list = removals.load(Storage(root))
     for name, folder in index_folders(root).items():
         try:
-            indices.available[name] = open_index(name, folder)
+            index = open_index(name, folder)
         except IndexUnavailable as err:
             indices.unavailable[name] = str(err)
+            continue
+        index.removed = index.removed | removed_since_build(folder, removal_list)
+        indices.available[name] = index
     return indices

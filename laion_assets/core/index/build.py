@@ -123,11 +123,16 @@ def _json_number(value: Any) -> Any:
 
 
 def _stage(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, exclude: Collection[str], work: str,
-           sample: int, seed: int, log: Log | None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+           sample: int, seed: int, log: Log | None, keep_rows: np.ndarray | None = None
+           ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """Write the kept vectors bucket by bucket under work/{img,text}_emb, checking row alignment by key; returns the
     kept mask and held-out queries per modality (the other modality's embeddings of sampled rows: a caption asking
     for images, an image asking for captions, as users query)."""
     keep = pc.invert(pc.is_in(table["key"], pa.array(list(exclude), pa.string()))).to_numpy(zero_copy_only=False)
+    if keep_rows is not None:
+        if len(keep_rows) != table.num_rows:
+            raise meta.MetadataError(f"keep_rows has {len(keep_rows)} entries for {table.num_rows} metadata rows")
+        keep = keep & np.asarray(keep_rows, bool)
     rng = np.random.default_rng(seed)
     picks = set(rng.choice(int(keep.sum()), size=min(sample, int(keep.sum())), replace=False).tolist())
     queries: dict[str, list[np.ndarray]] = {"image": [], "text": []}
@@ -171,9 +176,13 @@ def _exact_truth(folder: str, queries: np.ndarray) -> np.ndarray:
 
 def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, out_dir: str,
                 settings: IndexSettings | None = None, exclude: Collection[str] = (), work_dir: str | None = None,
-                log: Log | None = None) -> IndexReport:
+                log: Log | None = None, keep_rows: np.ndarray | None = None) -> IndexReport:
     """A crawl's `image.index` and `text.index` (+ infos), `metadata.arrow` row-aligned with both, and
-    `_report.json` with recall@10 and p50/p99 query ms, in the local folder out_dir."""
+    `_report.json` with recall@10 and p50/p99 query ms, in the local folder out_dir.
+
+    Rows whose key is in `exclude`, or whose entry in the boolean mask `keep_rows` (one per table row) is False,
+    are left out. The mask is for callers whose keys repeat across buckets (img2dataset numbers each bucket's
+    shards from zero), where excluding by key would drop other buckets' samples too."""
     start = time.perf_counter()
     settings = settings or IndexSettings()
     table = meta.conform(table)
@@ -183,7 +192,8 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
         os.remove(files.report)  # from here on the folder reads as incomplete
     report = IndexReport(rows_in=table.num_rows)
     with tempfile.TemporaryDirectory(prefix="index-", dir=work_dir) as work:
-        keep, queries, dim = _stage(store, buckets, table, exclude, work, settings.eval_queries, settings.seed, log)
+        keep, queries, dim = _stage(store, buckets, table, exclude, work, settings.eval_queries, settings.seed, log,
+                                    keep_rows)
         report.rows, report.excluded, report.dim = int(keep.sum()), int((~keep).sum()), int(dim)
         if report.rows == 0:
             raise ValueError(f"nothing to index in {out_dir}: {report.rows_in} rows, {report.excluded} excluded")

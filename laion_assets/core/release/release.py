@@ -217,3 +217,46 @@ def release_summary(manifest: ReleaseManifest) -> dict[str, Any]:
             "parts": len(manifest.parts), "bytes": sum(p.bytes for p in manifest.parts),
             "removed": sum(manifest.removed.values()), "removal_version": manifest.removal_version}
 
+
+
+@dataclass
+class RowAccount:
+    """The release's rows counted from its stored parts, against what the filtered metadata says it must hold."""
+
+    released: int
+    filtered: int
+    removed: int
+    dropped_duplicates: int
+
+    @property
+    def expected(self) -> int:
+        return self.filtered - self.dropped_duplicates
+
+    @property
+    def holds(self) -> bool:
+        return self.released == self.expected
+
+    def describe(self) -> str:
+        return (f"{self.released} rows in the parts; the filtered metadata has {self.filtered} rows (after "
+                f"{self.removed} removed) less {self.dropped_duplicates} dropped duplicates = {self.expected}")
+
+
+def account_rows(store: Storage, manifest: ReleaseManifest, buckets: Mapping[str, FilteredBucket],
+                 settings: ReleaseSettings) -> RowAccount:
+    """Count the parts' rows as stored (Parquet footers, not the manifest's counts) and the rows the release must
+    have: every filtered row (the filtered metadata already lacks removed samples) less the duplicates the settings
+    drop, counted from the filtered files' own duplicate columns."""
+    import pyarrow.compute as pc
+
+    released = sum(store.parquet_rows(k) for k in manifest.part_keys())
+    filtered = dropped = 0
+    for record in buckets.values():
+        table = store.read_parquet(record.file, columns=["duplicate_of", "near_duplicate_of"])
+        drop = pc.is_valid(table["duplicate_of"]) if settings.drop_exact_duplicates else None
+        if settings.drop_near_duplicates:
+            near = pc.is_valid(table["near_duplicate_of"])
+            drop = near if drop is None else pc.or_(drop, near)
+        filtered += table.num_rows
+        dropped += int(pc.sum(drop).as_py() or 0) if drop is not None else 0
+    removed = sum(sum(b.removed.values()) for b in buckets.values())
+    return RowAccount(released, filtered, removed, dropped)

@@ -1,0 +1,153 @@
+"""The kNN indices of the asset graph: a crawl's index built from its embeddings and its filtered metadata, the
+crawls' indices merged into `all`, both stored under the storage root, and the removals newer than an index
+matched against its rows for the service to filter out until the rebuild.
+
+Only samples that are in the crawl's filtered metadata are indexed (so removed samples never are), less the
+duplicates that the release drops (`ReleaseSettings`): the index holds what the release holds. faiss reads and
+writes local files only: on a local storage root the index is built in its folder; on S3 it is built in a local
+temporary folder and uploaded file by file, `_report.json` last (it marks the folder complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from laion_assets.core import paths
+from laion_assets.core.clip.manifests import EmbeddingsManifest
+from laion_assets.core.index import metadata as meta
+from laion_assets.core.index.build import IndexReport, build_index
+from laion_assets.core.index.merge import merge_indices
+from laion_assets.core.index.records import IndexFile, IndexRecord
+from laion_assets.core.release.filtered import FilteredBucket
+from laion_assets.core.settings import IndexSettings, ReleaseSettings
+from laion_assets.core.storage import Storage
+
+Log = Callable[[str], None]
+REPORT = "_report.json"
+
+
+def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[str, FilteredBucket],
+               store: Storage, release: ReleaseSettings | None = None) -> tuple[pa.Table, np.ndarray]:
+    """The index metadata row-aligned with the buckets' embeddings (buckets in sorted order, each in its embeddings'
+    row order) and the mask of rows to index: present in the filtered metadata and not a duplicate that the
+    release drops. Rows left out carry nulls (build_index drops them with the mask)."""
+    release = release or ReleaseSettings()
+    missing = sorted(set(embeddings) ^ set(filtered))
+    if missing:
+        raise ValueError(f"buckets {missing} have embeddings or filtered metadata but not both")
+    tables, masks = [], []
+    for bucket in sorted(embeddings):
+        keys = pl.from_arrow(store.read_parquet(embeddings[bucket].files.metadata, columns=["key"]))
+        rows = pl.from_arrow(store.read_parquet(filtered[bucket].file))
+        assert isinstance(keys, pl.DataFrame) and isinstance(rows, pl.DataFrame)
+        drop = pl.lit(False)
+        if release.drop_exact_duplicates:
+            drop = drop | pl.col("duplicate_of").is_not_null()
+        if release.drop_near_duplicates:
+            drop = drop | pl.col("near_duplicate_of").is_not_null()
+        rows = rows.select(
+            "URL", pl.col("TEXT").alias("caption"), "key", "shard", "WIDTH", "HEIGHT", "similarity", "punsafe",
+            "pwatermark", "LANGUAGE", pl.col("shard").alias("tar"), "sha256", "phash",
+            (~drop).alias("_keep"))
+        # A left join in the embeddings' order: a sample embedded but not in the filtered metadata was removed.
+        joined = keys.join(rows, on="key", how="left", maintain_order="left")
+        masks.append(joined["_keep"].fill_null(False).to_numpy())
+        tables.append(joined.drop("_keep").to_arrow())
+    if not tables:
+        return meta.conform(meta.empty()), np.zeros(0, bool)
+    return meta.conform(pa.concat_tables([meta.conform(t) for t in tables])), np.concatenate(masks)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def local_folder(store: Storage, key: str) -> Iterator[str]:
+    """A local folder to build the index under `key` in: the folder itself on a local root; on S3 a temporary one
+    whose files are uploaded when the block ends without error (the report last; stale files of an older build
+    deleted first, so that the folder reads as incomplete while it uploads)."""
+    if not store.is_s3:
+        folder = store.uri(key)
+        os.makedirs(folder, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="knn-index-") as tmp:
+        yield tmp
+        store.delete(paths.join(key, REPORT))
+        names = sorted(n for n in os.listdir(tmp) if not n.startswith("."))
+        for old in store.list(key):
+            if old[len(key) + 1 :] not in names:
+                store.delete(old)
+        for name in sorted(names, key=lambda n: n == REPORT):
+            store.put_file(os.path.join(tmp, name), paths.join(key, name))
+
+
+def _files(folder: str) -> list[IndexFile]:
+    return [IndexFile(n, os.path.getsize(os.path.join(folder, n)), _sha256(os.path.join(folder, n)))
+            for n in sorted(os.listdir(folder)) if not n.startswith(".")]
+
+
+def _record(name: str, key: str, folder: str, report: IndexReport, removal_version: str) -> IndexRecord:
+    return IndexRecord(name, key, report.rows, report.excluded, removal_version, report.parts, _files(folder),
+                       report.metadata())
+
+
+def build_crawl_index(store: Storage, crawl: str, embeddings: Mapping[str, EmbeddingsManifest],
+                      filtered: Mapping[str, FilteredBucket], settings: IndexSettings,
+                      release: ReleaseSettings | None = None, log: Log | None = None) -> IndexRecord:
+    """The crawl's index at `paths.knn_index(crawl)` from every bucket's embeddings and filtered metadata."""
+    table, keep = index_rows(embeddings, filtered, store, release)
+    buckets = [embeddings[b].files for b in sorted(embeddings)]
+    version = max((f.removal_version for f in filtered.values()), default="")
+    key = paths.knn_index(crawl)
+    with local_folder(store, key) as folder:
+        report = build_index(store, buckets, table, folder, settings, log=log, keep_rows=keep)
+        record = _record(crawl, key, folder, report, version)
+    return record
+
+
+def merge_crawl_indices(store: Storage, crawls: list[str], settings: IndexSettings, removal_version: str = "",
+                        log: Log | None = None) -> IndexRecord:
+    """The crawls' indices (complete ones, in crawl order) merged into `paths.knn_index_all()`."""
+    key = paths.knn_index_all()
+    with contextlib.ExitStack() as stack:
+        parts: dict[str, str] = {}
+        for crawl in sorted(crawls):
+            folder = paths.knn_index(crawl)
+            if not store.is_s3:
+                parts[crawl] = store.uri(folder)
+                continue
+            local = stack.enter_context(tempfile.TemporaryDirectory(prefix="knn-part-"))
+            for part_key in store.list(folder):
+                store.download(part_key, os.path.join(local, part_key[len(folder) + 1 :]))
+            parts[crawl] = local
+        with local_folder(store, key) as out:
+            report = merge_indices(parts, out, settings, log=log)
+            record = _record(paths.ALL_INDICES, key, out, report, removal_version)
+    return record
+
+
+def removed_since_build(folder: str, removal_list: Any) -> set[str]:
+    """Keys of the index rows in a local folder that `removal_list` (a `removals.RemovalList`) removes: samples
+    removed after the index was built, to be filtered out at query time until the rebuild leaves them out."""
+    if not len(removal_list):
+        return set()
+    table = meta.open_arrow(paths.index_files(folder).metadata)
+    columns = [c for c in ("URL", "sha256", "phash", "key") if c in table.column_names]
+    matched = removal_list.match(table.select(columns))
+    return set(table.filter(matched["removed"])["key"].to_pylist())
+
