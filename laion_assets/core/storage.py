@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -49,6 +50,12 @@ class S3Options:
         return session.client("s3", config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
                               **kwargs)
 
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in blocks (parts, indices and checkpoints run to gigabytes)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 class Storage:
     """A storage root: a local directory or `s3://bucket/prefix`; keys are `/`-separated relative paths."""

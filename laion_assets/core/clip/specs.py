@@ -4,11 +4,12 @@ the identity of weights that decides whether stored scores still hold."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from laion_assets.core.storage import file_sha256 as storage_sha256
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,7 @@ def file_sha256(path: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return storage_sha256(path)
 
 
 def weights_id(arch: str, pretrained: str) -> str:

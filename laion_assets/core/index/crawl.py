@@ -11,7 +11,6 @@ temporary folder and uploaded file by file, `_report.json` last (it marks the fo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +28,7 @@ from laion_assets.core.index.merge import merge_indices
 from laion_assets.core.index.records import IndexFile, IndexRecord
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.settings import IndexSettings, ReleaseSettings
-from laion_assets.core.storage import Storage
+from laion_assets.core.storage import Storage, file_sha256
 
 Log = Callable[[str], None]
 REPORT = "_report.json"
@@ -67,13 +66,6 @@ def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[s
     return meta.conform(pa.concat_tables([meta.conform(t) for t in tables])), np.concatenate(masks)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 @contextlib.contextmanager
 def local_folder(store: Storage, key: str) -> Iterator[str]:
@@ -97,7 +89,7 @@ def local_folder(store: Storage, key: str) -> Iterator[str]:
 
 
 def _files(folder: str) -> list[IndexFile]:
-    return [IndexFile(n, os.path.getsize(os.path.join(folder, n)), _sha256(os.path.join(folder, n)))
+    return [IndexFile(n, os.path.getsize(os.path.join(folder, n)), file_sha256(os.path.join(folder, n)))
             for n in sorted(os.listdir(folder)) if not n.startswith(".")]
 
 

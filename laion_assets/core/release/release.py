@@ -10,7 +10,6 @@ near duplicates only marked (`ReleaseSettings`).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from laion_assets.core.records import JsonRecord
 from laion_assets.core.release.columns import FILTERED_SCHEMA, PARQUET_OPTIONS, SUBSETS
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.settings import ReleaseSettings
-from laion_assets.core.storage import Storage
+from laion_assets.core.storage import Storage, file_sha256
 
 # Rows per read batch and per row group of a part.
 BATCH_ROWS = 65_536
@@ -65,13 +64,6 @@ class ReleaseManifest(JsonRecord):
 class IncompleteReleaseError(ValueError):
     """Buckets of the crawl have no filtered metadata yet."""
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kept_mask(batch: Any, settings: ReleaseSettings) -> Any:
@@ -196,7 +188,8 @@ class _PartWriter:
         self.writer.close()
         self.writer = None
         name = paths.release_part_name(self.subset, len(self.parts))
-        self.parts.append(ReleasePart(self.subset, name, self.rows, os.path.getsize(self.local), _sha256(self.local)))
+        self.parts.append(ReleasePart(self.subset, name, self.rows, os.path.getsize(self.local),
+                                      file_sha256(self.local)))
         self.store.put_file(self.local, paths.join(paths.release(self.crawl), name))
         self.rows = 0
 
