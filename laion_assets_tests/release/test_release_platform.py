@@ -63,6 +63,10 @@ def test_removals_reprocess_the_release_under_the_daemon(platform):
     assert observe(sources, instance=instance, resources=graph.resources).success
     graph.whole_crawl(mirror, SAMPLE_CRAWL, sample=SMALL)
     release_crawl(graph)
+    # The indices too: with every asset of the crawl materialized, new_crawls finds nothing missing to backfill,
+    # and every run after the removal comes from the automation.
+    graph.run("knn_index", SAMPLE_CRAWL, {"index_key": "Flat", "eval_queries": 20})
+    graph.run("knn_index_all", None, {"eval_queries": 10})
     store = graph.resources["storage"].get()
     before = _released(store)
     stats_before = store.read_json(paths.statistics_json(SAMPLE_CRAWL))
