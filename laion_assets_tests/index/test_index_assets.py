@@ -20,7 +20,7 @@ from laion_assets.core.release import removals as rl
 from laion_assets.core.storage import Storage
 from laion_assets.serve.indices import load_indices
 from laion_assets_tests.graph import LAYOUT, OPS, graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, write_crawl
+from laion_assets_tests.release.upstream import ReleaseGraph, report_made, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 DIM = 32
@@ -52,14 +52,8 @@ def write_embeddings_of(store: Storage, made: dict, seed: int = 0) -> dict[str, 
 
 def report_embeddings(graph: ReleaseGraph) -> None:
     """The instance learns that image_embeddings (and the CLIP stage before it) were made and passed their checks."""
-    for asset in ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores",
-                  "image_embeddings"):
-        for bucket in LAYOUT.bucket_keys():
-            partition = str(dg.MultiPartitionKey({"crawl": CRAWL, "bucket": bucket}))
-            graph.instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
-            for spec in graph.by[asset].check_specs:
-                graph.instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-                    asset_key=spec.asset_key, check_name=spec.name, passed=True, partition=partition))
+    report_made(graph, CRAWL, ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores",
+                               "image_embeddings"))
 
 
 def released(store: Storage) -> pl.DataFrame:

@@ -18,7 +18,7 @@ from laion_assets.core import paths
 from laion_assets.core.release import removals as rl
 from laion_assets.core.storage import Storage
 from laion_assets_tests.graph import LAYOUT, graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, write_crawl
+from laion_assets_tests.release.upstream import ReleaseGraph, report_made, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 
@@ -134,14 +134,7 @@ def test_a_new_removal_version_requests_the_release_again_through_reprocess(tmp_
         return result
 
     graph.instance.add_dynamic_partitions("crawls", [CRAWL])
-    for asset in ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores"):
-        for bucket in LAYOUT.bucket_keys():  # the upstream files exist: the instance learns they were made
-            partition = str(dg.MultiPartitionKey({"crawl": CRAWL, "bucket": bucket}))
-            graph.instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
-            # and that their blocking checks passed (the CLIP pass's multi-asset holds three assets' checks)
-            for spec in [s for s in graph.by[asset].check_specs if s.asset_key == dg.AssetKey(asset)]:
-                graph.instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-                    asset_key=spec.asset_key, check_name=spec.name, passed=True, partition=partition))
+    report_made(graph, CRAWL, ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores"))
     first = tick()
     assert first.asset_events[0].tags["dagster/data_version"] == "none"
     graph.release(CRAWL)
