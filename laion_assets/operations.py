@@ -24,6 +24,10 @@ TRIGGER_TAG = "laion_assets/trigger"
 # Assets before the cross-crawl dedup: free to run for any crawl in any order.
 PARSE_STAGE = frozenset({"wat_manifest", "candidate_pairs"})
 DEDUP = dg.AssetKey("unique_pairs")
+# The crawl-wide image dedup compares a crawl's images with every earlier crawl's: it, and what follows it, wait
+# for the earlier crawls' image dedup as the URL dedup waits for theirs.
+IMAGE_DEDUP = dg.AssetKey("image_dedup")
+RELEASE_STAGE = frozenset({"image_dedup", "filtered_metadata", "release", "dataset_statistics", "knn_index"})
 
 
 def crawl_partition_keys(partitions_def: dg.PartitionsDefinition, crawl: str) -> list[str]:
@@ -59,26 +63,31 @@ def _not_done(instance: dg.DagsterInstance, key: dg.AssetKey, partitions_def: dg
 def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterable[str]) -> set[AssetKeyPartitionKey]:
     """The missing and failed partitions of the crawls' assets, oldest crawl first: the parse stage of every crawl;
     the dedup and everything after it for crawls whose earlier crawls have all their buckets deduplicated, and for
-    the first crawl that does not (its own dedup can then run: the crawls before it are done)."""
+    the first crawl that does not (its own dedup can then run: the crawls before it are done); likewise the image
+    dedup and the release stage after it, once every earlier crawl has its image dedup."""
     registered = sorted(instance.get_dynamic_partitions(crawl_partitions.name))
     wanted = set(crawls)
     keys = _crawl_assets(asset_graph)
     materialized = {key: instance.get_materialized_partitions(key) for key in keys}
     dedup_def = asset_graph.get(DEDUP).partitions_def  # type: ignore[attr-defined]
     work: set[AssetKeyPartitionKey] = set()
-    earlier_done = True
+    earlier_done = earlier_images_done = True
     for crawl in registered:
         dedup_missing = _not_done(instance, DEDUP, dedup_def, crawl_partition_keys(dedup_def, crawl),
                                   materialized[DEDUP])
+        images_missing = IMAGE_DEDUP in materialized and crawl not in materialized[IMAGE_DEDUP]
         if crawl in wanted:
             for key in keys:
                 if key.path[-1] not in PARSE_STAGE and not earlier_done:
+                    continue
+                if key.path[-1] in RELEASE_STAGE and not earlier_images_done:
                     continue
                 partitions_def = asset_graph.get(key).partitions_def  # type: ignore[attr-defined]
                 todo = _not_done(instance, key, partitions_def, crawl_partition_keys(partitions_def, crawl),
                                  materialized[key])
                 work |= {AssetKeyPartitionKey(key, p) for p in todo}
         earlier_done = earlier_done and not dedup_missing
+        earlier_images_done = earlier_images_done and not images_missing
     return work
 
 
