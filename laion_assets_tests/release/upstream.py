@@ -12,8 +12,7 @@ from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardEntry, ShardsManifest
 from laion_assets.core.offline.release_inputs import BucketInputs, bucket_inputs
 from laion_assets.core.storage import Storage
-from laion_assets.definitions import build_assets
-from laion_assets_tests.graph import LAYOUT, OPS
+from laion_assets_tests.graph import LAYOUT, Graph
 
 RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
 
@@ -43,20 +42,12 @@ def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_
     return made
 
 
-class ReleaseGraph:
-    """The release assets materialized one partition at a time in one instance."""
+class ReleaseGraph(Graph):
+    """The release assets materialized one partition at a time in one instance, on upstream files written directly
+    (no crawl, download or CLIP run); a run may be expected to fail."""
 
-    def __init__(self, resources: dict[str, Any], instance: dg.DagsterInstance | None = None) -> None:
-        self.resources = resources
-        self.instance = instance or dg.DagsterInstance.ephemeral()
-        self.assets = build_assets(LAYOUT, OPS)
-        # A multi-asset (the CLIP pass) under each of its keys
-        self.by = {k.to_user_string(): a for a in self.assets
-                   for k in (a.keys if isinstance(a, dg.AssetsDefinition) else [a.key])}
-        self.meta: dict[str, list[dict]] = {}
-        self.checks: list[Any] = []
-
-    def run(self, name: str, partition: Any, config: dict | None = None,
+    def run(  # type: ignore[override]
+            self, name: str, partition: Any, config: dict | None = None,
             raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
         result = dg.materialize(self.assets, selection=[self.by[name]], partition_key=partition,
                                 instance=self.instance, resources=self.resources, raise_on_error=raise_on_error,
