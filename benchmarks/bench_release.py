@@ -79,11 +79,13 @@ def measure(root: str, buckets: int) -> dict:
     store, layout, settings = Storage(root), Layout(chunks=1, buckets=buckets), ReleaseSettings()
     keys = layout.bucket_keys()
     manifests = {b: read_manifest(store, paths.image_shards(CRAWL, b, layout)) for b in keys}
-    out: dict = {}
+    out: dict = {"baseline_mb": step_peak_mb()}  # the interpreter and libraries, before any step
     start, cpu = time.perf_counter(), time.process_time()
     scores = {b: pl.scan_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))) for b in keys}
-    table, report = dedup_crawl(store, CRAWL, manifests, scores, {}, settings.near_radius)
-    store.write_parquet(paths.image_dedup(CRAWL), table.to_arrow())
+    table, report = dedup_crawl(store, CRAWL, manifests, scores, {}, settings.near_radius,
+                                partition_rows=settings.dedup_partition_rows)
+    store.put_file(table.path, paths.image_dedup(CRAWL))  # as the IO manager stores it
+    out["dedup_mb"] = step_peak_mb()
     out["dedup_s"], out["dedup_cpu"], out["kept"] = time.perf_counter() - start, time.process_time() - cpu, \
         report.samples
     out["exact"], out["near"] = report.exact_duplicates, report.near_duplicates
@@ -94,22 +96,37 @@ def measure(root: str, buckets: int) -> dict:
     for b in keys:
         manifest = manifests[b]
         rows_in += manifest.rows
-        records[b] = filter_bucket(
-            store, CRAWL, b, layout, manifest, pl.read_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))),
-            pl.read_parquet(store.uri(paths.safety_scores(CRAWL, b, layout))),
-            pl.read_parquet(store.uri(paths.watermark_scores(CRAWL, b, layout))),
+        # Inputs as the IO manager hands them to the asset: lazy scans (language scores collected by the asset).
+        records[b], _ = filter_bucket(
+            store, CRAWL, b, layout, manifest, pl.scan_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))),
+            pl.scan_parquet(store.uri(paths.safety_scores(CRAWL, b, layout))),
+            pl.scan_parquet(store.uri(paths.watermark_scores(CRAWL, b, layout))),
             pl.read_parquet(store.uri(paths.unique_pairs(CRAWL, b, layout)), columns=["url", "language_score"]),
-            dedup.filter(pl.col("bucket") == b).collect())
+            dedup.filter(pl.col("bucket") == b))
+    out["join_mb"] = step_peak_mb()
     out["join_s"], out["join_cpu"], out["rows_in"] = time.perf_counter() - start, time.process_time() - cpu, rows_in
     start, cpu = time.perf_counter(), time.process_time()
     manifest = write_release(store, CRAWL, records, keys, settings, {}, "bench")
+    out["split_mb"] = step_peak_mb()
     out["split_s"], out["split_cpu"], out["released"] = (time.perf_counter() - start, time.process_time() - cpu,
                                                          manifest.rows)
     start, cpu = time.perf_counter(), time.process_time()
     release_statistics(store, CRAWL, manifest.part_keys())
     out["stats_s"], out["stats_cpu"] = time.perf_counter() - start, time.process_time() - cpu
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["stats_mb"] = step_peak_mb()
+    out["peak_rss_mb"] = max(out[f"{s}_mb"] for s in ("dedup", "join", "split", "stats"))
     return out
+
+
+def step_peak_mb() -> float:
+    """The peak RSS since the previous call: read, then reset (Linux: writing 5 to clear_refs resets VmHWM)."""
+    peak = peak_rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return peak
 
 
 def peak_rss_mb() -> float:
@@ -130,9 +147,12 @@ def peak_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2000000,20000000", help="Input rows (URLs) per run, comma-separated.")
-    parser.add_argument("--buckets", type=int, default=8)
+    parser.add_argument("--bucket-rows", type=int, default=250_000,
+                        help="Input rows per bucket: a crawl of n rows has ceil(n / this) buckets, as a deployment "
+                             "sizes its layout so that one bucket fits a worker.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary storage roots.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--buckets", type=int, help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.buckets)))
@@ -141,12 +161,13 @@ def main() -> None:
     results = {}
     for n in sizes:
         root = tempfile.mkdtemp(prefix=f"bench-release-{n}-")
+        buckets = max(1, -(-n // args.bucket_rows))
         try:
             t = time.perf_counter()
-            generate(root, n, args.buckets)
+            generate(root, n, buckets)
             print(f"{n:,} rows generated in {time.perf_counter() - t:.0f} s (not timed below)", flush=True)
             env = {**os.environ, "POLARS_MAX_THREADS": "1"}
-            child = subprocess.run([sys.executable, __file__, "--child", root, "--buckets", str(args.buckets)],
+            child = subprocess.run([sys.executable, __file__, "--child", root, "--buckets", str(buckets)],
                                    capture_output=True, text=True, env=env, check=True)
             results[n] = json.loads(child.stdout.strip().splitlines()[-1])
         finally:
@@ -165,6 +186,10 @@ def main() -> None:
               f"{r['dedup_cpu']:>6.1f} {r['join_s']:>7.1f} {r['join_cpu']:>6.1f} {r['split_s']:>8.1f} "
               f"{r['split_cpu']:>6.1f} {r['stats_s']:>8.1f} {r['rate']:>14,.0f} {r['cpu_rate']:>13,.0f} "
               f"{r['peak_rss_mb']:>12.0f}")
+    print("\npeak RSS MB by step (each step's own peak):")
+    for r in results.values():
+        print(f"{r['rows_in']:>12,}  " + "  ".join(f"{s} {r[f'{s}_mb']:,.0f}" for s in ("dedup", "join", "split",
+                                                                                         "stats")))
     print()
     slowest = min(r["cpu_rate"] for r in results.values())
     print(f"join and split >= 1M rows/s/core (CPU time): {'PASS' if slowest >= 1_000_000 else 'FAIL'} "

@@ -1,7 +1,8 @@
 """The IO manager: every asset's output goes to the storage root (local or S3), at the key `core/paths.py` gives
 it, and reaches downstream assets as an input.
 
-Tables (pyarrow, polars, or a polars LazyFrame, which is streamed to the file) are stored as Parquet; records
+Tables (pyarrow, polars, a polars LazyFrame, which is streamed to the file, or a finished local Parquet file, which
+is copied as it is) are stored as Parquet; records
 (the small manifests of bulk-file stages: which shards, which embedding files, how many rows) as JSON. A stage
 that writes its manifest itself as its completion marker (a download's `_manifest.json`) is not written twice:
 the IO manager only writes a record whose bytes differ from what is stored. Inputs are loaded as the asset's
@@ -21,7 +22,7 @@ import pyarrow as pa
 from laion_assets.core import paths
 from laion_assets.core.paths import Layout
 from laion_assets.core.records import JsonRecord
-from laion_assets.core.storage import Storage
+from laion_assets.core.storage import LocalParquet, Storage
 from laion_assets.resources import StorageResource
 
 
@@ -94,7 +95,13 @@ class StorageIOManager(dg.ConfigurableIOManager):
             if context is not None:
                 context.add_output_metadata({"dagster/uri": store.uri(key)})
             return
-        if isinstance(obj, pl.LazyFrame):
+        if isinstance(obj, LocalParquet):
+            import pyarrow.parquet as pq
+
+            file = pq.ParquetFile(obj.path)
+            schema, rows = file.schema_arrow, file.metadata.num_rows
+            store.put_file(obj.path, key)
+        elif isinstance(obj, pl.LazyFrame):
             import pyarrow.parquet as pq
 
             with store.staging_dir() as stage:

@@ -72,14 +72,16 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
         scores = {bucket_of(layout, k): v for k, v in clip_scores.items()}
         removal_list = removals.load()
         table, report = dedup_crawl(store, crawl, downloads, scores, earlier, settings.near_radius,
-                                    removal_list.reasons if len(removal_list) else None, removal_list.version)
+                                    removal_list.reasons if len(removal_list) else None, removal_list.version,
+                                    settings.dedup_partition_rows)
         context.log.info(f"{crawl}: {report.samples} kept samples, {report.exact_duplicates} exact and "
                          f"{report.near_duplicates} near duplicates")
         metadata = to_metadata(report.metadata())
         metadata["removal_version"] = removal_list.version
-        dupes = table.filter(pl.col("duplicate_of").is_not_null() | pl.col("near_duplicate_of").is_not_null())
-        metadata["preview"] = preview_table(dupes.head(10).to_dicts(), ["sample_id", "duplicate_of",
-                                                                         "near_duplicate_of", "url"])
+        marked = pl.col("duplicate_of").is_not_null() | pl.col("near_duplicate_of").is_not_null()
+        dupes = pl.scan_parquet(table.path).filter(marked).head(10).collect()
+        metadata["preview"] = preview_table(dupes.to_dicts(), ["sample_id", "duplicate_of", "near_duplicate_of",
+                                                               "url"])
         return dg.MaterializeResult(value=table, metadata=metadata)
 
     return image_dedup
@@ -93,9 +95,9 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
                            checks.spec("filtered_metadata", "one_row_per_kept_sample",
                                        "every kept sample is a row or counted as removed")])
     def filtered_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
-                          removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.DataFrame,
-                          safety_scores: pl.DataFrame,
-                          watermark_scores: pl.DataFrame, unique_pairs: pl.LazyFrame, image_dedup: pl.LazyFrame):
+                          removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.LazyFrame,
+                          safety_scores: pl.LazyFrame, watermark_scores: pl.LazyFrame, unique_pairs: pl.LazyFrame,
+                          image_dedup: pl.LazyFrame):
         """One row per sample that downloaded, passed the CLIP threshold and is not removed: URL, TEXT, WIDTH,
         HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, then key, shard, sha256, phash, language_score,
         crawl, subset, duplicate_of, near_duplicate_of."""
@@ -104,14 +106,13 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        duplicates = image_dedup.filter(pl.col("bucket") == bucket).collect()
+        duplicates = image_dedup.filter(pl.col("bucket") == bucket)
         language = unique_pairs.select("url", "language_score").collect()
         # The latest list is applied here too: a rebuild never brings back a sample removed since the dedup ran.
         removal_list = removals.load()
-        record = filter_bucket(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
-                               watermark_scores, language, duplicates,
-                               removal_list.reasons if len(removal_list) else None, removal_list.version)
-        table = store.read_parquet(record.file)
+        record, table = filter_bucket(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
+                                      watermark_scores, language, duplicates,
+                                      removal_list.reasons if len(removal_list) else None, removal_list.version)
         metadata = to_metadata(record.metadata())
         metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
                          "preview": preview_table(table.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)})

@@ -196,8 +196,12 @@ class ReleaseSettings:
                                                 "release (they stay marked in filtered_metadata).")
     drop_near_duplicates: bool = setting(False, "Leave near duplicates out of the release too (default: marked only).")
     rows_per_part: int = setting(1_000_000, "Most rows in one release part.")
+    dedup_partition_rows: int = setting(1_000_000, "Samples the image dedup holds in memory at once (it spills the "
+                                                   "crawl to disk in partitions of about this size).")
 
     def __post_init__(self) -> None:
+        if self.dedup_partition_rows < 1:
+            raise ValueError(f"dedup_partition_rows must be at least 1, not {self.dedup_partition_rows}")
         if not 0 <= self.near_radius <= 16:
             raise ValueError(f"near_radius must be between 0 and 16 bits, not {self.near_radius}")
         if self.rows_per_part < 1:

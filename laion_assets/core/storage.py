@@ -299,6 +299,20 @@ class Storage:
                 self._path(key).unlink()
 
 
+@dataclass(frozen=True)
+class LocalParquet:
+    """A finished Parquet file on local disk that an asset returns as its table: the IO manager stores the file as it
+    is (a stage that streams a table larger than memory writes it once, in its own row groups)."""
+
+    path: str
+
+
+def scratch_folder(prefix: str) -> str:
+    """A new local folder that lives until this process exits: for files read after the function that wrote them
+    has returned (a LazyFrame an asset returns, scanned by the IO manager)."""
+    return tempfile.mkdtemp(prefix=prefix, dir=_process_scratch())
+
+
 @functools.lru_cache(maxsize=1)
 def _process_scratch() -> str:
     # One folder per process, removed when it exits: each Dagster step runs in a process of its own.

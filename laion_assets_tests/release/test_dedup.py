@@ -92,3 +92,71 @@ def test_missing_hashes_match_nothing_and_a_negative_radius_is_refused():
     assert counts.exact_duplicates == counts.near_duplicates == 0
     with pytest.raises(ValueError, match="radius"):
         mark_duplicates(frame, -1)
+
+
+def _brute_force_marks(frame: pl.DataFrame, radius: int) -> dict[str, tuple[str | None, str | None]]:
+    """The winner rule, written out over all pairs (small inputs only)."""
+    rows = sorted(frame.rows(), key=lambda r: tuple(r[0].split("/")))
+    marks: dict[str, tuple[str | None, str | None]] = {}
+    first_bytes: dict[str, str] = {}
+    winners: list[tuple[str, int]] = []
+    for sample, sha, phash in rows:
+        dup = first_bytes.get(sha) if sha is not None else None
+        if sha is not None:
+            first_bytes.setdefault(sha, sample)
+        near = None
+        if dup is None and phash is not None:
+            h = int(phash, 16)
+            near = next((s for s, other in winners if bin(h ^ other).count("1") <= radius), None)
+            winners.append((sample, h))
+        marks[sample] = (dup, near)
+    return marks
+
+
+@pytest.mark.parametrize("radius", [0, 4])
+def test_spilled_partitions_mark_exactly_what_the_rule_says(radius):
+    """Thousands of samples over two crawls and many buckets, with copied bytes, near pHashes, missing digests and
+    deduped with partitions of 400 rows (8 partitions, dozens of spilled files): the marks equal the rule
+    applied over all pairs, and equal those of one in-memory partition."""
+    rng = np.random.default_rng(radius)
+    n = 2000
+    hashes = _clustered_hashes(n, seed=11)
+    shas = [f"{int(rng.integers(0, 400)):064x}" if rng.random() < 0.3 else f"{i:064x}" for i in range(n)]
+    ids = [f"C{int(rng.integers(0, 2))}/{int(rng.integers(0, 12)):04d}/{i:09d}" for i in rng.permutation(n)]
+    frame = pl.DataFrame({
+        "sample_id": ids,
+        "sha256": [None if rng.random() < 0.03 else s for s in shas],
+        "phash": [None if rng.random() < 0.03 else f"{h:016x}" for h in hashes]})
+    spilled, counts = mark_duplicates(frame, radius, partition_rows=400)
+    whole, _ = mark_duplicates(frame, radius)
+    assert spilled.equals(whole)
+    want = _brute_force_marks(frame, radius)
+    got = {r["sample_id"]: (r["duplicate_of"], r["near_duplicate_of"]) for r in spilled.to_dicts()}
+    assert got == want
+    assert counts.exact_duplicates > 50 and (radius == 0 or counts.near_duplicates > 50)
+
+
+def test_the_join_gives_the_same_rows_with_keys_that_are_not_numbers():
+    """The join runs on the keys as sorted integers when they are digits (the download's keys) and on the key
+    strings otherwise: both give the same rows in the same order; a language score that cannot be taken by position
+    (the unique pairs shuffled) is joined by URL with the same result."""
+    from laion_assets.core.offline.release_inputs import bucket_inputs
+    from laion_assets.core.release.filtered import build_filtered
+
+    inputs = bucket_inputs(3000, 0, seed=5)
+    tables = [pl.from_arrow(t) for t in (inputs.rows, inputs.scores, inputs.safety, inputs.watermark)]
+    pairs = pl.from_arrow(inputs.pairs).select("url", "language_score")
+    marks = tables[1].filter(pl.col("keep")).select(
+        "key", pl.lit("C/0/1").alias("duplicate_of"), pl.lit(None, pl.String).alias("near_duplicate_of"))
+    rows, shard = tables[0].select(*DOWNLOAD_COLUMNS), pl.lit("0000/00000.tar").alias("shard")
+    digits, _ = build_filtered("C", "0", rows.with_columns(shard), *tables[1:], pairs, marks)
+    lettered = [t.with_columns(pl.concat_str(pl.lit("k"), "key").alias("key"))
+                for t in [rows.with_columns(shard), *tables[1:], marks]]
+    shuffled = pairs.sample(fraction=1.0, shuffle=True, seed=1)
+    strings, _ = build_filtered("C", "0", *lettered[:4], shuffled, lettered[4])
+    assert digits.height > 1000 and digits["language_score"].null_count() == 0
+    assert strings.with_columns(pl.col("key").str.slice(1)).equals(digits)
+
+
+DOWNLOAD_COLUMNS = ["key", "url", "caption", "status", "original_width", "original_height", "sha256", "phash",
+                    "language"]

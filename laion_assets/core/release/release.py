@@ -83,7 +83,6 @@ def _kept_mask(batch: Any, settings: ReleaseSettings) -> Any:
 def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expected: list[str],
                   settings: ReleaseSettings, models: dict[str, Any], code_version: str) -> ReleaseManifest:
     """Write the crawl's release from every bucket's filtered metadata; returns the manifest (already stored)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -100,24 +99,27 @@ def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBuck
     parts: list[ReleasePart] = []
     counts = dict.fromkeys(SUBSETS, 0)
     exact_dropped = total = 0
-    # One pass over the buckets' files, in bucket order, each batch split among the three subsets' writers: the
+    # One pass over the buckets' files, in bucket order, each bucket split among the three subsets' writers: the
     # rows of each subset keep their bucket and key order, and every file is read once (not once per subset).
     with store.local_copies([b.file for b in ordered]) as local, store.staging_dir() as stage:
         writers = {subset: _PartWriter(store, crawl, subset, stage, settings.rows_per_part) for subset in SUBSETS}
         for path in local:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                table = pa.Table.from_batches([batch])
-                missing = set(FILTERED_SCHEMA.names) - set(table.column_names)
-                if missing:
-                    raise ValueError(f"{path}: not filtered metadata, columns {sorted(missing)} missing")
-                table = table.select(FILTERED_SCHEMA.names).cast(FILTERED_SCHEMA)
-                total += table.num_rows
-                if settings.drop_exact_duplicates:
-                    exact_dropped += table.num_rows - table.column("duplicate_of").null_count
-                mask = _kept_mask(table, settings)
-                kept = table if mask is None else table.filter(mask)
-                for subset, writer in writers.items():
-                    writer.write(kept.filter(pc.equal(kept.column("subset"), subset)))
+            # A whole bucket at once (what its join held anyway): twice as fast as reading it in batches.
+            table = pq.read_table(path)
+            missing = set(FILTERED_SCHEMA.names) - set(table.column_names)
+            if missing:
+                raise ValueError(f"{path}: not filtered metadata, columns {sorted(missing)} missing")
+            table = table.select(FILTERED_SCHEMA.names)
+            if table.schema != FILTERED_SCHEMA:
+                table = table.cast(FILTERED_SCHEMA)
+            total += table.num_rows
+            if settings.drop_exact_duplicates:
+                exact_dropped += table.num_rows - table.column("duplicate_of").null_count
+            mask = _kept_mask(table, settings)
+            # One filter per subset, the duplicates' mask folded in: each row's strings are copied once.
+            for subset, writer in writers.items():
+                rows = pc.equal(table.column("subset"), subset)
+                writer.write(table.filter(rows if mask is None else pc.and_(rows, mask)))
         for subset, writer in writers.items():
             writer.close()
             parts += writer.parts
