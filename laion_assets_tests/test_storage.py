@@ -99,3 +99,23 @@ def test_storage_pickles_with_its_s3_options_and_without_a_client():
 def test_keys_cannot_escape_the_root(tmp_path, key):
     with pytest.raises(ValueError, match="relative paths"):
         Storage(str(tmp_path)).write_bytes(key, b"x")
+
+
+def test_parquet_rows_on_s3_read_the_footer_not_the_object(s3_server, monkeypatch, tmp_path):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="footer")
+    store = Storage("s3://footer/root", S3Options(endpoint_url=s3_server))
+    table = pa.table({"x": list(range(50_000)), "s": [f"row {i} " * 5 for i in range(50_000)]})
+    store.write_parquet("t.parquet", table)
+    store.write_bytes("not.parquet", b"hello, not parquet")
+    fetched = []
+    get_object = store.s3.get_object
+    monkeypatch.setattr(store.s3, "get_object", lambda **kw: fetched.append(kw) or get_object(**kw))
+    assert store.parquet_rows("t.parquet") == 50_000
+    assert len(fetched) == 2 and all(kw["Range"].startswith("bytes=-") for kw in fetched)
+    with pytest.raises(ValueError, match="not a Parquet file"):
+        store.parquet_rows("not.parquet")

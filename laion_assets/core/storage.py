@@ -276,11 +276,22 @@ class Storage:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
     def parquet_rows(self, key: str) -> int:
-        """Rows of a Parquet object, from its footer."""
+        """Rows of a Parquet object, from its footer (on S3 two ranged reads of the object's tail, not the object)."""
         import pyarrow.parquet as pq
 
-        with self.local_copies([key]) as (local,):
-            return pq.ParquetFile(local).metadata.num_rows
+        if not self.is_s3:
+            return pq.ParquetFile(self._path(key)).metadata.num_rows
+        return pq.read_metadata(io.BytesIO(self._parquet_footer(key))).num_rows
+
+    def _parquet_footer(self, key: str) -> bytes:
+        """A Parquet object's footer as a file pyarrow reads metadata from: magic, footer, its length, magic."""
+        def tail(n: int) -> bytes:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._s3_key(key), Range=f"bytes=-{n}")["Body"].read()
+
+        end = tail(8)
+        if len(end) != 8 or end[4:] != b"PAR1":
+            raise ValueError(f"{self.uri(key)} is not a Parquet file (no PAR1 magic at its end)")
+        return b"PAR1" + tail(int.from_bytes(end[:4], "little") + 8)
 
     def write_parquet(self, key: str, table: Any, **options: Any) -> None:
         """Store a pyarrow Table as zstd Parquet; `options` go to pyarrow.parquet.write_table (and may override the
