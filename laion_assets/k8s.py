@@ -36,6 +36,19 @@ CPU_STEPS: dict[str, dict[str, Any]] = {
     "candidate_pairs": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
                                                            "limits": {"memory": "4Gi"}}}},
     "safety_scores": {"container_config": {"resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "8Gi"}}}},
+    # The release stage holds one bucket (and the image dedup one spilled partition) at a time: a few GiB whatever
+    # the crawl's size; the indices take IndexSettings.build_memory (4G) for autofaiss, plus its metadata and a
+    # margin, and every core it is given.
+    "image_dedup": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
+                                                       "limits": {"memory": "4Gi"}}}},
+    "filtered_metadata": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
+                                                             "limits": {"memory": "4Gi"}}}},
+    "release": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
+                                                   "limits": {"memory": "4Gi"}}}},
+    "knn_index": {"container_config": {"resources": {"requests": {"cpu": "8", "memory": "12Gi"},
+                                                     "limits": {"memory": "12Gi"}}}},
+    "knn_index_all": {"container_config": {"resources": {"requests": {"cpu": "8", "memory": "12Gi"},
+                                                         "limits": {"memory": "12Gi"}}}},
 }
 GPU_ASSETS = frozenset({"clip_scores", "image_embeddings", "watermark_scores"})
 
