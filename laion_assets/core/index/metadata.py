@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -72,11 +73,34 @@ def open_arrow(path: str) -> pa.Table:
 
 
 def rows_of(table: pa.Table, ids: list[int], columns: list[str] | None = None) -> list[dict]:
-    """The rows at ids (in that order) as dicts."""
+    """The rows at ids (in that order) as dicts.
+
+    Looked up record batch by record batch: `Table.take` over the memory-mapped file's chunked columns costs tens
+    of milliseconds at a million rows whatever the number of ids (it gathers across every chunk), which was most of
+    a /knn-service request. A batch holding one of the ids gives a zero-copy slice of that row, a batch holding
+    several gives a take of them."""
     if not ids:
         return []
-    taken = table.take(pa.array(ids, pa.int64()))
-    return (taken.select(columns) if columns else taken).to_pylist()
+    if columns:
+        table = table.select(columns)
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    wanted = np.asarray(ids, np.int64)
+    if wanted.min() < 0 or wanted.max() >= starts[-1]:
+        raise IndexError(f"row ids out of range 0..{starts[-1] - 1}")
+    which = np.searchsorted(starts, wanted, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    pieces: list[pa.RecordBatch] = []
+    bounds = np.flatnonzero(np.diff(which[order])) + 1
+    for group in np.split(order, bounds):
+        b = int(which[group[0]])
+        local = wanted[group] - starts[b]
+        pieces.append(batches[b].slice(int(local[0]), 1) if len(local) == 1 else batches[b].take(pa.array(local)))
+    found = pa.Table.from_batches(pieces, table.schema).to_pylist()
+    out: list[dict] = [{}] * len(ids)
+    for position, row in zip(order.tolist(), found, strict=True):
+        out[position] = row
+    return out
 
 
 def find_key(table: pa.Table, key: str) -> int | None:
