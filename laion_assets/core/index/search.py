@@ -111,6 +111,12 @@ class RowFilter:
     min_width: int = 0
     min_height: int = 0
 
+    @property
+    def empty(self) -> bool:
+        """True when every row passes (no condition set)."""
+        return (self.max_punsafe is None and self.max_pwatermark is None and not self.language
+                and self.min_width <= 0 and self.min_height <= 0)
+
     def passes(self, row: dict[str, Any]) -> bool:
         return ((self.max_punsafe is None or (row["punsafe"] or 0.0) <= self.max_punsafe)
                 and (self.max_pwatermark is None or (row["pwatermark"] or 0.0) <= self.max_pwatermark)
@@ -150,8 +156,12 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     ids_l, sims_l = ids[0][valid].tolist(), sims[0][valid].tolist()
     if embeddings is not None:
         embeddings = embeddings[valid]
-    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS)
-    keep = [i for i, r in enumerate(looked) if r["key"] not in removed]
+    if where is not None and where.empty:
+        where = None
+    # The filter columns of every hit are read only when something filters on them: a plain query reads the
+    # metadata of the rows it returns, once.
+    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS) if removed or where is not None else []
+    keep = [i for i, r in enumerate(looked) if r["key"] not in removed] if looked else list(range(len(ids_l)))
     keep = keep[:num_result_ids]
     if embeddings is not None and keep:
         e = embeddings[keep]
