@@ -270,6 +270,9 @@ class IndexSettings:
     query_memory: str = setting("2G", "Largest index autofaiss may choose: what one loaded index may take in RAM "
                                       "when queried (its max_index_memory_usage).")
     max_query_ms: float = setting(10.0, "Query time autofaiss tunes the index for (its max_index_query_time_ms).")
+    target_recall: float = setting(0.95, "recall@10 an IVF index's nprobe is lowered to: the smallest nprobe "
+                                         "reaching it on held-out queries (other than the measured ones), never "
+                                         "above autofaiss's pick for max_query_ms (0: keep autofaiss's pick).")
     index_key: str = setting("", "faiss index factory string (empty: autofaiss picks one from the budgets).")
     cores: int = setting(0, "Threads used while building (0: every core).")
     eval_queries: int = setting(200, "Held-out queries measuring recall@10 against exact search and latency "
