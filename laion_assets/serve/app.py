@@ -256,7 +256,7 @@ async def metadata(request: web.Request) -> web.Response:
     bad = [i for i in ids if not 0 <= i < index.metadata.num_rows]
     if bad:
         raise BadRequest(f"ids out of range 0..{index.metadata.num_rows - 1}: {bad[:5]}")
-    rows = meta.rows_of(index.metadata, ids)
+    rows = index.rows.rows(ids)
     out = [{"id": i, "metadata": _public(r)} for i, r in zip(ids, rows, strict=True)
            if r["key"] not in index.removed]
     return _json_response(out)

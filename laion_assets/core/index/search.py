@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,11 @@ class OpenIndex:
 
     def faiss(self, modality: str) -> Any:
         return self.image if modality == "image" else self.text
+
+    @cached_property
+    def rows(self) -> meta.RowReader:
+        """The metadata's rows by index id (its record batches listed once, for every query)."""
+        return meta.RowReader(self.metadata)
 
 
 class IndexUnavailable(RuntimeError):
@@ -160,7 +166,7 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
         where = None
     # The filter columns of every hit are read only when something filters on them: a plain query reads the
     # metadata of the rows it returns, once.
-    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS) if removed or where is not None else []
+    looked = index.rows.rows(ids_l, FILTER_COLUMNS) if removed or where is not None else []
     keep = [i for i, r in enumerate(looked) if r["key"] not in removed] if looked else list(range(len(ids_l)))
     keep = keep[:num_result_ids]
     if embeddings is not None and keep:
@@ -171,7 +177,7 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     if where is not None:
         keep = [p for p in keep if where.passes(looked[p])]
     keep = keep[: num_images if num_images is not None else num_result_ids]
-    rows = meta.rows_of(index.metadata, [ids_l[p] for p in keep], columns)
+    rows = index.rows.rows([ids_l[p] for p in keep], columns)
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
 
 
