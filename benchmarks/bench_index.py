@@ -184,8 +184,6 @@ def http_load(index_path: str, infos_path: str | None, rows: int, queries: objec
 
 
 def main() -> None:
-    from laion_assets.core.settings import IndexSettings
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=768)
@@ -198,12 +196,16 @@ def main() -> None:
                              "OPQ256_1024,IVF16384_HNSW32,PQ256x8 and then finds 3G too small to train it).")
     parser.add_argument("--reuse-build", action="store_true",
                         help="Measure the index the last run built (same rows, dim and key) instead of building.")
-    parser.add_argument("--target-recall", type=float, default=IndexSettings.target_recall,
-                        help="recall@10 nprobe is lowered to, on --queries other held-out queries (0: autofaiss's "
-                             "nprobe, the most its max_query_ms allows).")
+    parser.add_argument("--target-recall", type=float, default=None,
+                        help="recall@10 nprobe is lowered to, on --queries other held-out queries (default: "
+                             "IndexSettings.target_recall; 0: autofaiss's nprobe, the most its max_query_ms allows).")
     parser.add_argument("--build-memory", default="5G")
     parser.add_argument("--query-memory", default="4G")
     args = parser.parse_args()
+    if args.target_recall is None:
+        from laion_assets.core.settings import IndexSettings
+
+        args.target_recall = IndexSettings().target_recall
 
     import multiprocessing as mp
 
