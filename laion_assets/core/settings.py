@@ -299,7 +299,8 @@ class ServeSettings:
     allow_networks: tuple[str, ...] = setting((), "CIDR image_url may reach despite the address guard (repeatable).",
                                               cli="--allow-network")
     export_limit: int = setting(1_000_000, "Most rows one subset export may return.")
-    inline_search_ms: float = setting(2.0, "Searches of an index averaging less than this many CPU ms run on the event "
-                                           "loop itself, slower ones (and dedup or over-100-result queries) in "
-                                           "worker threads: a thread hop costs about 0.6 ms of CPU a request at "
-                                           "hundreds of queries/s, more than a small IVF search (0: always threads).")
+    inline_search_ms: float = setting(2.0, "Searches of an index averaging less than this many CPU ms run on the "
+                                           "event loop itself; slower ones, dedup, over-100-result and on-disk "
+                                           "(merged) index queries in worker threads: a thread hop costs about "
+                                           "0.6 ms of CPU a request at hundreds of queries/s, more than a small IVF "
+                                           "search (0: always threads).")

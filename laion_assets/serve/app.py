@@ -245,7 +245,8 @@ async def knn_service(request: web.Request) -> web.Response:
     args = (index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold, where)
     recent: dict[tuple[str, str], float] = request.app[SEARCH_MS]
     key = (index.name, modality)
-    if (recent.get(key, 0.0) < s.inline_search_ms and not deduplicate and num_result_ids <= INLINE_RESULTS):
+    if (recent.get(key, 0.0) < s.inline_search_ms and not deduplicate and num_result_ids <= INLINE_RESULTS
+            and not index.on_disk):
         hits, ms = _timed_search(*args)  # cheaper than the hop to a thread and back (see ServeSettings)
     else:
         hits, ms = await asyncio.to_thread(_timed_search, *args)

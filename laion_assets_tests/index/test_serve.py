@@ -115,7 +115,7 @@ def test_removals_after_the_build_are_filtered_at_query_time(world, tmp_path):
 
 def test_searches_on_the_event_loop_and_in_worker_threads_agree(world):
     """A cheap search runs on the event loop (ServeSettings.inline_search_ms), others in threads: same results."""
-    from laion_assets.serve.app import SEARCH_MS
+    from laion_assets.serve.app import INDICES, SEARCH_MS
 
     root, encoder, _, tables = world
     crawl = CRAWLS[0]
@@ -129,6 +129,9 @@ def test_searches_on_the_event_loop_and_in_worker_threads_agree(world):
             answers.append([post(base, "/knn-service", q).json() for q in queries])
         assert set(app[SEARCH_MS]) == {(crawl, "image")} and app[SEARCH_MS][(crawl, "image")] > 0
     assert answers[0] == answers[1] and all(len(a) for a in answers[0])
+    # The merged index reads its lists from disk: its searches always go to a thread (I/O waits are not CPU time).
+    indices = app[INDICES].available
+    assert indices["all"].on_disk and not indices[crawl].on_disk
 
 
 def test_images_come_from_our_shards(service, world):

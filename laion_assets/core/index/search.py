@@ -63,6 +63,12 @@ class OpenIndex:
         return self.image if modality == "image" else self.text
 
     @cached_property
+    def on_disk(self) -> bool:
+        """Whether a search may read inverted lists from disk (a merged index's .ivfdata): it then waits on I/O,
+        which its CPU time does not show."""
+        return any(os.path.exists(paths.index_files(self.folder).ivfdata(m)) for m in MODALITIES)
+
+    @cached_property
     def rows(self) -> meta.RowReader:
         """The metadata's rows by index id (its record batches listed once, for every query)."""
         return meta.RowReader(self.metadata)
