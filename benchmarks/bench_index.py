@@ -11,7 +11,7 @@ vectors, 1.5 GiB instead of float32's 3).
 
 The index key is IVF2048,Flat by default, its nprobe lowered to the recall target as `build_index` does
 (IndexSettings.target_recall, 0.95, on 1,000 other held-out queries; autofaiss's own nprobe spends its whole
-max_query_ms on average: 80 to 82 lists of IVF2048 here, and IVF1024's nprobe 23 gave p99 41 to 93 ms under
+max_query_ms on average: 80 to 84 lists of IVF2048 here, and IVF1024's nprobe 23 gave p99 41 to 93 ms under
 load before). Why this key:
 with inner product autofaiss builds only Flat, IVF-Flat, HNSW and its (OPQ|Pad) IVF-HNSW-PQ keys (its factory
 reads `IVF4096_HNSW32,Flat` as an HNSW graph with M=4096, so an HNSW coarse quantizer over flat lists is out);
@@ -32,21 +32,28 @@ checked without a Python call per number. Service CPU per request fell from 26 t
 (old and new service code on the same tuned index, back to back: 37 to 45 q/s before, 438 to 440 after, at load
 average 6 to 7); the client takes another 0.5 to 0.6 ms.
 
-Measured 23 Nov 2026 on the shared 2-core development machine (another engineer's 20M-row release benchmark
-running beside it, one core busy most of the time), `PYTHONPATH=. .venv/bin/python benchmarks/bench_index.py`
-(defaults), then once more with `--reuse-build`:
+Measured 23 Nov 2026 on the shared 2-core development machine, `PYTHONPATH=. .venv/bin/python
+benchmarks/bench_index.py` (defaults; `--reuse-build` where marked), four runs: two while another engineer's
+20M-row release benchmark held about one core, two after it stopped (their "before" load average is mostly this
+benchmark's own previous run):
 
-    run (load average before / after)   build s  peak RSS  recall@10  p50 / p99 ms  HTTP q/s  HTTP p99 ms
-    ours, full run (3.77 / 4.80)            221  5.23 GiB     0.9852   0.32 / 0.70       503         34.5
-    ours, --reuse-build (2.45 / 4.59)         -         -     0.9852   0.36 / 4.20       709         23.5
-    exact flat fp16, full run                 9         -     1.0000  74.25 / 108.56      13        896.2
-    exact flat fp16, --reuse-build           11         -     1.0000  65.27 / 78.76       20        692.1
+    ours: IVF2048,Flat nprobe=1   load avg before/after  build s  peak RSS  recall@10  p50/p99 ms  HTTP q/s  p99 ms
+    full run, other job busy           3.77 / 4.80          221  5.23 GiB     0.9852   0.32/0.70       503    34.5
+    --reuse-build, other job busy      2.45 / 4.59            -         -     0.9852   0.36/4.20       709    23.5
+    --reuse-build, other job idle      0.87 / 3.74            -         -     0.9852   0.32/0.67       877    13.5
+    full run, other job idle           3.44 / 3.64          117  5.22 GiB     0.9852   0.31/0.48       923    14.8
 
-Both goals were met in both runs; the HTTP figure sits near the goal (503 q/s) when the other job holds a core,
-so it is the one to re-measure on a quiet machine. With the search on the event loop, all of a request's
-service work (about 1.8 ms of CPU) runs on one thread, so one service process tops out near 550 q/s on a core of
-its own; holding 500 q/s on 2 shared cores with room to spare needs a second service process (each memory-maps the
-same index and metadata) or clients on other machines.
+    exact flat (SQfp16), same runs                       build s            recall@10  p50/p99 ms  HTTP q/s  p99 ms
+    full run, other job busy                                   9               1.0000  74.3/108.6        13     896
+    --reuse-build, other job busy                             11               1.0000  65.3/78.8         20     692
+    --reuse-build, other job idle                              8               1.0000  71.9/87.4         21     536
+    full run, other job idle                                   8               1.0000  71.5/81.7         25     453
+
+Both goals were met in every run (autofaiss's nprobe, from which the tuning starts, was 80 to 84). The HTTP figure
+sits near the goal (503 q/s) when another job holds a core: with the search on the event loop, all of a request's
+service work (1.7 to 1.9 ms of CPU measured under that load) runs on one thread, and the benchmark's client (0.5
+to 0.6 ms a request) shares the same 2 cores. Holding 500 q/s with room to spare on 2 busy cores would need a
+second service process (each memory-maps the same index and metadata) or clients on other machines.
 
 Usage: python benchmarks/bench_index.py [--rows 1000000] [--dim 768] [--queries 1000] [--http-requests 3000]
                                         [--index-key IVF2048,Flat] [--target-recall 0.95] [--reuse-build]
