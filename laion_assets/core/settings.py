@@ -274,6 +274,9 @@ class IndexSettings:
     query_memory: str = setting("2G", "Largest index autofaiss may choose: what one loaded index may take in RAM "
                                       "when queried (its max_index_memory_usage).")
     max_query_ms: float = setting(10.0, "Query time autofaiss tunes the index for (its max_index_query_time_ms).")
+    target_recall: float = setting(0.95, "recall@10 an IVF index's nprobe is lowered to: the smallest nprobe "
+                                         "reaching it on held-out queries (other than the measured ones), never "
+                                         "above autofaiss's pick for max_query_ms (0: keep autofaiss's pick).")
     index_key: str = setting("", "faiss index factory string (empty: autofaiss picks one from the budgets).")
     cores: int = setting(0, "Threads used while building (0: every core).")
     eval_queries: int = setting(200, "Held-out queries measuring recall@10 against exact search and latency "
@@ -300,3 +303,8 @@ class ServeSettings:
     allow_networks: tuple[str, ...] = setting((), "CIDR image_url may reach despite the address guard (repeatable).",
                                               cli="--allow-network")
     export_limit: int = setting(1_000_000, "Most rows one subset export may return.")
+    inline_search_ms: float = setting(2.0, "Searches of an index averaging less than this many CPU ms run on the "
+                                           "event loop itself; slower ones, dedup, over-100-result and on-disk "
+                                           "(merged) index queries in worker threads: a thread hop costs about "
+                                           "0.6 ms of CPU a request at hundreds of queries/s, more than a small IVF "
+                                           "search (0: always threads).")

@@ -55,6 +55,61 @@ def test_build_writes_clip_retrieval_files_and_measures_them(built):
     assert read_report(c["folder"]).metadata()["image_recall_at_10"] == report.image.quality["recall_at_10"]
 
 
+def test_nprobe_is_lowered_to_the_recall_target_on_other_queries(built):
+    """autofaiss's nprobe (the most its max_query_ms allows) is the ceiling; the build keeps the smallest nprobe that
+    reaches IndexSettings.target_recall on held-out queries, and measures it on others."""
+    _, crawls = built
+    for m in ("image", "text"):
+        infos = json.loads(open(paths.index_files(crawls["CC-MAIN-2099-01"]["folder"]).infos(m)).read())
+        tuned, ceiling = (int(p.split("=")[1]) for p in (infos["index_param"], infos["index_param_autofaiss"]))
+        assert infos["target_recall"] == SETTINGS.target_recall == 0.95 and 1 <= tuned <= ceiling
+
+
+def test_tune_nprobe_finds_the_smallest_nprobe_reaching_the_target():
+    import faiss
+
+    from laion_assets.core.index.evaluate import ExactTopK, recall_at_k, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 32)).astype(np.float32)  # no clusters: recall grows slowly with nprobe
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:100] + rng.normal(scale=0.3, size=(100, 32)).astype(np.float32)
+    exact = ExactTopK(q)
+    exact.add(x, 0)
+    index = faiss.index_factory(32, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    ivf = faiss.extract_index_ivf(index)
+
+    def recall(nprobe: int) -> float:
+        ivf.nprobe = nprobe
+        return recall_at_k(index.search(q, 10)[1], exact.ids)
+
+    ivf.nprobe = 32
+    nprobe = tune_nprobe(index, q, exact.ids, 0.9)
+    assert ivf.nprobe == nprobe and 1 < nprobe < 32 and recall(nprobe) >= 0.9 > recall(nprobe - 1)
+    ivf.nprobe = 2  # a ceiling below what the target needs: kept, never raised
+    assert tune_nprobe(index, q, exact.ids, 0.9) == 2
+    assert tune_nprobe(faiss.IndexFlatIP(32), q, exact.ids, 0.9) is None
+
+
+def test_row_reader_returns_rows_in_the_asked_order():
+    from laion_assets.core.index.metadata import RowReader
+
+    n = 1000
+    table = pa.Table.from_batches(pa.table({"key": [f"k{i}" for i in range(n)], "v": list(range(n))})
+                                  .to_batches(max_chunksize=64))
+    reader = RowReader(table)
+    rng = np.random.default_rng(0)
+    for ids in ([5], [999, 0, 63, 64, 5, 5], rng.integers(0, n, RowReader.SLICES + 50).tolist()):
+        assert reader.rows(ids) == table.take(pa.array(ids)).to_pylist()
+        assert reader.rows(ids, ["v"]) == [{"v": i} for i in ids]
+    assert reader.rows([]) == []
+    for bad in ([n], [-1], [0] * RowReader.SLICES + [n]):
+        with pytest.raises(IndexError):
+            reader.rows(bad)
+
+
 def test_metadata_is_row_aligned_and_excludes_removed_rows(built):
     _, crawls = built
     c = crawls["CC-MAIN-2099-01"]

@@ -113,6 +113,27 @@ def test_removals_after_the_build_are_filtered_at_query_time(world, tmp_path):
         assert requests.get(f"{base}/image/{crawl}/{before[0]['key']}", timeout=10).status_code == 404
 
 
+def test_searches_on_the_event_loop_and_in_worker_threads_agree(world):
+    """A cheap search runs on the event loop (ServeSettings.inline_search_ms), others in threads: same results."""
+    from laion_assets.serve.app import INDICES, SEARCH_MS
+
+    root, encoder, _, tables = world
+    crawl = CRAWLS[0]
+    queries = [{"indice_name": crawl, "text": tables[crawl]["caption"][i].as_py(), "num_images": 10}
+               for i in (3, 30)] + [{"indice_name": crawl, "text": "a red circle", "num_images": 5,
+                                     "deduplicate": True, "modality": "text"}]
+    answers = []
+    for limit in (0.0, 1e9):  # always threads; always the event loop (dedup still goes to a thread)
+        app = make_app(str(root), ServeSettings(inline_search_ms=limit), encoder)
+        with running(app) as base:
+            answers.append([post(base, "/knn-service", q).json() for q in queries])
+        assert set(app[SEARCH_MS]) == {(crawl, "image")} and app[SEARCH_MS][(crawl, "image")] > 0
+    assert answers[0] == answers[1] and all(len(a) for a in answers[0])
+    # The merged index reads its lists from disk: its searches always go to a thread (I/O waits are not CPU time).
+    indices = app[INDICES].available
+    assert indices["all"].on_disk and not indices[crawl].on_disk
+
+
 def test_images_come_from_our_shards(service, world):
     _, _, images, tables = world
     key = tables[CRAWLS[1]]["key"][5].as_py()
@@ -160,6 +181,8 @@ def test_image_url_goes_through_the_guard(world, loopback):
     ({"embedding_input": [0.1] * 7}, 400, "7 dimensions"),
     ({"embedding_input": ["a"] * 7}, 400, "list of numbers"),
     ({"embedding_input": "0.1,0.2"}, 400, "list of numbers"),
+    ({"embedding_input": [True] * 7}, 400, "list of numbers"),
+    ({"embedding_input": [0.1] * 6 + [None]}, 400, "list of numbers"),
 ])
 def test_bad_input_gets_a_clear_4xx(service, body, status, message):
     if isinstance(body, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Collection
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 from laion_assets.core import paths
 from laion_assets.core.clip.embeddings import read_embeddings
 from laion_assets.core.index import metadata as meta
-from laion_assets.core.index.evaluate import ExactTopK, Quality, measure
+from laion_assets.core.index.evaluate import ExactTopK, Quality, measure, tune_nprobe
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.settings import IndexSettings
@@ -122,6 +123,30 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def tune(index_path: str, infos_path: str, queries: np.ndarray, truth: np.ndarray, target: float) -> str | None:
+    """Lower a built IVF index's nprobe to the smallest reaching recall@10 `target` on (queries, truth), from
+    autofaiss's pick down (see evaluate.tune_nprobe), and record it in the infos' index_param, which `load_faiss`
+    applies (autofaiss's own stays as index_param_autofaiss); returns the new index_param (None: not an IVF index,
+    or no queries)."""
+    import faiss
+
+    with open(infos_path) as f:
+        infos = json.load(f)
+    original = infos.get("index_param_autofaiss", infos.get("index_param")) or ""
+    index = load_faiss(index_path)
+    if original:
+        faiss.ParameterSpace().set_index_parameters(index, original)
+    nprobe = tune_nprobe(index, queries, truth, target)
+    if nprobe is None:
+        return None
+    param = (re.sub(r"(?<![\w.])nprobe=\d+", f"nprobe={nprobe}", original) if "nprobe=" in original
+             else ",".join(p for p in (f"nprobe={nprobe}", original) if p))
+    faiss.ParameterSpace().set_index_parameters(index, param)  # fails here, not in the service, if malformed
+    infos.update(index_param=param, index_param_autofaiss=original, target_recall=target)
+    write_json(infos_path, infos)
+    return param
+
+
 def _stage(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, exclude: Collection[str], work: str,
            sample: int, seed: int, log: Log | None, keep_rows: np.ndarray | None = None
            ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
@@ -192,8 +217,9 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
         os.remove(files.report)  # from here on the folder reads as incomplete
     report = IndexReport(rows_in=table.num_rows)
     with tempfile.TemporaryDirectory(prefix="index-", dir=work_dir) as work:
-        keep, queries, dim = _stage(store, buckets, table, exclude, work, settings.eval_queries, settings.seed, log,
-                                    keep_rows)
+        # Twice the held-out queries when nprobe is tuned: every other one tunes it, the rest measure the result.
+        sample = settings.eval_queries * (2 if settings.target_recall else 1)
+        keep, queries, dim = _stage(store, buckets, table, exclude, work, sample, settings.seed, log, keep_rows)
         report.rows, report.excluded, report.dim = int(keep.sum()), int((~keep).sum()), int(dim)
         if report.rows == 0:
             raise ValueError(f"nothing to index in {out_dir}: {report.rows_in} rows, {report.excluded} excluded")
@@ -208,11 +234,17 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
             with open(files.infos(modality)) as f:
                 r.index_key = json.load(f).get("index_key", "")
             r.bytes = os.path.getsize(files.index(modality))
+            held_out = queries[modality]
+            if len(held_out):
+                truth = _exact_truth(os.path.join(work, sub), held_out)
+                if settings.target_recall:
+                    tune(files.index(modality), files.infos(modality), held_out[1::2], truth[1::2],
+                         settings.target_recall)
+                    held_out, truth = held_out[::2], truth[::2]
             index = load_faiss(files.index(modality), files.infos(modality))
             r.vectors = int(index.ntotal)
-            if len(queries[modality]):
-                truth = _exact_truth(os.path.join(work, sub), queries[modality])
-                r.quality = measure(index, queries[modality], truth).as_dict()
+            if len(held_out):
+                r.quality = measure(index, held_out, truth).as_dict()
             if log:
                 log(f"{modality} index {r.index_key}: {r.vectors} vectors, {r.bytes} bytes, "
                     f"{r.build_seconds:.1f} s, {r.quality}")
@@ -223,4 +255,4 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
     return report
 
 
-__all__ = ["IndexReport", "ModalityReport", "Quality", "build_index", "read_report"]
+__all__ = ["IndexReport", "ModalityReport", "Quality", "build_index", "read_report", "tune"]

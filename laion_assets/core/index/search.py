@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,17 @@ class OpenIndex:
     def faiss(self, modality: str) -> Any:
         return self.image if modality == "image" else self.text
 
+    @cached_property
+    def on_disk(self) -> bool:
+        """Whether a search may read inverted lists from disk (a merged index's .ivfdata): it then waits on I/O,
+        which its CPU time does not show."""
+        return any(os.path.exists(paths.index_files(self.folder).ivfdata(m)) for m in MODALITIES)
+
+    @cached_property
+    def rows(self) -> meta.RowReader:
+        """The metadata's rows by index id (its record batches listed once, for every query)."""
+        return meta.RowReader(self.metadata)
+
 
 class IndexUnavailable(RuntimeError):
     """An index folder that cannot be served (missing or corrupt files); the message says why."""
@@ -111,6 +123,12 @@ class RowFilter:
     min_width: int = 0
     min_height: int = 0
 
+    @property
+    def empty(self) -> bool:
+        """True when every row passes (no condition set)."""
+        return (self.max_punsafe is None and self.max_pwatermark is None and not self.language
+                and self.min_width <= 0 and self.min_height <= 0)
+
     def passes(self, row: dict[str, Any]) -> bool:
         return ((self.max_punsafe is None or (row["punsafe"] or 0.0) <= self.max_punsafe)
                 and (self.max_pwatermark is None or (row["pwatermark"] or 0.0) <= self.max_pwatermark)
@@ -150,8 +168,12 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     ids_l, sims_l = ids[0][valid].tolist(), sims[0][valid].tolist()
     if embeddings is not None:
         embeddings = embeddings[valid]
-    looked = meta.rows_of(index.metadata, ids_l, FILTER_COLUMNS)
-    keep = [i for i, r in enumerate(looked) if r["key"] not in removed]
+    if where is not None and where.empty:
+        where = None
+    # The filter columns of every hit are read only when something filters on them: a plain query reads the
+    # metadata of the rows it returns, once.
+    looked = index.rows.rows(ids_l, FILTER_COLUMNS) if removed or where is not None else []
+    keep = [i for i, r in enumerate(looked) if r["key"] not in removed] if looked else list(range(len(ids_l)))
     keep = keep[:num_result_ids]
     if embeddings is not None and keep:
         e = embeddings[keep]
@@ -161,7 +183,7 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     if where is not None:
         keep = [p for p in keep if where.passes(looked[p])]
     keep = keep[: num_images if num_images is not None else num_result_ids]
-    rows = meta.rows_of(index.metadata, [ids_l[p] for p in keep], columns)
+    rows = index.rows.rows([ids_l[p] for p in keep], columns)
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
 
 
