@@ -303,7 +303,7 @@ def knn_indices_root() -> str:
 @dataclass(frozen=True)
 class IndexFiles:
     """The files of one index folder; `report` is written last and marks the folder complete; `removed` lists the
-    keys removed after the build (filtered out at query time until the rebuild)."""
+    rows (ids) removed after the build (filtered out at query time until the rebuild)."""
 
     image: str
     text: str
@@ -327,4 +327,4 @@ class IndexFiles:
 def index_files(prefix: str) -> IndexFiles:
     return IndexFiles(join(prefix, "image.index"), join(prefix, "text.index"), join(prefix, "image.infos.json"),
                       join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, "_report.json"),
-                      join(prefix, "removed_keys.parquet"))
+                      join(prefix, "removed_ids.parquet"))

@@ -1,5 +1,5 @@
 """The search service: clip-retrieval's back-end API (`POST /knn-service`, `POST /metadata`, `GET /indices-list`)
-so that `clip_retrieval.clip_client.ClipClient` works unchanged, plus `GET /image/<indice>/<key>` (the stored
+so that `clip_retrieval.clip_client.ClipClient` works unchanged, plus `GET /image/<indice>/<id>` (the stored
 image from our shards), `GET /indices-status`, `POST /export` (an img2dataset-ready parquet) and the page at `/`.
 
 aiohttp (already the download stage's HTTP library): one event loop serves many concurrent clients, the request
@@ -277,8 +277,7 @@ async def metadata(request: web.Request) -> web.Response:
     if bad:
         raise BadRequest(f"ids out of range 0..{index.metadata.num_rows - 1}: {bad[:5]}")
     rows = index.rows.rows(ids)
-    out = [{"id": i, "metadata": _public(r)} for i, r in zip(ids, rows, strict=True)
-           if r["key"] not in index.removed]
+    out = [{"id": i, "metadata": _public(r)} for i, r in zip(ids, rows, strict=True) if i not in index.removed]
     return _json_response(out)
 
 
@@ -307,11 +306,13 @@ def _read_image(root: str, tar_key: str, key: str) -> tuple[bytes, str]:
 
 
 async def image(request: web.Request) -> web.Response:
+    """The stored image of a result, by its id (the index row): keys repeat across buckets and crawls."""
     index = _indice(request, {"indice_name": request.match_info["indice"]})
-    key = request.match_info["key"]
-    row = meta.find_key(index.metadata, key)
-    if row is None or key in index.removed:
-        raise BadRequest(f"no key {key!r} in indice {index.name!r}", 404)
+    text = request.match_info["id"]
+    row = int(text) if text.isdigit() and len(text) < 19 else -1
+    if not 0 <= row < index.metadata.num_rows or row in index.removed:
+        raise BadRequest(f"no id {text!r} in indice {index.name!r}", 404)
+    key = index.metadata["key"][row].as_py()
     tar_key = index.metadata["tar"][row].as_py() if "tar" in index.metadata.column_names else None
     if not tar_key:
         raise BadRequest(f"the index does not record the shard of {key}", 404)
@@ -336,20 +337,24 @@ def _filter_mask(batch: pa.RecordBatch, f: RowFilter) -> pa.Array:
 
 def export_table(index: OpenIndex, ids: list[int] | None, f: RowFilter | None, limit: int) -> pa.Table:
     """The rows of ids, or every row passing the filter (batch by batch over the memory-mapped metadata), minus
-    removed keys, in img2dataset's columns."""
+    removed rows, in img2dataset's columns."""
     if ids is not None:
-        table = index.metadata.take(pa.array(ids, pa.int64()))
+        table = index.metadata.take(pa.array([i for i in ids if i not in index.removed], pa.int64()))
     else:
-        parts, rows = [], 0
+        removed = pa.array(sorted(index.removed), pa.int64())
+        parts, rows, start = [], 0, 0
         for batch in index.metadata.to_batches(meta.BATCH_ROWS):
-            kept = batch.filter(_filter_mask(batch, f or RowFilter()))
+            mask = _filter_mask(batch, f or RowFilter())
+            if len(removed):
+                positions = pa.array(range(start, start + batch.num_rows), pa.int64())
+                mask = pc.and_(mask, pc.invert(pc.is_in(positions, removed)))
+            start += batch.num_rows
+            kept = batch.filter(mask)
             parts.append(kept)
             rows += kept.num_rows
             if rows > limit:
                 raise BadRequest(f"the filter matches more than {limit} rows: narrow it", 413)
         table = pa.Table.from_batches(parts, schema=index.metadata.schema)
-    if index.removed:
-        table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(index.removed), pa.string()))))
     return pa.table({out: table[col] for out, col in EXPORT_COLUMNS.items()})
 
 
@@ -415,7 +420,7 @@ def make_app(root: str, settings: ServeSettings, encoder: QueryEncoder, indices:
     app.router.add_post("/metadata", metadata)
     app.router.add_get("/indices-list", indices_list)
     app.router.add_get("/indices-status", indices_status)
-    app.router.add_get("/image/{indice}/{key}", image)
+    app.router.add_get("/image/{indice}/{id}", image)
     app.router.add_post("/export", export)
     return app
 

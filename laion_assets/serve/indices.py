@@ -2,8 +2,8 @@
 merged index) when built. One that cannot be opened is listed as unavailable with the reason; the rest serve.
 
 Removals newer than an index: at startup the storage root's latest removal list is matched against every index's
-rows (URL, sha256, pHash), and the matching keys are filtered out of every result (with the folder's own
-`removed_keys.parquet`) until the knn_index asset rebuilds the index without them. A removal added while the
+rows (URL, sha256, pHash), and the matching rows are filtered out of every result (with the folder's own
+`removed_ids.parquet`) until the knn_index asset rebuilds the index without them. A removal added while the
 service runs takes effect at its next start (or with the rebuild, which the REPROCESS automation launches)."""
 
 from __future__ import annotations

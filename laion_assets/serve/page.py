@@ -113,7 +113,7 @@ function render(results) {
     card.className = "result";
     card.dataset.key = r.key; card.dataset.id = r.id; card.dataset.punsafe = r.punsafe;
     const img = document.createElement("img");
-    img.src = `/image/${encodeURIComponent($("indice").value)}/${encodeURIComponent(r.key)}`;
+    img.src = `/image/${encodeURIComponent($("indice").value)}/${encodeURIComponent(r.id)}`;
     img.onerror = () => { if (img.src !== r.url) img.src = r.url; };  // not in our shards: the original URL
     img.alt = r.caption || "";
     const caption = document.createElement("div"); caption.className = "caption"; caption.textContent = r.caption;
@@ -132,7 +132,7 @@ function render(results) {
 
 async function moreLikeThis(r) {
   // The stored image when we have it, else its original URL (fetched by the service through its guard).
-  const stored = await fetch(`/image/${encodeURIComponent($("indice").value)}/${encodeURIComponent(r.key)}`);
+  const stored = await fetch(`/image/${encodeURIComponent($("indice").value)}/${encodeURIComponent(r.id)}`);
   if (stored.ok) {
     const bytes = new Uint8Array(await stored.arrayBuffer());
     let bin = "";

@@ -17,7 +17,7 @@ from laion_assets.core.index.metadata import MetadataError
 from laion_assets.core.index.search import IndexUnavailable, RowFilter, open_index, search
 from laion_assets.core.settings import IndexSettings
 from laion_assets.core.storage import Storage
-from laion_assets_tests.index.worlds import mixture_crawl
+from laion_assets_tests.index.worlds import index_metadata, mixture_crawl
 
 # IVF keeps the builds quick on 2 cores (autofaiss's own choice for a few thousand vectors, HNSW, spends most of
 # its time tuning) and is what merging on disk is about.
@@ -132,9 +132,9 @@ def test_query_time_removals_and_safety_and_dedup(built):
     index = open_index("crawl", c["folder"])
     query = c["vectors"][0]
     before = search(index, query, "image", num_result_ids=20)
-    gone = {before[0].row["key"], before[3].row["key"]}
+    gone = {before[0].id, before[3].id}
     after = search(index, query, "image", num_result_ids=20, removed=gone)
-    assert len(after) == 20 and not {h.row["key"] for h in after} & gone
+    assert len(after) == 20 and not {h.id for h in after} & gone
     safe = search(index, query, "image", num_result_ids=20, where=RowFilter(max_punsafe=0.5))
     assert safe and all(h.row["punsafe"] <= 0.5 for h in safe)
     assert {h.id for h in safe} == {h.id for h in before if h.row["punsafe"] <= 0.5}
@@ -245,3 +245,17 @@ def test_merge_in_many_small_shards_under_a_tiny_build_budget(built, tmp_path):
     key = [k for k in keys if k not in c["removed"]][-1]  # the last row: in the last shard
     hit = search(merged, c["vectors"][keys.index(key)], "image", num_result_ids=1)[0]
     assert hit.row["key"] == key and hit.row["indice"] == "CC-MAIN-2099-02"
+
+
+def test_removals_since_the_build_name_rows_not_keys(tmp_path):
+    """Keys repeat across buckets and crawls: a removal of one sample hides its row, not another with its key."""
+    from laion_assets.core.index import metadata as meta
+    from laion_assets.core.index.crawl import removed_since_build
+    from laion_assets.core.release import removals as rl
+
+    table = index_metadata(["000000001", "000000001", "000000002"],
+                           ["http://a.example/1.jpg", "http://b.example/1.jpg", "http://a.example/2.jpg"],
+                           ["one", "other one", "two"], np.random.default_rng(0))
+    meta.write_arrow([meta.complete(table)], meta.complete(table).schema, paths.index_files(str(tmp_path)).metadata)
+    entries = rl.RemovalList("v000001", (rl.make_entry("url", "http://b.example/1.jpg", "request"),))
+    assert removed_since_build(str(tmp_path), entries) == {1}

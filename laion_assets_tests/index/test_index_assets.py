@@ -109,7 +109,8 @@ def test_knn_index_assets_removals_and_automation(tmp_path):
     rl.add(store, [rl.make_entry("url", target["URL"], "url request")])
     for indice in (CRAWL, "all"):
         assert target["URL"] not in urls_found(root, indice, vectors[target["URL"]])
-    assert target["key"] in load_indices(root).available[CRAWL].removed
+    index = load_indices(root).available[CRAWL]
+    assert [index.metadata["URL"][i].as_py() for i in index.removed] == [target["URL"]]
     # ... the filtered metadata re-runs (the removal sensor and REPROCESS launch it), and the automation asks for
     # the crawl's index again,
     calm = dg.evaluate_automation_conditions(defs=defs, instance=graph.instance, cursor=quiet.cursor)

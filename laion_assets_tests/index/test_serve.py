@@ -103,14 +103,14 @@ def test_removals_after_the_build_are_filtered_at_query_time(world, tmp_path):
     caption = tables[crawl]["caption"][10].as_py()
     with running(make_app(str(copy), ServeSettings(), encoder)) as base:
         before = post(base, "/knn-service", {"indice_name": crawl, "text": caption, "num_images": 10}).json()
-    gone = {before[0]["key"], before[1]["key"]}
+    gone = {before[0]["id"], before[1]["id"]}
     write_removed(str(copy / paths.knn_index(crawl)), gone)
     with running(make_app(str(copy), ServeSettings(), encoder)) as base:
         after = post(base, "/knn-service", {"indice_name": crawl, "text": caption, "num_images": 10}).json()
-        assert len(after) == 10 and not {r["key"] for r in after} & gone
+        assert len(after) == 10 and not {r["id"] for r in after} & gone
         meta = post(base, "/metadata", {"indice_name": crawl, "ids": [before[0]["id"]]}).json()
         assert meta == []
-        assert requests.get(f"{base}/image/{crawl}/{before[0]['key']}", timeout=10).status_code == 404
+        assert requests.get(f"{base}/image/{crawl}/{before[0]['id']}", timeout=10).status_code == 404
 
 
 def test_searches_on_the_event_loop_and_in_worker_threads_agree(world):
@@ -135,12 +135,17 @@ def test_searches_on_the_event_loop_and_in_worker_threads_agree(world):
 
 
 def test_images_come_from_our_shards(service, world):
+    """By result id (the index row), in a crawl's index and in the merged one."""
     _, _, images, tables = world
     key = tables[CRAWLS[1]]["key"][5].as_py()
-    r = requests.get(f"{service}/image/{CRAWLS[1]}/{key}", timeout=10)
-    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg" and r.content == images[key]
-    assert requests.get(f"{service}/image/all/{key}", timeout=10).content == images[key]
-    assert requests.get(f"{service}/image/{CRAWLS[1]}/nope", timeout=10).status_code == 404
+    for indice in (CRAWLS[1], "all"):
+        hits = post(service, "/knn-service", {"indice_name": indice, "text": tables[CRAWLS[1]]["caption"][5].as_py(),
+                                              "num_images": 50, "use_safety_model": False}).json()
+        hit = next(h for h in hits if h["key"] == key)
+        r = requests.get(f"{service}/image/{indice}/{hit['id']}", timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg" and r.content == images[key]
+    assert requests.get(f"{service}/image/{CRAWLS[1]}/{key}x", timeout=10).status_code == 404
+    assert requests.get(f"{service}/image/{CRAWLS[1]}/99999999", timeout=10).status_code == 404
 
 
 def test_image_url_goes_through_the_guard(world, loopback):

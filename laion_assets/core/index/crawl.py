@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from laion_assets.core import paths
 from laion_assets.core.clip.manifests import EmbeddingsManifest
@@ -133,13 +134,14 @@ def merge_crawl_indices(store: Storage, crawls: list[str], settings: IndexSettin
     return record
 
 
-def removed_since_build(folder: str, removal_list: Any) -> set[str]:
-    """Keys of the index rows in a local folder that `removal_list` (a `removals.RemovalList`) removes: samples
-    removed after the index was built, to be filtered out at query time until the rebuild leaves them out."""
+def removed_since_build(folder: str, removal_list: Any) -> set[int]:
+    """Ids (rows) of the index in a local folder that `removal_list` (a `removals.RemovalList`) removes: samples
+    removed after the index was built, to be filtered out at query time until the rebuild leaves them out. Rows,
+    not keys: keys repeat across buckets and crawls."""
     if not len(removal_list):
         return set()
     table = meta.open_arrow(paths.index_files(folder).metadata)
     columns = [c for c in ("URL", "sha256", "phash", "key") if c in table.column_names]
     matched = removal_list.match(table.select(columns))
-    return set(table.filter(matched["removed"])["key"].to_pylist())
+    return set(pc.indices_nonzero(pc.fill_null(matched["removed"], False)).to_pylist())
 

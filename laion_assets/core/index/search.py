@@ -53,7 +53,7 @@ class OpenIndex:
     text: Any
     metadata: pa.Table
     report: dict[str, Any] = field(default_factory=dict)
-    removed: frozenset[str] = frozenset()
+    removed: frozenset[int] = frozenset()  # row ids removed after the build (keys repeat across buckets)
 
     @property
     def dim(self) -> int:
@@ -136,20 +136,20 @@ class RowFilter:
                 and (row["WIDTH"] or 0) >= self.min_width and (row["HEIGHT"] or 0) >= self.min_height)
 
 
-FILTER_COLUMNS = ["key", "punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT"]
+FILTER_COLUMNS = ["punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT"]
 
 
 def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_result_ids: int = 100,
-           num_images: int | None = None, removed: Collection[str] = frozenset(), deduplicate: bool = False,
+           num_images: int | None = None, removed: Collection[int] = frozenset(), deduplicate: bool = False,
            dedup_threshold: float = 0.94, where: RowFilter | None = None, columns: list[str] | None = None
            ) -> list[Hit]:
-    """The nearest rows to one query vector, best first: the top num_result_ids from faiss, minus removed keys,
+    """The nearest rows to one query vector, best first: the top num_result_ids from faiss, minus removed rows,
     duplicates (when asked) and rows failing `where` (safety by punsafe, watermark, language, size); then at most
     num_images of them."""
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     q /= max(float(np.linalg.norm(q)), 1e-12)
     fx = index.faiss(modality)
-    # Removed keys are dropped after the search, so ask for that many more (bounded: a long removal list thins
+    # Removed rows are dropped after the search, so ask for that many more (bounded: a long removal list thins
     # results rather than making every query scan the whole index).
     extra = min(len(removed), 10 * num_result_ids + 100)
     k = int(min(fx.ntotal, num_result_ids + extra))
@@ -172,9 +172,8 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
         where = None
     # The filter columns of every hit are read only when something filters on them: a plain query reads the
     # metadata of the rows it returns, once.
-    looked = index.rows.rows(ids_l, FILTER_COLUMNS) if removed or where is not None else []
-    keep = [i for i, r in enumerate(looked) if r["key"] not in removed] if looked else list(range(len(ids_l)))
-    keep = keep[:num_result_ids]
+    looked = index.rows.rows(ids_l, FILTER_COLUMNS) if where is not None else []
+    keep = [i for i, row_id in enumerate(ids_l) if row_id not in removed][:num_result_ids]
     if embeddings is not None and keep:
         e = embeddings[keep]
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
@@ -187,21 +186,21 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
 
 
-def write_removed(folder: str, keys: Collection[str]) -> None:
-    """Record keys removed after the index was built: the service filters them out of every result."""
+def write_removed(folder: str, ids: Collection[int]) -> None:
+    """Record rows (ids) removed after the index was built: the service filters them out of every result."""
     import pyarrow.parquet as pq
 
     path = paths.index_files(folder).removed
-    tmp = os.path.join(folder, ".tmp-removed_keys.parquet")
-    pq.write_table(pa.table({"key": pa.array(sorted(keys), pa.string())}), tmp)
+    tmp = os.path.join(folder, ".tmp-removed_ids.parquet")
+    pq.write_table(pa.table({"id": pa.array(sorted(ids), pa.int64())}), tmp)
     os.replace(tmp, path)
 
 
-def read_removed(folder: str) -> frozenset[str]:
-    """The keys removed after the build (none when the file is absent)."""
+def read_removed(folder: str) -> frozenset[int]:
+    """The row ids removed after the build (none when the file is absent)."""
     import pyarrow.parquet as pq
 
     path = paths.index_files(folder).removed
     if not os.path.exists(path):
         return frozenset()
-    return frozenset(pq.read_table(path, columns=["key"])["key"].to_pylist())
+    return frozenset(pq.read_table(path, columns=["id"])["id"].to_pylist())
