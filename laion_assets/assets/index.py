@@ -76,19 +76,24 @@ def knn_index_all_asset(ops: OperationsSettings) -> dg.AssetsDefinition:
                       removals: RemovalListResource):
         """Every indexed crawl's indices merged into one (IVF with on-disk inverted lists), the `all` indice of the
         search service; the metadata gains an `indice` column naming each row's crawl."""
-        from laion_assets.core.index.crawl import merge_crawl_indices
+        from laion_assets.core.index.crawl import below_recall_floor, merge_crawl_indices
 
         store = storage.get()
         settings = settings_from(IndexSettings, config)
         done = context.instance.get_materialized_partitions(dg.AssetKey("knn_index"))
         crawls = sorted(c for c in done if store.exists(paths.join(paths.knn_index(c), "_report.json")))
+        low = below_recall_floor(store, crawls, settings.min_recall)
+        if low:
+            context.log.warning(f"left out of the merge, recall@10 below {settings.min_recall}: {low}")
+        crawls = [c for c in crawls if c not in low]
         if not crawls:
-            raise dg.Failure("no crawl has a complete kNN index yet: materialize knn_index first")
+            raise dg.Failure("no crawl has a complete kNN index above the recall floor yet: materialize knn_index "
+                             f"first{f' (below the floor: {low})' if low else ''}")
         record = merge_crawl_indices(store, crawls, settings, removals.load().version, log=context.log.info)
         metadata = to_metadata(record.metadata())
         # (dagster/uri is the stored record, which the IO manager sets)
         metadata.update({"folder": store.uri(record.folder), "dagster/row_count": record.rows,
-                         "crawls": len(crawls)})
+                         "crawls": len(crawls), "left_out_below_recall_floor": dg.MetadataValue.json(low)})
         return dg.MaterializeResult(value=record, metadata=metadata,
                                     check_results=[recall_check("knn_index_all", record, settings.min_recall)])
 

@@ -282,7 +282,8 @@ class IndexSettings:
     eval_queries: int = setting(200, "Held-out queries measuring recall@10 against exact search and latency "
                                      "(0: no measurement).")
     merged_nlist: int = setting(0, "Inverted lists of the merged index (0: about 4 sqrt(vectors)).")
-    merged_nprobe: int = setting(0, "Lists the merged index probes per query (0: nlist / 8, at least 16).")
+    merged_nprobe: int = setting(0, "Lists the merged index probes per query (0: the fewest reaching target_recall, "
+                                       "from nlist / 8, at least 16, down).")
     seed: int = setting(0, "Seed of the held-out query sample and of the merged index's training sample.")
     min_recall: float = setting(0.8, "Floor of recall@10 (image and text) below which the knn_index and "
                                      "knn_index_all assets' blocking `recall` check fails.")

@@ -172,6 +172,12 @@ def test_merge_on_disk_keeps_every_row_and_its_crawl(built, tmp_path):
     total = sum(c["report"].rows for c in crawls.values())
     assert report.rows == report.image.vectors == report.text.vectors == total
     assert report.image.index_key.startswith("IVF") and report.image.quality["recall_at_10"] >= 0.9
+    # nprobe tuned down to the recall target from nlist / 8 (at least 16), recall measured on other queries.
+    with open(files.infos("image")) as f:
+        infos = json.load(f)
+    assert infos["target_recall"] == SETTINGS.target_recall and infos["index_param_autofaiss"] == "nprobe=16"
+    assert 1 <= int(infos["index_param"].split("nprobe=")[1].split(",")[0]) <= 16
+    assert report.image.quality["recall_at_10"] >= SETTINGS.target_recall - 0.05
     merged = open_index("all", out)
     assert merged.metadata.num_rows == total
     assert merged.metadata["indice"].to_pylist() == (["CC-MAIN-2099-01"] * crawls["CC-MAIN-2099-01"]["report"].rows
@@ -259,3 +265,13 @@ def test_removals_since_the_build_name_rows_not_keys(tmp_path):
     meta.write_arrow([meta.complete(table)], meta.complete(table).schema, paths.index_files(str(tmp_path)).metadata)
     entries = rl.RemovalList("v000001", (rl.make_entry("url", "http://b.example/1.jpg", "request"),))
     assert removed_since_build(str(tmp_path), entries) == {1}
+
+
+def test_indices_below_the_recall_floor_are_left_out_of_the_merge(built):
+    """knn_index_all merges only crawls whose index passed the recall floor (the blocking check)."""
+    from laion_assets.core.index.crawl import below_recall_floor
+
+    store, crawls = built
+    assert below_recall_floor(store, sorted(crawls), 0.5) == {}
+    low = below_recall_floor(store, sorted(crawls), 1.01)
+    assert set(low) == set(crawls) and all(0.5 <= r <= 1.0 for r in low.values())

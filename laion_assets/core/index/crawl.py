@@ -113,6 +113,20 @@ def build_crawl_index(store: Storage, crawl: str, embeddings: Mapping[str, Embed
     return record
 
 
+def below_recall_floor(store: Storage, crawls: list[str], floor: float) -> dict[str, float]:
+    """{crawl: recall@10} of the crawls whose index measured a recall@10 (the lower of image and text) below
+    `floor`: the blocking check failed them, so merging them would carry a bad index into `all`. An index built
+    without measuring (eval_queries 0) is not held back."""
+    low: dict[str, float] = {}
+    for crawl in crawls:
+        report = IndexReport.from_dict(store.read_json(paths.join(paths.knn_index(crawl), "_report.json")))
+        measured = [float(r.quality["recall_at_10"]) for r in (report.image, report.text)
+                    if "recall_at_10" in r.quality]
+        if measured and min(measured) < floor:
+            low[crawl] = min(measured)
+    return low
+
+
 def merge_crawl_indices(store: Storage, crawls: list[str], settings: IndexSettings, removal_version: str = "",
                         log: Log | None = None) -> IndexRecord:
     """The crawls' indices (complete ones, in crawl order) merged into `paths.knn_index_all()`."""

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from laion_assets.core import paths
 from laion_assets.core.index import metadata as meta
-from laion_assets.core.index.build import IndexReport, read_report, write_json
+from laion_assets.core.index.build import IndexReport, read_report, tune, write_json
 from laion_assets.core.index.evaluate import ExactTopK, measure
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.settings import IndexSettings
@@ -99,8 +99,11 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
                 picks = np.sort(rng.choice(ix.ntotal, size=min(share, ix.ntotal), replace=False))
                 train.append(np.stack([ix.reconstruct(int(i)) for i in picks]))
             sample = np.concatenate(train).astype(np.float32)
+            # Twice the held-out queries when nprobe is tuned (as build_index does): half tune, half measure.
+            tuning = bool(settings.target_recall) and not settings.merged_nprobe
             if settings.eval_queries:
-                rows = rng.choice(len(sample), size=min(settings.eval_queries, len(sample)), replace=False)
+                wanted = settings.eval_queries * (2 if tuning else 1)
+                rows = rng.choice(len(sample), size=min(wanted, len(sample)), replace=False)
                 q = sample[rows] + rng.normal(scale=0.05, size=(len(rows), sample.shape[1])).astype(np.float32)
                 queries = [q / np.linalg.norm(q, axis=1, keepdims=True)]
             trained = faiss.index_factory(report.dim, key, faiss.METRIC_INNER_PRODUCT)
@@ -142,8 +145,15 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
             r.bytes = os.path.getsize(files.index(modality)) + os.path.getsize(files.ivfdata(modality))
             r.build_seconds = time.perf_counter() - t0
             if len(exact.queries):
+                queries_m, truth = exact.queries, exact.ids
+                if tuning and len(queries_m) >= 2:
+                    # The merged lists start at merged_nprobe's default (nlist / 8, at least 16): lowered to the
+                    # recall target like a crawl's index, so `all` answers as fast as its parts.
+                    tune(files.index(modality), files.infos(modality), queries_m[0::2], truth[0::2],
+                         settings.target_recall)
+                    queries_m, truth = queries_m[1::2], truth[1::2]
                 served = load_faiss(files.index(modality), files.infos(modality))
-                r.quality = measure(served, exact.queries, exact.ids).as_dict()
+                r.quality = measure(served, queries_m, truth).as_dict()
             if log:
                 log(f"merged {modality} index {key}: {offset} vectors from {len(parts)} indices, {r.quality}")
 
