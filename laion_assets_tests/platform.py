@@ -3,6 +3,7 @@ daemon and webserver against it, and a way to kill the process of a run as a fai
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -12,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import psutil
 import yaml
 
@@ -181,3 +183,41 @@ def _is_code_server(process: psutil.Process) -> bool:
     except psutil.Error:
         return False
     return "dagster" in cmdline and ("grpc" in cmdline or "code-server" in cmdline)
+
+
+@contextlib.contextmanager
+def running_platform(tmp_path: Path, **extra_env: str) -> Iterator[tuple[Path, dict[str, str], Dagster]]:
+    """Postgres started, and a Dagster home against it with the code location's environment (storage and mirror
+    under tmp_path, the small models, a 3 s sensor interval, test crawl names; `extra_env` on top): (tmp_path, env,
+    dagster), whose daemon and webserver the test starts. Both are stopped at the end."""
+    from laion_assets_tests.conftest import MODELS_DIR
+    from laion_assets_tests.graph import LAYOUT
+
+    pg = Postgres().start()
+    env = {"LAION_ASSETS_STORAGE": str(tmp_path / "data"), "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
+           "LAION_ASSETS_CHUNKS": str(LAYOUT.chunks), "LAION_ASSETS_BUCKETS": str(LAYOUT.buckets),
+           "LAION_ASSETS_ALLOW_NETWORKS": "127.0.0.1/32", "LAION_ASSETS_MODELS_DIR": str(MODELS_DIR),
+           "LAION_ASSETS_SENSOR_INTERVAL_S": "3", "LAION_ASSETS_CRAWL_PATTERN": r"CC-MAIN-2099-\d\d", **extra_env}
+    dagster = Dagster(tmp_path / "home", env, pg)
+    try:
+        yield tmp_path, env, dagster
+    finally:
+        dagster.stop()
+        pg.stop()
+
+
+def crawled(dagster: Dagster, env: dict[str, str], crawl: str, sample: dict[str, int]) -> tuple[Any, Any]:
+    """The platform's instance and a Graph on it, with the registry sources observed (as the running platform's
+    sensor would have) and `crawl` materialized in-process from the mirror: (instance, graph)."""
+    from dagster._core.definitions.observe import observe
+    from dagster._core.instance.ref import InstanceRef
+
+    from laion_assets_tests.graph import Graph, graph_resources
+
+    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster.home)))
+    mirror = Path(env["LAION_ASSETS_SOURCE"])
+    graph = Graph(graph_resources(env["LAION_ASSETS_STORAGE"], mirror), instance)
+    sources = [a for a in graph.assets if isinstance(a, dg.SourceAsset)]
+    assert observe(sources, instance=instance, resources=graph.resources).success
+    graph.whole_crawl(mirror, crawl, sample=sample)
+    return instance, graph

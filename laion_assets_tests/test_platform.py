@@ -22,16 +22,13 @@ import dagster as dg
 import orjson
 import pytest
 from click.testing import CliRunner
-from dagster._core.definitions.observe import observe
-from dagster._core.instance.ref import InstanceRef
 
 from laion_assets.cli import main as cli
 from laion_assets.core import paths
 from laion_assets.core.offline.sample import build_sample_crawl
 from laion_assets.core.settings import SampleSettings
-from laion_assets_tests.conftest import MODELS_DIR
 from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources
-from laion_assets_tests.platform import Dagster, Postgres, kill_run_of, process_on_local_port, wait_for
+from laion_assets_tests.platform import crawled, kill_run_of, process_on_local_port, running_platform, wait_for
 
 A, B = "CC-MAIN-2099-01", "CC-MAIN-2099-05"
 SMALL = {"wat_files": 2, "pages_per_file": 6}
@@ -97,32 +94,17 @@ def shard_bytes(root: Path, crawl: str) -> dict[str, bytes]:
 
 @pytest.fixture
 def platform(tmp_path):
-    pg = Postgres().start()
-    env = {"LAION_ASSETS_STORAGE": str(tmp_path / "data"), "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
-           "LAION_ASSETS_CHUNKS": str(LAYOUT.chunks), "LAION_ASSETS_BUCKETS": str(LAYOUT.buckets),
-           "LAION_ASSETS_ALLOW_NETWORKS": "127.0.0.1/32", "LAION_ASSETS_MODELS_DIR": str(MODELS_DIR),
-           "LAION_ASSETS_SENSOR_INTERVAL_S": "3", "LAION_ASSETS_RETRY_DELAY_S": "1",
-           "LAION_ASSETS_CRAWL_PATTERN": r"CC-MAIN-2099-\d\d"}
-    dagster = Dagster(tmp_path / "home", env, pg)
-    try:
-        yield tmp_path, env, dagster
-    finally:
-        dagster.stop()
-        pg.stop()
+    with running_platform(tmp_path, LAION_ASSETS_RETRY_DELAY_S="1") as running:
+        yield running
 
 
 @pytest.mark.timeout(1500)  # the whole platform lifecycle: two crawls, a kill, a retry, a re-filter, the UI
 def test_the_platform_end_to_end(platform):
     root, env, dagster = platform
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster.home)))
     mirror = root / "mirror"
 
-    # A first crawl, materialized in-process into the same Postgres instance.
-    first = Graph(graph_resources(env["LAION_ASSETS_STORAGE"], mirror), instance)
-    # The model registry observed first, as the running platform's sensor would have.
-    sources = [a for a in first.assets if isinstance(a, dg.SourceAsset)]
-    assert observe(sources, instance=instance, resources=first.resources).success
-    first.whole_crawl(mirror, A, sample=SMALL)
+    # A first crawl, materialized in-process into the same Postgres instance (the model registry observed first).
+    instance, first = crawled(dagster, env, A, SMALL)
     assert all_materialized(instance, A)
 
     dagster.start()

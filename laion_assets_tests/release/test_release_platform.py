@@ -14,15 +14,12 @@ import polars as pl
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from dagster._core.definitions.observe import observe
-from dagster._core.instance.ref import InstanceRef
 
 from laion_assets.cli import main as cli
 from laion_assets.core import paths
 from laion_assets.core.settings import SAMPLE_CRAWL
-from laion_assets_tests.conftest import MODELS_DIR
-from laion_assets_tests.graph import LAYOUT, Graph, graph_resources, release_crawl
-from laion_assets_tests.platform import Dagster, Postgres, wait_for
+from laion_assets_tests.graph import LAYOUT, release_crawl
+from laion_assets_tests.platform import crawled, running_platform, wait_for
 
 SMALL = {"wat_files": 2, "pages_per_file": 10}
 RELEASED = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
@@ -40,28 +37,14 @@ def _materialized_after(instance: dg.DagsterInstance, asset: str, after: float) 
 
 @pytest.fixture
 def platform(tmp_path, models):
-    pg = Postgres().start()
-    env = {"LAION_ASSETS_STORAGE": str(tmp_path / "data"), "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
-           "LAION_ASSETS_CHUNKS": str(LAYOUT.chunks), "LAION_ASSETS_BUCKETS": str(LAYOUT.buckets),
-           "LAION_ASSETS_ALLOW_NETWORKS": "127.0.0.1/32", "LAION_ASSETS_MODELS_DIR": str(MODELS_DIR),
-           "LAION_ASSETS_SENSOR_INTERVAL_S": "3", "LAION_ASSETS_CRAWL_PATTERN": r"CC-MAIN-2099-\d\d"}
-    dagster = Dagster(tmp_path / "home", env, pg)
-    try:
-        yield tmp_path, env, dagster
-    finally:
-        dagster.stop()
-        pg.stop()
+    with running_platform(tmp_path) as running:
+        yield running
 
 
 @pytest.mark.timeout(900)  # a small crawl in-process (~2 min on 2 cores), the daemon's start and its five runs
 def test_removals_reprocess_the_release_under_the_daemon(platform):
-    root, env, dagster = platform
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster.home)))
-    mirror = root / "mirror"
-    graph = Graph(graph_resources(env["LAION_ASSETS_STORAGE"], mirror), instance)
-    sources = [a for a in graph.assets if isinstance(a, dg.SourceAsset)]
-    assert observe(sources, instance=instance, resources=graph.resources).success
-    graph.whole_crawl(mirror, SAMPLE_CRAWL, sample=SMALL)
+    _, env, dagster = platform
+    instance, graph = crawled(dagster, env, SAMPLE_CRAWL, SMALL)
     release_crawl(graph)
     # The indices too: with every asset of the crawl materialized, new_crawls finds nothing missing to backfill,
     # and every run after the removal comes from the automation.
