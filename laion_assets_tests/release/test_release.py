@@ -12,16 +12,11 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.release.columns import FILTERED_SCHEMA, LAION_COLUMNS, url_text_hash
-from laion_assets_tests.graph import LAYOUT, graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, write_bucket, write_crawl
+from laion_assets_tests.graph import LAYOUT
+from laion_assets_tests.release.upstream import local_graph, write_bucket, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 LATER = "CC-MAIN-2099-05"
-
-
-def _graph(tmp_path) -> tuple[ReleaseGraph, object]:
-    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    return graph, graph.resources["storage"].get()
 
 
 def _filtered(store, crawl: str) -> pl.DataFrame:
@@ -30,7 +25,7 @@ def _filtered(store, crawl: str) -> pl.DataFrame:
 
 
 def test_release_of_a_crawl_in_laion_columns_with_crawl_wide_dedup(tmp_path):
-    graph, store = _graph(tmp_path)
+    graph, store = local_graph(tmp_path)
     made = write_crawl(store, CRAWL, n=400, shared_images=5)
     graph.release(CRAWL, {"rows_per_part": 100})
     failed = [(c.asset_key.to_user_string(), c.check_name) for c in graph.checks if not c.passed]
@@ -85,7 +80,7 @@ def test_release_of_a_crawl_in_laion_columns_with_crawl_wide_dedup(tmp_path):
 
 
 def test_images_of_an_earlier_crawl_win_over_a_later_crawl(tmp_path):
-    graph, store = _graph(tmp_path)
+    graph, store = local_graph(tmp_path)
     write_crawl(store, CRAWL, n=200, seed=1, shared_images=5)
     graph.release(CRAWL)
     write_crawl(store, LATER, n=200, seed=2, shared_images=5)  # the same five images again
@@ -100,7 +95,7 @@ def test_images_of_an_earlier_crawl_win_over_a_later_crawl(tmp_path):
 
 
 def test_missing_upstream_partitions_fail_naming_them_and_write_nothing(tmp_path):
-    graph, store = _graph(tmp_path)
+    graph, store = local_graph(tmp_path)
     made = write_crawl(store, CRAWL, n=50)
     graph.instance.add_dynamic_partitions("crawls", [CRAWL])
     graph.run("image_dedup", CRAWL)

@@ -10,15 +10,14 @@ from laion_assets.core.release import removals as rl
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.release.release import ReleaseManifest, account_rows
 from laion_assets.core.settings import ReleaseSettings
-from laion_assets_tests.graph import LAYOUT, graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, write_crawl
+from laion_assets_tests.graph import LAYOUT
+from laion_assets_tests.release.upstream import local_graph, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 
 
 def test_release_rows_are_the_filtered_rows_less_removals_and_dropped_duplicates(tmp_path):
-    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    store = graph.resources["storage"].get()
+    graph, store = local_graph(tmp_path)
     write_crawl(store, CRAWL, n=120)
     graph.release(CRAWL)
     manifest = ReleaseManifest.from_json(store.read_bytes(paths.release_manifest(CRAWL)))

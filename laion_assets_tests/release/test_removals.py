@@ -17,8 +17,8 @@ from laion_assets.cli import main
 from laion_assets.core import paths
 from laion_assets.core.release import removals as rl
 from laion_assets.core.storage import Storage
-from laion_assets_tests.graph import LAYOUT, graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, report_made, write_crawl
+from laion_assets_tests.graph import LAYOUT
+from laion_assets_tests.release.upstream import local_graph, report_made, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 
@@ -78,8 +78,7 @@ def _release_rows(store, crawl: str) -> pl.DataFrame:
 
 
 def test_removed_samples_leave_the_release_and_never_come_back(tmp_path):
-    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    store = graph.resources["storage"].get()
+    graph, store = local_graph(tmp_path)
     write_crawl(store, CRAWL, n=300)
     graph.release(CRAWL)
     before = _release_rows(store, CRAWL)
@@ -119,8 +118,7 @@ def test_a_new_removal_version_requests_the_release_again_through_reprocess(tmp_
     from laion_assets.definitions import build_definitions
     from laion_assets_tests.graph import OPS
 
-    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    store = graph.resources["storage"].get()
+    graph, store = local_graph(tmp_path)
     write_crawl(store, CRAWL, n=100)
     defs = build_definitions(LAYOUT, graph.resources, OPS)
     sensor = defs.get_sensor_def("observe_removals")

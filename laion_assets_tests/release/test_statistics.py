@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from laion_assets.cli import main
 from laion_assets.core import paths
 from laion_assets.core.release.statistics import QUANTILES, MissingColumnsError, compute_statistics
-from laion_assets_tests.graph import graph_resources
-from laion_assets_tests.release.upstream import ReleaseGraph, write_crawl
+from laion_assets_tests.release.upstream import local_graph, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
 
@@ -56,8 +55,7 @@ def test_figures_are_the_posts_computed_the_same_way_and_streaming_changes_nothi
 
 
 def test_dataset_statistics_asset_writes_files_and_one_metadata_entry_per_figure(tmp_path):
-    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
-    store = graph.resources["storage"].get()
+    graph, store = local_graph(tmp_path)
     write_crawl(store, CRAWL, n=300)
     graph.release(CRAWL)
     manifest = json.loads(store.read_bytes(paths.release_manifest(CRAWL)))

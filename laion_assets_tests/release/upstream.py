@@ -12,7 +12,7 @@ from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardEntry, ShardsManifest
 from laion_assets.core.offline.release_inputs import BucketInputs, bucket_inputs
 from laion_assets.core.storage import Storage
-from laion_assets_tests.graph import LAYOUT, Graph
+from laion_assets_tests.graph import LAYOUT, Graph, graph_resources
 
 RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
 
@@ -79,3 +79,9 @@ def report_made(graph: ReleaseGraph, crawl: str, assets: tuple[str, ...]) -> Non
             for spec in [s for s in graph.by[asset].check_specs if s.asset_key == dg.AssetKey(asset)]:
                 graph.instance.report_runless_asset_event(dg.AssetCheckEvaluation(
                     asset_key=spec.asset_key, check_name=spec.name, passed=True, partition=partition))
+
+
+def local_graph(tmp_path: Any) -> tuple[ReleaseGraph, Storage]:
+    """A ReleaseGraph on a local storage root under tmp_path, and its storage."""
+    graph = ReleaseGraph(graph_resources(str(tmp_path / "data"), tmp_path / "mirror"))
+    return graph, graph.resources["storage"].get()
