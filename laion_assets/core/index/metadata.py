@@ -9,7 +9,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 # What every index row carries (LAION's column names where it has one); `tar` (the storage key of the webdataset
 # shard holding the image) and `indice` (the crawl of a merged index's row) are added when known; `sha256` and
@@ -119,14 +118,3 @@ class RowReader:
         for position, row in zip(order.tolist(), pa.Table.from_batches(pieces).to_pylist(), strict=True):
             out[position] = row
         return out
-
-
-def rows_of(table: pa.Table, ids: list[int], columns: list[str] | None = None) -> list[dict]:
-    """The rows at ids (in that order) as dicts (a service keeps one RowReader per table instead)."""
-    return RowReader(table).rows(ids, columns)
-
-
-def find_key(table: pa.Table, key: str) -> int | None:
-    """The row of a key (a scan of the key column: the service does it for /image only)."""
-    found = pc.index(table["key"], pa.scalar(key, pa.string())).as_py()
-    return None if found is None or found < 0 else int(found)
