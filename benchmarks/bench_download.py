@@ -53,7 +53,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
+from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work" / "download"

@@ -2,7 +2,7 @@
 near), release (the split into parts) and statistics, at two sizes, one core each.
 
 For each size, the synthetic inputs of ceil(rows / --bucket-rows) buckets (download rows, CLIP, safety and
-watermark scores, unique pairs, with planted exact and near duplicates; `laion_assets/core/offline/release_inputs.py`)
+watermark scores, unique pairs, with planted exact and near duplicates; `laion_assets/offline/release_inputs.py`)
 are written into a temporary storage root first (not timed), then a fresh process with POLARS_MAX_THREADS=1 and
 Arrow's pool at one thread runs the stage's core functions as the assets call them (inputs as the IO manager hands
 them over) and reports each step's wall and CPU seconds and its own peak RSS (VmHWM, reset between steps: the
@@ -55,7 +55,7 @@ CRAWL = "CC-MAIN-2099-01"
 
 
 def generate(root: str, rows: int, buckets: int) -> None:
-    from laion_assets.core.offline.release_inputs import bucket_inputs
+    from laion_assets.offline.release_inputs import bucket_inputs
     from laion_assets.core.paths import Layout
     from laion_assets.core.storage import Storage
     from laion_assets_tests.release.upstream import write_bucket

@@ -1,12 +1,16 @@
 """`laion-assets`: every stage without Dagster, on local paths, s3:// or https:// URLs.
 
-Options come from the stages' settings dataclasses (`core/settings.py`), as the Dagster config does, so a
-default is the same in both. Heavy modules are imported inside the commands: `--help` stays fast.
+Each command calls its stage's entry point (`run`), the same function its asset calls. Options come from the
+stages' settings dataclasses (`core/settings.py`), as the Dagster config does, so a default is the same in both.
+Heavy modules are imported inside the commands, and the demo's commands (`demo`, `sample-crawl`, `small-models`,
+in `offline/commands.py`) are loaded only when named: `--help` stays fast and production code never loads the
+offline package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -14,10 +18,8 @@ from typing import Any
 
 import click
 
-from laion_assets.cli_options import options, settings_from
+from laion_assets.cli_options import options
 from laion_assets.core.settings import (
-    DEFAULT_SOURCE,
-    DEFAULT_STORAGE,
     ClipSettings,
     DownloadSettings,
     ExtractSettings,
@@ -25,13 +27,31 @@ from laion_assets.core.settings import (
     IndexSettings,
     ModelSettings,
     ResizeSettings,
-    SampleSettings,
     ServeSettings,
     SourceSettings,
+    StorageSettings,
+    build,
 )
 
 
-@click.group()
+class _Commands(click.Group):
+    """The group, plus commands that live in other modules and are imported only when used (click's lazy loading)."""
+
+    LAZY = {"demo": "laion_assets.offline.commands:demo",
+            "sample-crawl": "laion_assets.offline.commands:sample_crawl",
+            "small-models": "laion_assets.offline.commands:small_models"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            module, _, attr = self.LAZY[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """Common Crawl to a LAION-5B-style image-text dataset."""
 
@@ -53,6 +73,13 @@ def _folder(location: str) -> Any:
     return Storage(location.rstrip("/") if location.startswith("s3://") else location)
 
 
+def _bar(total: int | None, unit: str, quiet: bool) -> Any:
+    """A progress bar on stderr (none when quiet)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 # --- the Common Crawl stage ----------------------------------------------------------------------------------
 
 @main.command()
@@ -64,23 +91,12 @@ def _folder(location: str) -> Any:
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
 def extract(wat_files: tuple[str, ...], output: str, crawl: str, quiet: bool, **kwargs: Any) -> None:
     """Extract (image URL, alt text, language) pairs from WAT files into one Parquet file."""
-    import pyarrow.parquet as pq
+    from laion_assets.core.crawl import extract as stage
 
-    from laion_assets.core.crawl.candidates import SCHEMA
-    from laion_assets.core.crawl.extract import extract_locations
-
-    settings = settings_from(ExtractSettings, kwargs)
-    source = settings_from(SourceSettings, kwargs)
-    tmp = output + ".tmp"
-    with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-
-        def progress(done: int, name: str) -> None:
-            if not quiet and len(wat_files) > 1:
-                click.echo(f"[{done}/{len(wat_files)}] {name}", err=True)
-
-        report = extract_locations(((w, w) for w in wat_files), crawl, writer.write_table, settings, source,
-                                   progress=progress)
-    os.replace(tmp, output)
+    settings = build(ExtractSettings, kwargs)
+    with _bar(len(wat_files), "file", quiet or len(wat_files) < 2) as bar:
+        report = stage.run([(w, w) for w in wat_files], crawl, stage.FileTarget(output), settings,
+                           build(SourceSettings, kwargs), progress=lambda done, name: bar.update(done - bar.n))
     click.echo(f"{output}: {report.summary()}")
     for name, err in report.failed_files:
         click.echo(f"failed: {name}: {err}", err=True)
@@ -88,35 +104,31 @@ def extract(wat_files: tuple[str, ...], output: str, crawl: str, quiet: bool, **
         sys.exit(1)
 
 
-@main.command("sample-crawl")
-@click.option("--mirror", default=DEFAULT_SOURCE, show_default=True, help="Directory of the local mirror.")
-@options(SampleSettings)
-def sample_crawl(mirror: str, **kwargs: Any) -> None:
-    """Write the built-in sample crawl as a local Common Crawl mirror."""
-    from laion_assets.core.offline.sample import build_sample_crawl
-
-    report = build_sample_crawl(mirror, settings_from(SampleSettings, kwargs))
-    click.echo(f"{report.crawl}: {len(report.wat_files)} WAT files, {report.pages} pages, {report.images} images"
-               f" in {report.mirror}")
-
-
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--output", "-o", required=True, help="Parquet file of unique pairs.")
 def dedup(inputs: tuple[str, ...], output: str) -> None:
     """Exact dedup of pair files on the normalized URL (first occurrence in crawl order wins)."""
-    import polars as pl
-
-    from laion_assets.core.crawl.dedup import unique_by_url
+    from laion_assets.core.crawl import dedup as stage
 
     start = time.perf_counter()
-    pairs = pl.scan_parquet(list(inputs))
-    rows_in = pairs.select(pl.len()).collect().item()
-    tmp = output + ".tmp"
-    unique_by_url(pairs).sink_parquet(tmp, compression="zstd")
-    os.replace(tmp, output)
-    rows_out = pl.scan_parquet(output).select(pl.len()).collect().item()
-    click.echo(f"{output}: {rows_in} pairs in, {rows_out} unique out, {time.perf_counter() - start:.2f} s")
+    located = [_locate(i) for i in inputs]
+    roots = {store.root for store, _ in located}
+    if len(roots) > 1 and any(r.startswith("s3://") for r in roots):
+        raise click.ClickException("pair files on S3 must share one bucket")
+    try:
+        unique, report = stage.run(_folder("/") if len(roots) > 1 else located[0][0],
+                                   [os.path.abspath(i).lstrip("/") if len(roots) > 1 else key
+                                    for i, (_, key) in zip(inputs, located, strict=True)])
+    except stage.IncompleteChunksError as err:
+        raise click.ClickException(str(err)) from err
+    out, key = _locate(output)
+    with out.staging_dir() as stage_dir:
+        local = os.path.join(stage_dir, "unique.parquet")
+        unique.sink_parquet(local, compression="zstd")
+        out.put_file(local, key)
+    click.echo(f"{output}: {report.rows_in} pairs in, {report.rows_out} unique out, "
+               f"{time.perf_counter() - start:.2f} s")
 
 
 # --- the download stage ----------------------------------------------------------------------------------------
@@ -138,26 +150,24 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
     from laion_assets.core.download.reader import InputColumns
 
     try:
-        settings = settings_from(DownloadSettings, kwargs, fetch=settings_from(FetchSettings, kwargs),
-                                 resize=settings_from(ResizeSettings, kwargs))
+        settings = build(DownloadSettings, kwargs, fetch=build(FetchSettings, kwargs),
+                         resize=build(ResizeSettings, kwargs))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    tally = {"done": 0, "ok": 0, "shown": 0.0, "start": time.perf_counter()}
+    with _bar(None, "url", quiet) as bar:
+        ok = [0]
 
-    def progress(done: int, ok: int) -> None:
-        tally["done"] += done
-        tally["ok"] += ok
-        now = time.perf_counter()
-        if not quiet and now - tally["shown"] >= 2.0:
-            tally["shown"] = now
-            rate = tally["done"] / max(1e-9, now - tally["start"])
-            click.echo(f"{tally['done']} done, {tally['ok']} ok, {rate:.0f}/s", err=True)
+        def progress(done: int, succeeded: int) -> None:
+            ok[0] += succeeded
+            bar.update(done)
+            bar.set_postfix(ok=ok[0], refresh=False)
 
-    try:
-        report = run_download(urls, _folder(output_dir), "", settings, InputColumns(url_col, caption_col, language_col),
-                              progress, None if quiet else lambda m: click.echo(m, err=True))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+        try:
+            report = run_download(urls, _folder(output_dir), "", settings,
+                                  InputColumns(url_col, caption_col, language_col), progress,
+                                  None if quiet else lambda m: bar.write(m, file=sys.stderr))
+        except ValueError as err:
+            raise click.ClickException(str(err)) from err
     click.echo(f"{output_dir}: {report.summary()}")
 
 
@@ -165,41 +175,83 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 
 class _ClipGroup(click.Group):
     """Turns the stage's expected errors (an unfinished download, missing or mixed embeddings, a missing
-    checkpoint) into a one-line message instead of a traceback."""
+    checkpoint or head) into a one-line message instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from laion_assets.core.clip.embeddings import IncompleteEmbeddingsError
+        from laion_assets.core.clip.safety import NoSafetyHead, SafetyDimensionError
+        from laion_assets.core.clip.stage import MissingScoresError
         from laion_assets.core.download.plan import IncompleteDownloadError
 
         try:
             return super().invoke(ctx)
-        except (IncompleteDownloadError, IncompleteEmbeddingsError, FileNotFoundError) as err:
+        except (IncompleteDownloadError, IncompleteEmbeddingsError, MissingScoresError, NoSafetyHead,
+                SafetyDimensionError, FileNotFoundError) as err:
             raise click.ClickException(str(err)) from err
 
 
 @main.group(cls=_ClipGroup)
 def clip() -> None:
-    """The CLIP stage on a finished download (a folder or s3:// prefix with its _manifest.json)."""
+    """The CLIP stage on a finished download (a folder or s3:// prefix with its _manifest.json): `run` computes any
+    of the scores, embeddings and watermark scores in one pass over the shards, as the clip_pass asset does; `score`,
+    `embed` and `watermark` are `run` for one of them."""
 
 
-def _model_set(settings: ModelSettings) -> Any:
+def _clip_run(shards: str, scores: str, embeddings_dir: str | None, index: int, watermark_out: str | None,
+              parts: set[str], kwargs: dict[str, Any]) -> None:
+    """The one pass for `parts`, the scores at `scores` (read when not computed), and a line per part made."""
+    from laion_assets.core import paths
+    from laion_assets.core.clip import stage
     from laion_assets.core.clip.registry import resolve
-
-    return resolve(settings, lambda m: click.echo(m, err=True))
-
-
-def _download(shards: str) -> Any:
-    """The record of a finished download in a folder or under an s3:// prefix."""
     from laion_assets.core.download.plan import read_manifest
 
-    return read_manifest(_folder(shards), "")
+    models = build(ModelSettings, kwargs)
+    settings = build(ClipSettings, kwargs, models=models)
+    store = _folder(shards)
+    score_store, score_key = _locate(scores)
+    stored = score_store.read_parquet(score_key) if score_store.exists(score_key) else None
+    if stored is None and stage.Part.SCORES not in parts:
+        raise click.ClickException(f"no scores at {scores}: run `laion-assets clip score` (or `run`) first")
+    embeddings_at = (_folder(embeddings_dir), paths.embedding_files("", index)) if embeddings_dir else None
+    out = stage.run(store, read_manifest(store, ""), resolve(models), models, parts, stored, embeddings_at,
+                    settings.reuse_similarities, lambda m: click.echo(m, err=True))
+    if out.scores is not None:
+        score_store.write_parquet(score_key, out.scores)
+        r = out.score_report
+        how = "re-filtered stored similarities" if r.refiltered_only else f"{r.seconds:.1f} s"
+        click.echo(f"{scores}: {r.samples} samples, {r.kept} kept, {r.failed} failed to decode ({how})")
+    if out.embeddings is not None:
+        m = out.embeddings
+        click.echo(f"{embeddings_dir}: {m.rows} embeddings of {m.dim} dimensions ({out.embed_report.failed} failed "
+                   f"to decode, {out.embed_report.seconds:.1f} s)")
+    if out.watermark is not None and watermark_out:
+        target, key = _locate(watermark_out)
+        target.write_parquet(key, out.watermark)
+        click.echo(f"{watermark_out}: {out.watermark_report['samples']} samples, "
+                   f"{out.watermark_report['watermarked']} watermarked")
 
 
-def _kept(scores_location: str) -> frozenset[str]:
-    from laion_assets.core.clip.scores import kept_keys
-
-    store, key = _locate(scores_location)
-    return kept_keys(store.read_parquet(key, columns=["key", "keep"]))
+@clip.command("run")
+@click.argument("shards")
+@click.option("--scores", required=True, help="Parquet file of the scores (a row per sample): written when computed, "
+                                              "else read for the kept samples.")
+@click.option("--embeddings-dir", default=None, help="Folder or s3:// prefix in clip-retrieval's layout: embeds the "
+                                                     "kept samples.")
+@click.option("--index", default=0, show_default=True, help="Number of the files: img_emb/img_emb_<index>.npy.")
+@click.option("--watermark", "watermark_out", default=None, help="Parquet file of pwatermark per kept sample.")
+@click.option("--no-score", is_flag=True, help="Keep the stored scores (only embed or tag their kept samples).")
+@options(ClipSettings)
+@options(ModelSettings)
+def clip_run(shards: str, scores: str, embeddings_dir: str | None, index: int, watermark_out: str | None,
+             no_score: bool, **kwargs: Any) -> None:
+    """Scores, embeddings and watermark scores of a finished download in one pass: the scores always (re-filtered
+    from the stored ones when the weights and images are unchanged) unless --no-score, the others when their output
+    is given."""
+    parts = {p for p, wanted in (("scores", not no_score), ("embeddings", embeddings_dir), ("watermark",
+                                                                                           watermark_out)) if wanted}
+    if not parts:
+        raise click.ClickException("nothing to compute: give --embeddings-dir or --watermark with --no-score")
+    _clip_run(shards, scores, embeddings_dir, index, watermark_out, parts, kwargs)
 
 
 @clip.command("score")
@@ -209,18 +261,8 @@ def _kept(scores_location: str) -> frozenset[str]:
 @options(ModelSettings)
 def clip_score(shards: str, output: str, **kwargs: Any) -> None:
     """CLIP similarity of every sample and keep; an existing output from the same weights and images is only
-    re-filtered with the current thresholds."""
-    from laion_assets.core.clip.scores import score_bucket
-
-    models = settings_from(ModelSettings, kwargs)
-    settings = settings_from(ClipSettings, kwargs, models=models)
-    store, key = _locate(output)
-    previous = store.read_parquet(key) if store.exists(key) else None
-    table, report = score_bucket(_folder(shards), _download(shards), _model_set(models), models, previous,
-                                 settings.reuse_similarities, lambda m: click.echo(m, err=True))
-    store.write_parquet(key, table)
-    how = "re-filtered stored similarities" if report.refiltered_only else f"{report.seconds:.1f} s"
-    click.echo(f"{output}: {report.samples} samples, {report.kept} kept, {report.failed} failed to decode ({how})")
+    re-filtered with the current thresholds (`clip run` computing the scores alone)."""
+    _clip_run(shards, output, None, 0, None, {"scores"}, kwargs)
 
 
 @clip.command("embed")
@@ -230,16 +272,19 @@ def clip_score(shards: str, output: str, **kwargs: Any) -> None:
 @click.option("--index", default=0, show_default=True, help="Number of the files: img_emb/img_emb_<index>.npy.")
 @options(ModelSettings)
 def clip_embed(shards: str, scores: str, output_dir: str, index: int, **kwargs: Any) -> None:
-    """Image and text embeddings of the kept samples (img_emb/, text_emb/, metadata/)."""
-    from laion_assets.core import paths
-    from laion_assets.core.clip.embeddings import embed_bucket, write_embeddings
+    """Image and text embeddings of the kept samples (img_emb/, text_emb/, metadata/): `clip run --no-score
+    --embeddings-dir`."""
+    _clip_run(shards, scores, output_dir, index, None, {"embeddings"}, kwargs)
 
-    models = settings_from(ModelSettings, kwargs)
-    img, txt, meta, report = embed_bucket(_folder(shards), _download(shards), _kept(scores), _model_set(models).embed,
-                                          models, lambda m: click.echo(m, err=True))
-    write_embeddings(_folder(output_dir), paths.embedding_files("", index), img, txt, meta)
-    click.echo(f"{output_dir}: {img.shape[0]} embeddings of {img.shape[1]} dimensions ({report.failed} failed to"
-               f" decode, {report.seconds:.1f} s)")
+
+@clip.command("watermark")
+@click.argument("shards")
+@click.option("--scores", required=True, help="The scores of `clip score`: only kept samples are tagged.")
+@click.option("--output", "-o", required=True, help="Parquet file of pwatermark per sample.")
+@options(ModelSettings)
+def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None:
+    """pwatermark of every kept sample from the watermark classifier: `clip run --no-score --watermark`."""
+    _clip_run(shards, scores, None, 0, output, {"watermark"}, kwargs)
 
 
 @clip.command("safety")
@@ -250,39 +295,14 @@ def clip_embed(shards: str, scores: str, output_dir: str, index: int, **kwargs: 
 def clip_safety(embeddings: str, index: int, output: str, **kwargs: Any) -> None:
     """punsafe of every embedded sample from the safety head."""
     from laion_assets.core import paths
-    from laion_assets.core.clip import embeddings as emb
     from laion_assets.core.clip import safety
+    from laion_assets.core.clip.registry import resolve
 
-    chosen = _model_set(settings_from(ModelSettings, kwargs))
-    if not chosen.safety_head:
-        raise click.ClickException("no safety head configured (--safety-head)")
-    img, _, meta = emb.read_embeddings(_folder(embeddings), paths.embedding_files("", index))
-    head, card = safety.load_safety_head(chosen.safety_head)
-    try:
-        table = safety.safety_table(meta["key"], img, head, card.get("name", chosen.safety_head),
-                                    chosen.safety_threshold)
-    except safety.SafetyDimensionError as err:
-        raise click.ClickException(str(err)) from err
+    table, report = safety.run(_folder(embeddings), paths.embedding_files("", index),
+                               resolve(build(ModelSettings, kwargs)))
     store, key = _locate(output)
     store.write_parquet(key, table)
-    click.echo(f"{output}: {table.num_rows} samples, {sum(table['unsafe'].to_pylist())} unsafe")
-
-
-@clip.command("watermark")
-@click.argument("shards")
-@click.option("--scores", required=True, help="The scores of `clip score`: only kept samples are tagged.")
-@click.option("--output", "-o", required=True, help="Parquet file of pwatermark per sample.")
-@options(ModelSettings)
-def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None:
-    """pwatermark of every kept sample from the watermark classifier."""
-    from laion_assets.core.clip.watermark import watermark_bucket
-
-    models = settings_from(ModelSettings, kwargs)
-    table, report = watermark_bucket(_folder(shards), _download(shards), _kept(scores), _model_set(models).watermark,
-                                     models, lambda m: click.echo(m, err=True))
-    store, key = _locate(output)
-    store.write_parquet(key, table)
-    click.echo(f"{output}: {report['samples']} samples, {report['watermarked']} watermarked")
+    click.echo(f"{output}: {report['samples']} samples, {report['unsafe']} unsafe")
 
 
 # --- models ----------------------------------------------------------------------------------------------------
@@ -294,8 +314,10 @@ def models() -> None:
 
 
 def _storage_option(command: Any) -> Any:
-    return click.option("--storage", envvar="LAION_ASSETS_STORAGE", default="data", show_default=True,
-                        help="Storage root (local directory or s3://bucket/prefix).")(command)
+    # The deployment's root (LAION_ASSETS_STORAGE) unless given: StorageSettings, as the code location reads it.
+    return click.option("--storage", default=lambda: StorageSettings.from_env().root,
+                        show_default=StorageSettings.root, help="Storage root (local directory or "
+                                                                "s3://bucket/prefix).")(command)
 
 
 @models.command("show")
@@ -378,18 +400,6 @@ def train_watermark(folder: str, output: str, arch: str, image_size: int, epochs
     spec = watermark.WatermarkSpec(name or arch, arch, output, image_size, threshold)
     watermark.save_watermark(model, spec, {"train_accuracy": accuracy, "samples": int(len(labels))})
     click.echo(f"{output}: {arch} at {image_size} px, training accuracy {accuracy:.3f} on {len(labels)} images")
-
-
-@main.command("small-models")
-@click.option("--models-dir", default=ModelSettings.models_dir, show_default=True)
-def small_models_command(models_dir: str) -> None:
-    """Build (once) the small offline CLIPs and heads the tests and the demo use."""
-    from laion_assets.core.offline.small_models import small_models
-
-    chosen = small_models(models_dir, log=click.echo)
-    click.echo(f"{models_dir}: {chosen.clip_en.name} (threshold {chosen.clip_en.threshold:.3f}),"
-               f" {chosen.clip_multi.name} (threshold {chosen.clip_multi.threshold:.3f}), safety head,"
-               f" {chosen.watermark.name}")
 
 
 # --- the release stage -------------------------------------------------------------------------------------
@@ -509,15 +519,6 @@ def purge_command(storage: str, crawls: tuple[str, ...], version: int | None) ->
         click.echo(report_line(crawl, purge_crawl(store, crawl, removal_list)))
 
 
-@main.command()
-@click.option("--storage", default=None, help="Storage root (default: LAION_ASSETS_STORAGE or ./data).")
-def demo(storage: str | None) -> None:
-    """Build the sample crawl and materialize the whole asset graph on it, offline."""
-    from laion_assets.demo import run_demo
-
-    run_demo(storage)
-
-
 # --- the kNN index and the search service ---------------------------------------------------------------------
 
 @main.command("index")
@@ -540,7 +541,7 @@ def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_
     numbers = sorted(int(k.rsplit("_", 1)[1].split(".")[0]) for k in store.list("metadata"))
     exclude = set(pq.read_table(exclude_path, columns=["key"])["key"].to_pylist()) if exclude_path else set()
     report = build_index(store, [paths.embedding_files("", i) for i in numbers], pq.read_table(metadata_path),
-                         output_dir, settings_from(IndexSettings, kwargs), exclude=exclude, log=click.echo)
+                         output_dir, build(IndexSettings, kwargs), exclude=exclude, log=click.echo)
     click.echo(" ".join(f"{k}={v}" for k, v in report.metadata().items()))
 
 
@@ -557,9 +558,9 @@ def serve_command(storage: str | None, **kwargs: Any) -> None:
     from laion_assets.serve.app import serve
     from laion_assets.serve.encoder import QueryEncoder
 
-    settings = settings_from(ServeSettings, kwargs)
-    models = settings_from(ModelSettings, kwargs)
-    root = storage or os.environ.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE)
+    settings = build(ServeSettings, kwargs)
+    models = build(ModelSettings, kwargs)
+    root = storage or StorageSettings.from_env().root
     if root.startswith("s3://"):
         # faiss maps index files from a local disk, and a service must not download gigabytes at every start:
         # copy the index folders to a local root first (README, "Search": `aws s3 sync`).

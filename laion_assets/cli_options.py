@@ -1,5 +1,5 @@
 """Click options generated from the stages' settings dataclasses (the same fields, defaults and help as the
-Dagster config), and the settings object of a command's arguments."""
+Dagster config); `core.settings.build` turns a command's arguments back into settings."""
 
 from __future__ import annotations
 
@@ -39,13 +39,3 @@ def options(settings_cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Call
         return command
 
     return decorate
-
-
-def settings_from(settings_cls: type, kwargs: dict[str, Any], **nested: Any) -> Any:
-    """Pop settings_cls's fields out of a command's kwargs and build the settings object."""
-    values = {f.name: kwargs.pop(f.name) for f in scalar_fields(settings_cls) if f.name in kwargs}
-    hints = typing.get_type_hints(settings_cls)
-    for name, value in values.items():
-        if typing.get_origin(hints[name]) is tuple:
-            values[name] = tuple(value)
-    return settings_cls(**values, **nested)

@@ -1,5 +1,5 @@
 """Dagster `Config` classes and resources generated from the stages' settings dataclasses, so that the launchpad
-offers the same fields, defaults and help as the CLI, and both build the same settings object."""
+offers the same fields, defaults and help as the CLI; `core.settings.build` turns a config back into settings."""
 
 from __future__ import annotations
 
@@ -31,14 +31,3 @@ def config_class(name: str, *settings_classes: type, base: type = dg.Config, exc
     cls = create_model(name, __base__=base, __module__=base.__module__, **fields)
     cls.__doc__ = doc or settings_classes[0].__doc__
     return cls
-
-
-def settings_from(settings_cls: type, config: Any, **nested: Any) -> Any:
-    """The settings object of a config object's values (lists back to tuples); nested settings passed in."""
-    hints = typing.get_type_hints(settings_cls)
-    values: dict[str, Any] = {}
-    for f in scalar_fields(settings_cls):
-        if hasattr(config, f.name):
-            value = getattr(config, f.name)
-            values[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
-    return settings_cls(**values, **nested)

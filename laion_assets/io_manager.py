@@ -1,13 +1,13 @@
-"""The IO manager: every asset's output goes to the storage root (local or S3), at the key `core/paths.py` gives
-it, and reaches downstream assets as an input.
+"""The IO manager: every asset's output goes to the storage root (local or S3), at a key that comes from the asset
+key and the partition alone (`paths.output_key`), and reaches downstream assets as an input.
 
 Tables (pyarrow, polars, a polars LazyFrame, which is streamed to the file, or a finished local Parquet file, which
-is copied as it is) are stored as Parquet; records
-(the small manifests of bulk-file stages: which shards, which embedding files, how many rows) as JSON. A stage
-that writes its manifest itself as its completion marker (a download's `_manifest.json`) is not written twice:
-the IO manager only writes a record whose bytes differ from what is stored. Inputs are loaded as the asset's
-parameter annotation asks (`pa.Table`, `pl.DataFrame`, `pl.LazyFrame`, a record class, or `dict[str, ...]` of
-those for an input that spans several partitions, keyed by partition key).
+is copied as it is) are stored as Parquet; records (the small manifests of bulk-file stages: which shards, which
+embedding files, how many rows) as JSON. A record that its stage committed itself as its completion marker (a
+download's `_manifest.json`: `JsonRecord.committed_at`) is checked against what is stored there, not written
+again: the IO manager's key then holds a pointer to it. Inputs are loaded as the asset's parameter annotation asks
+(`pa.Table`, `pl.DataFrame`, `pl.LazyFrame`, a record class, or `dict[str, ...]` of those for an input that spans
+several partitions, keyed by the upstream's own dimension within the crawl: the chunk or bucket key).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 import dagster as dg
+import orjson
 import pyarrow as pa
 
 from laion_assets.core import paths
@@ -24,6 +25,8 @@ from laion_assets.core.paths import Layout
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.storage import LocalParquet, Storage
 from laion_assets.resources import StorageResource
+
+POINTER = "committed_at"
 
 
 def partition_dims(key: str | dg.MultiPartitionKey | None, partitions_def: Any) -> dict[str, str]:
@@ -48,16 +51,18 @@ class MissingPartitionsError(dg.Failure):
     """An input spanning several partitions of which some were never materialized."""
 
 
-def require_partitions(store: Storage, asset: str, keys: dict[str, str]) -> None:
-    """Fail naming the partitions of `asset` whose stored output is missing, before anything is read or written."""
-    missing = sorted(p for p, key in keys.items() if not store.exists(key))
-    if missing:
-        raise MissingPartitionsError(f"{asset}: {len(missing)} upstream partition(s) not materialized: "
-                                     f"{', '.join(missing[:10])}")
+class CommittedRecordMismatch(RuntimeError):
+    """A stage returned a record other than the one it committed: a bug, never something to paper over."""
+
+
+def _suffix(obj_or_type: Any) -> str:
+    kind = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
+    return ".json" if issubclass(kind, JsonRecord) else ".parquet"
 
 
 class StorageIOManager(dg.ConfigurableIOManager):
-    """Stores outputs under the storage root at the keys of `core/paths.py`: Parquet tables and JSON records."""
+    """Stores outputs under the storage root at keys made from the asset key and partition: Parquet tables and JSON
+    records."""
 
     storage: StorageResource
     chunks: int = Layout.chunks
@@ -67,33 +72,37 @@ class StorageIOManager(dg.ConfigurableIOManager):
     def layout(self) -> Layout:
         return Layout(self.chunks, self.buckets)
 
-    def _key(self, asset: str, dims: dict[str, str]) -> str:
-        return paths.asset_output(asset, dims, self.layout)
+    def key(self, asset: dg.AssetKey, dims: dict[str, str], suffix: str) -> str:
+        return paths.output_key(asset.path, dims, self.layout, suffix)
 
     # --- outputs ------------------------------------------------------------------------------------------
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         store = self.storage.get()
-        asset = context.asset_key.path[-1]
         partitions_def = context.asset_partitions_def if context.has_asset_partitions else None
         if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
             # A single-run backfill of many partitions returns {partition key: value}.
             for partition, value in obj.items():
-                self._write(store, self._key(asset, partition_dims(partition, partitions_def)), value, None)
+                dims = partition_dims(partition, partitions_def)
+                self._write(store, self.key(context.asset_key, dims, _suffix(value)), value, None)
             return
-        key = self._key(asset, partition_dims(context.asset_partition_key if partitions_def else None, partitions_def))
-        self._write(store, key, obj, context)
+        dims = partition_dims(context.asset_partition_key if partitions_def else None, partitions_def)
+        self._write(store, self.key(context.asset_key, dims, _suffix(obj)), obj, context)
 
     def _write(self, store: Storage, key: str, obj: Any, context: dg.OutputContext | None) -> None:
         import polars as pl
 
         if isinstance(obj, JsonRecord):
-            data = obj.to_json()
-            if not (store.exists(key) and store.read_bytes(key) == data):
+            data, committed = obj.to_json(), obj.committed_at()
+            if committed is None:
                 store.write_bytes(key, data)
+            else:
+                if store.read_bytes(committed) != data:
+                    raise CommittedRecordMismatch(f"{store.uri(committed)} is not the record its stage returned")
+                store.write_bytes(key, orjson.dumps({POINTER: committed}))
             if context is not None:
-                context.add_output_metadata({"dagster/uri": store.uri(key)})
+                context.add_output_metadata({"dagster/uri": store.uri(committed or key)})
             return
         if isinstance(obj, LocalParquet):
             import pyarrow.parquet as pq
@@ -123,23 +132,34 @@ class StorageIOManager(dg.ConfigurableIOManager):
     # --- inputs -------------------------------------------------------------------------------------------
     def load_input(self, context: dg.InputContext) -> Any:
         store = self.storage.get()
-        asset = context.asset_key.path[-1]
         wanted = context.dagster_type.typing_type
         partitions_def = context.asset_partitions_def if context.has_asset_partitions else None
         if typing.get_origin(wanted) is dict:
             _, inner = typing.get_args(wanted)
-            require_partitions(store, asset, {str(p): self._key(asset, partition_dims(p, partitions_def))
-                                              for p in context.asset_partition_keys})
-            return {str(p): self._read(store, self._key(asset, partition_dims(p, partitions_def)), inner)
-                    for p in context.asset_partition_keys}
+            keys = {}
+            for p in context.asset_partition_keys:
+                dims = partition_dims(p, partitions_def)
+                # Every fan-in of the graph stays within one crawl: the chunk or bucket names the part.
+                name = "/".join(v for d, v in sorted(dims.items()) if d != "crawl") or dims.get("crawl", str(p))
+                keys[name] = self.key(context.asset_key, dims, _suffix(inner))
+            missing = sorted(p for p, key in keys.items() if not store.exists(key))
+            if missing:
+                raise MissingPartitionsError(f"{context.asset_key.to_user_string()}: {len(missing)} upstream "
+                                             f"partition(s) not materialized: {', '.join(missing[:10])}")
+            return {p: self._read(store, key, inner) for p, key in keys.items()}
         partition = context.asset_partition_key if partitions_def else None
-        return self._read(store, self._key(asset, partition_dims(partition, partitions_def)), wanted)
+        return self._read(store, self.key(context.asset_key, partition_dims(partition, partitions_def),
+                                          _suffix(wanted)), wanted)
 
     def _read(self, store: Storage, key: str, wanted: Any) -> Any:
         import polars as pl
 
         if isinstance(wanted, type) and issubclass(wanted, JsonRecord):
-            return wanted.from_json(store.read_bytes(key))
+            data = store.read_bytes(key)
+            doc = orjson.loads(data)
+            if isinstance(doc, dict) and set(doc) == {POINTER}:
+                data = store.read_bytes(doc[POINTER])
+            return wanted.from_json(data)
         if wanted is pl.LazyFrame:
             return pl.scan_parquet(store.scratch_copies([key])[0])
         table = store.read_parquet(key)

@@ -1,10 +1,11 @@
-"""How steps are shaped on Kubernetes (infra/README.md): the `dagster-k8s/config` op tags of the assets, which the
-k8s executor (`LAION_ASSETS_EXECUTOR=k8s`, one pod per step) reads; other executors ignore them.
+"""How steps are shaped on Kubernetes (infra/README.md): each asset declares its pod in its own `op_tags`
+(`cpu_pod(...)` or `gpu_pod(ops)`: the `dagster-k8s/config` tag, which the k8s executor, `LAION_ASSETS_EXECUTOR=k8s`,
+one pod per step, reads; other executors ignore it), and `executor` picks the executor.
 
 A backfill puts a bucket's download and CLIP steps in one run, so GPUs are asked for per step, not per run: the
-three `gpu`-pool assets get one GPU, the GPU nodes' selector and toleration, the CUDA image
-(`LAION_ASSETS_GPU_IMAGE`) and a memory-backed /dev/shm for the decode workers; the CPU-heavy steps get the
-CPU and memory they need, with a limit beside every request (a request alone would meet the inherited limit).
+`gpu`-pool assets get one GPU, the GPU nodes' selector and toleration, the CUDA image (`LAION_ASSETS_GPU_IMAGE`)
+and a memory-backed /dev/shm for the decode workers; the CPU-heavy steps get the CPU and memory they need, with a
+limit beside every request (a request alone would meet the inherited limit).
 """
 
 from __future__ import annotations
@@ -28,41 +29,24 @@ GPU_STEP: dict[str, Any] = {
         "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "16Gi"}}],
     },
 }
-CPU_STEPS: dict[str, dict[str, Any]] = {
-    "image_shards": {"container_config": {"resources": {"requests": {"cpu": "15", "memory": "24Gi"},
-                                                        "limits": {"memory": "24Gi"}}},
-                     "pod_spec_config": {"node_selector": {"laion-assets/pool": "download"}}},
-    "unique_pairs": {"container_config": {"resources": {"requests": {"memory": "48Gi"}, "limits": {"memory": "48Gi"}}}},
-    "candidate_pairs": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                           "limits": {"memory": "4Gi"}}}},
-    "safety_scores": {"container_config": {"resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "8Gi"}}}},
-    # The release stage holds one bucket (and the image dedup one spilled partition) at a time: a few GiB whatever
-    # the crawl's size; the indices take IndexSettings.build_memory (4G) for autofaiss, plus its metadata and a
-    # margin, and every core it is given.
-    "image_dedup": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                       "limits": {"memory": "4Gi"}}}},
-    "filtered_metadata": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                             "limits": {"memory": "4Gi"}}}},
-    "release": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                   "limits": {"memory": "4Gi"}}}},
-    "knn_index": {"container_config": {"resources": {"requests": {"cpu": "8", "memory": "12Gi"},
-                                                     "limits": {"memory": "12Gi"}}}},
-    "knn_index_all": {"container_config": {"resources": {"requests": {"cpu": "8", "memory": "12Gi"},
-                                                         "limits": {"memory": "12Gi"}}}},
-}
-GPU_ASSETS = frozenset({"clip_scores", "image_embeddings", "watermark_scores"})
+
+def cpu_pod(cpu: str | None = None, memory: str | None = None, node_pool: str | None = None) -> dict[str, str]:
+    """The `dagster-k8s/config` op tag of a CPU step: what it requests, a memory limit equal to the request, and the
+    node pool it needs (the `laion-assets/pool` node label)."""
+    requests = {k: v for k, v in (("cpu", cpu), ("memory", memory)) if v}
+    config: dict[str, Any] = {"container_config": {"resources": {"requests": requests}}}
+    if memory:
+        config["container_config"]["resources"]["limits"] = {"memory": memory}
+    if node_pool:
+        config["pod_spec_config"] = {"node_selector": {"laion-assets/pool": node_pool}}
+    return {"dagster-k8s/config": json.dumps(config, sort_keys=True)}
 
 
-def op_tags(asset: str, ops: OperationsSettings) -> dict[str, str]:
-    """The asset's `dagster-k8s/config` tag ({} for steps that need nothing beyond the code server's size)."""
-    if asset in GPU_ASSETS:
-        config = json.loads(json.dumps(GPU_STEP))
-        if ops.gpu_image:
-            config["container_config"]["image"] = ops.gpu_image
-    elif asset in CPU_STEPS:
-        config = CPU_STEPS[asset]
-    else:
-        return {}
+def gpu_pod(ops: OperationsSettings) -> dict[str, str]:
+    """The op tag of a `gpu`-pool step: one GPU, the GPU nodes, the CUDA image when one is set."""
+    config = json.loads(json.dumps(GPU_STEP))
+    if ops.gpu_image:
+        config["container_config"]["image"] = ops.gpu_image
     return {"dagster-k8s/config": json.dumps(config, sort_keys=True)}
 
 

@@ -6,6 +6,7 @@ a crawl's dedup (and what follows it) only once every earlier crawl has deduplic
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -16,18 +17,12 @@ from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraph
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
+from laion_assets import tags
 from laion_assets.core.settings import OperationsSettings
 from laion_assets.partitions import crawl_partitions
 from laion_assets.resources import CrawlSourceResource
 
 TRIGGER_TAG = "laion_assets/trigger"
-# Assets before the cross-crawl dedup: free to run for any crawl in any order.
-PARSE_STAGE = frozenset({"wat_manifest", "candidate_pairs"})
-DEDUP = dg.AssetKey("unique_pairs")
-# The crawl-wide image dedup compares a crawl's images with every earlier crawl's: it, and what follows it, wait
-# for the earlier crawls' image dedup as the URL dedup waits for theirs.
-IMAGE_DEDUP = dg.AssetKey("image_dedup")
-RELEASE_STAGE = frozenset({"image_dedup", "filtered_metadata", "release", "dataset_statistics", "knn_index"})
 
 
 def crawl_partition_keys(partitions_def: dg.PartitionsDefinition, crawl: str) -> list[str]:
@@ -60,27 +55,46 @@ def _not_done(instance: dg.DagsterInstance, key: dg.AssetKey, partitions_def: dg
     return sorted(set(missing) | set(failed))
 
 
+def _tagged(asset_graph: object, key: str, *values: str) -> set[dg.AssetKey]:
+    selection = dg.AssetSelection.tag(key, values[0])
+    for value in values[1:]:
+        selection = selection | dg.AssetSelection.tag(key, value)
+    return set(selection.resolve(asset_graph))  # type: ignore[arg-type]
+
+
+def _gate(asset_graph: object, kind: str) -> dg.AssetKey | None:
+    """The cross-crawl dedup of this kind (`url` or `image`) that later crawls wait for, if the graph has one."""
+    found = sorted(_tagged(asset_graph, tags.CROSS_CRAWL_DEDUP, kind))
+    return found[0] if found else None
+
+
 def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterable[str]) -> set[AssetKeyPartitionKey]:
     """The missing and failed partitions of the crawls' assets, oldest crawl first: the parse stage of every crawl;
-    the dedup and everything after it for crawls whose earlier crawls have all their buckets deduplicated, and for
-    the first crawl that does not (its own dedup can then run: the crawls before it are done); likewise the image
-    dedup and the release stage after it, once every earlier crawl has its image dedup."""
+    the URL dedup and everything after it for crawls whose earlier crawls have all their buckets deduplicated, and
+    for the first crawl that does not (its own dedup can then run: the crawls before it are done); likewise the image
+    dedup and the release and index stages after it, once every earlier crawl has its image dedup. Stages and
+    dedups are found by their tags (`laion_assets/tags.py`)."""
     registered = sorted(instance.get_dynamic_partitions(crawl_partitions.name))
     wanted = set(crawls)
     keys = _crawl_assets(asset_graph)
+    free = _tagged(asset_graph, tags.STAGE, *tags.FREE_STAGES)
+    late = _tagged(asset_graph, tags.STAGE, *tags.AFTER_IMAGE_DEDUP)
+    url_dedup, image_dedup = _gate(asset_graph, "url"), _gate(asset_graph, "image")
     materialized = {key: instance.get_materialized_partitions(key) for key in keys}
-    dedup_def = asset_graph.get(DEDUP).partitions_def  # type: ignore[attr-defined]
     work: set[AssetKeyPartitionKey] = set()
     earlier_done = earlier_images_done = True
     for crawl in registered:
-        dedup_missing = _not_done(instance, DEDUP, dedup_def, crawl_partition_keys(dedup_def, crawl),
-                                  materialized[DEDUP])
-        images_missing = IMAGE_DEDUP in materialized and crawl not in materialized[IMAGE_DEDUP]
+        dedup_missing = False
+        if url_dedup is not None:
+            dedup_def = asset_graph.get(url_dedup).partitions_def  # type: ignore[attr-defined]
+            dedup_missing = bool(_not_done(instance, url_dedup, dedup_def, crawl_partition_keys(dedup_def, crawl),
+                                           materialized[url_dedup]))
+        images_missing = image_dedup is not None and crawl not in materialized[image_dedup]
         if crawl in wanted:
             for key in keys:
-                if key.path[-1] not in PARSE_STAGE and not earlier_done:
+                if key not in free and not earlier_done:
                     continue
-                if key.path[-1] in RELEASE_STAGE and not earlier_images_done:
+                if key in late and not earlier_images_done:
                     continue
                 partitions_def = asset_graph.get(key).partitions_def  # type: ignore[attr-defined]
                 todo = _not_done(instance, key, partitions_def, crawl_partition_keys(partitions_def, crawl),
@@ -178,12 +192,10 @@ def crawl_backfill_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
 
 def _last_cron_tick(cron: str, after: float, now: float) -> float | None:
     """The latest tick of the cron in (after, now], or None."""
-    from dagster._utils.schedules import cron_string_iterator
+    from croniter import croniter
 
+    ticks = croniter(cron, dt.datetime.fromtimestamp(after, dt.UTC))
     latest = None
-    for tick in cron_string_iterator(after, cron, "UTC"):
-        if tick.timestamp() > now:
-            break
-        if tick.timestamp() > after:
-            latest = tick.timestamp()
+    while (tick := ticks.get_next(float)) <= now:
+        latest = tick
     return latest

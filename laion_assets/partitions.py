@@ -51,4 +51,6 @@ chunks_to_buckets = dg.MultiPartitionMapping(
         "chunk": dg.DimensionPartitionMapping("bucket", dg.AllPartitionMapping()),
     }
 )
-chunk_to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="crawl")
+# A crawl-level asset reads every chunk or bucket of its crawl; a chunk- or bucket-level one reads its crawl's
+# crawl-level output.
+to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="crawl")

@@ -12,13 +12,13 @@ dataclasses (`core/settings.py`), as the CLI's options are.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from laion_assets.config import config_class, settings_from
+from laion_assets.config import config_class
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import (
     DEFAULT_STORAGE,
@@ -27,7 +27,8 @@ from laion_assets.core.settings import (
     ModelSettings,
     OperationsSettings,
     SourceSettings,
-    scalar_fields,
+    StorageSettings,
+    build,
 )
 from laion_assets.core.storage import S3Options, Storage
 
@@ -51,7 +52,7 @@ class StorageResource(dg.ConfigurableResource):
 
 class _CrawlSource(dg.ConfigurableResource):
     def settings(self) -> SourceSettings:
-        return settings_from(SourceSettings, self)
+        return build(SourceSettings, self)
 
     def s3_client(self) -> Any:
         if not self.base.startswith("s3://"):  # type: ignore[attr-defined]
@@ -65,7 +66,7 @@ CrawlSourceResource = config_class("CrawlSourceResource", SourceSettings, base=_
 
 class _ImageFetch(dg.ConfigurableResource):
     def settings(self) -> FetchSettings:
-        return settings_from(FetchSettings, self)
+        return build(FetchSettings, self)
 
 
 ImageFetchResource = config_class(
@@ -82,12 +83,12 @@ class _ModelRegistry(dg.ConfigurableResource):
     def settings(self) -> ModelSettings:
         from laion_assets.core.clip.registry import apply_overrides, load_overrides
 
-        return apply_overrides(settings_from(ModelSettings, self), load_overrides(self.storage.get()))
+        return apply_overrides(build(ModelSettings, self), load_overrides(self.storage.get()))
 
-    def model_set(self, log: Any = None) -> Any:
+    def model_set(self) -> Any:
         from laion_assets.core.clip.registry import resolve
 
-        return resolve(self.settings(), log)
+        return resolve(self.settings())
 
     def versions(self) -> dict[str, str]:
         from laion_assets.core.clip.registry import versions
@@ -102,7 +103,7 @@ ModelRegistryResource = config_class(
 
 class _Checks(dg.ConfigurableResource):
     def settings(self) -> CheckSettings:
-        return settings_from(CheckSettings, self)
+        return build(CheckSettings, self)
 
 
 ChecksResource = config_class("ChecksResource", CheckSettings, base=_Checks)
@@ -125,31 +126,11 @@ class RemovalListResource(dg.ConfigurableResource):
         return load(self.storage.get())
 
 
-# Every environment variable the code reads (the production dagster.yaml passes each of them to run pods).
-ENV_VARS = ("LAION_ASSETS_STORAGE", "LAION_ASSETS_SOURCE", "LAION_ASSETS_CHUNKS", "LAION_ASSETS_BUCKETS",
-            "LAION_ASSETS_MODELS", "LAION_ASSETS_MODELS_DIR", "LAION_ASSETS_ALLOW_NETWORKS",
-            *(f"LAION_ASSETS_{f.name.upper()}" for f in scalar_fields(OperationsSettings)),
-            "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN")
+def _env_names(*classes: type) -> tuple[str, ...]:
+    return tuple(n for cls in classes for f in dataclasses.fields(cls) for n in f.metadata.get("env", ()))
 
 
-def resources_from_env(env: dict[str, str] | None = None, layout: Layout | None = None) -> dict[str, Any]:
-    """The resources for this environment: local paths unless the variables say otherwise."""
-    from laion_assets.io_manager import StorageIOManager
-
-    env = dict(os.environ if env is None else env)
-    layout = layout or Layout.from_env(env)
-    s3 = S3Resource(endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
-                    region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
-    storage = StorageResource(root=env.get("LAION_ASSETS_STORAGE", DEFAULT_STORAGE), s3=s3)
-    return {
-        "storage": storage,
-        "io_manager": StorageIOManager(storage=storage, chunks=layout.chunks, buckets=layout.buckets),
-        "crawl_source": CrawlSourceResource(base=env.get("LAION_ASSETS_SOURCE", SourceSettings.base)),
-        "models": ModelRegistryResource(storage=storage, preset=ModelSettings.from_env(env).preset,
-                                        models_dir=ModelSettings.from_env(env).models_dir),
-        "image_fetch": ImageFetchResource(
-            allow_networks=[n.strip() for n in env.get("LAION_ASSETS_ALLOW_NETWORKS", "").split(",") if n.strip()]),
-        "check_bands": ChecksResource(),
-        "removals": RemovalListResource(storage=storage),
-    }
+# Every environment variable the code reads (the production dagster.yaml passes each of them to run pods): the
+# settings fields' own (`env` metadata), and the S3 credentials boto3 reads.
+ENV_VARS = (*_env_names(StorageSettings, SourceSettings, Layout, ModelSettings, FetchSettings, OperationsSettings),
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from laion_assets.core.offline.sample import build_sample_crawl
 from laion_assets.core.settings import SampleSettings
+from laion_assets.offline.sample import build_sample_crawl
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
@@ -40,7 +40,7 @@ def realdata() -> Path:
 def models():
     """The small offline model set: built once by `make models` (about 2.5 minutes on 2 cores), cached like the
     demo's."""
-    from laion_assets.core.offline.small_models import small_models
+    from laion_assets.offline.small_models import small_models
 
     return small_models(MODELS_DIR)
 

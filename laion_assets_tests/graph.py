@@ -7,18 +7,26 @@ from typing import Any
 
 import dagster as dg
 
+from laion_assets.core import paths
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import SAMPLE_CRAWL, OperationsSettings
-from laion_assets.definitions import build_assets
-from laion_assets.demo import image_server
+from laion_assets.definitions import build_assets, resources_from_env
+from laion_assets.offline.demo import image_server
 from laion_assets.operations import register_new_crawls
-from laion_assets.resources import ImageFetchResource, resources_from_env
+from laion_assets.resources import ImageFetchResource
 
 LAYOUT = Layout(chunks=2, buckets=2)
 # A failed network step is retried once, at once: tests wait for no backoff.
 OPS = OperationsSettings(retry_delay_s=0.05, max_retries=1)
 CLIP_STAGE = ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores")
 CLIP_PASS = ("clip_scores", "image_embeddings", "watermark_scores")  # one op, one pass over the shards
+
+
+def output(asset: str, crawl: str | None = None, bucket: str | None = None, suffix: str = ".parquet",
+           layout: Layout = LAYOUT) -> str:
+    """Where the IO manager keeps an asset's output for a partition (a crawl, a crawl x bucket, or none)."""
+    dims = {k: v for k, v in (("crawl", crawl), ("bucket", bucket)) if v is not None}
+    return paths.output_key([asset], dims, layout, suffix)
 
 
 def graph_resources(storage: str, mirror: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from laion_assets.core.download.report import STATUSES
 from laion_assets.core.settings import SAMPLE_CRAWL
 from laion_assets.core.storage import Storage
 from laion_assets.definitions import build_definitions
-from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources
+from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources, output
 
 ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards", *CLIP_STAGE,
               "clip_filter_models", "embedding_model", "safety_model", "watermark_model"}
@@ -51,7 +51,7 @@ def check_graph(graph: Graph, store: Storage) -> None:
     rows_out = sum(m["dagster/row_count"] for m in meta["unique_pairs"])
     assert pairs == rows_in > rows_out > 0
     assert rows_out == sum(m["rows_out"] for m in meta["unique_pairs"])
-    unique = pl.concat([pl.from_arrow(store.read_parquet(paths.unique_pairs(SAMPLE_CRAWL, b, LAYOUT)))
+    unique = pl.concat([pl.from_arrow(store.read_parquet(output("unique_pairs", SAMPLE_CRAWL, b)))
                         for b in LAYOUT.bucket_keys()])
     assert unique.height == rows_out and unique["url"].is_unique().all()
     for up, shards in zip(meta["unique_pairs"], meta["image_shards"], strict=True):
@@ -77,8 +77,8 @@ def test_whole_graph_on_local_storage(tmp_path):
     store = graph.resources["storage"].get()
     check_graph(graph, store)
     # Every output went through the IO manager to the key paths.py gives it.
-    assert graph.meta["wat_manifest"][0]["dagster/uri"] == store.uri(paths.wat_manifest(SAMPLE_CRAWL))
-    assert graph.meta["clip_scores"][0]["dagster/uri"] == store.uri(paths.clip_scores(SAMPLE_CRAWL, "0000", LAYOUT))
+    assert graph.meta["wat_manifest"][0]["dagster/uri"] == store.uri(output("wat_manifest", SAMPLE_CRAWL))
+    assert graph.meta["clip_scores"][0]["dagster/uri"] == store.uri(output("clip_scores", SAMPLE_CRAWL, "0000"))
     marker = json.loads(store.read_bytes(paths.candidates_marker(SAMPLE_CRAWL, "0000", LAYOUT)))
     assert set(marker["files"]) == set(LAYOUT.bucket_keys()) and marker["wat_files"]
     # A rerun with unchanged models and images only re-applies the thresholds to the stored similarities.

@@ -27,8 +27,8 @@ from dagster_postgres import DagsterPostgresStorage
 from laion_assets.core.clip.registry import LAION_EMBED, LAION_EN, LAION_MULTI
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import ModelSettings, OperationsSettings
-from laion_assets.definitions import build_assets
-from laion_assets.resources import ENV_VARS, resources_from_env
+from laion_assets.definitions import build_assets, resources_from_env
+from laion_assets.resources import ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

@@ -11,9 +11,9 @@ from dagster._core.execution.backfill import PartitionBackfill
 
 from laion_assets.core import paths
 from laion_assets.core.clip.registry import save_overrides
-from laion_assets.core.offline.sample import build_sample_crawl
 from laion_assets.core.settings import OperationsSettings, SampleSettings
 from laion_assets.definitions import build_definitions
+from laion_assets.offline.sample import build_sample_crawl
 from laion_assets.operations import TRIGGER_TAG, backfill_request, crawl_partition_keys, plan_work
 from laion_assets_tests.graph import LAYOUT, graph_resources
 

@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from laion_assets.cli import main as cli
 from laion_assets.core import paths
-from laion_assets.core.offline.sample import build_sample_crawl
 from laion_assets.core.settings import SampleSettings
+from laion_assets.offline.sample import build_sample_crawl
 from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources
 from laion_assets_tests.platform import crawled, kill_run_of, process_on_local_port, running_platform, wait_for
 

@@ -8,10 +8,9 @@ import dataclasses
 import pytest
 
 from laion_assets.assets.clip import ScoreConfig
-from laion_assets.assets.crawl import ExtractConfig, SampleCrawlConfig
+from laion_assets.assets.crawl import ExtractConfig
 from laion_assets.assets.download import DownloadConfig, download_settings
 from laion_assets.cli import main
-from laion_assets.config import settings_from
 from laion_assets.core.settings import (
     CheckSettings,
     ClipSettings,
@@ -22,9 +21,11 @@ from laion_assets.core.settings import (
     ResizeSettings,
     SampleSettings,
     SourceSettings,
+    build,
     scalar_fields,
     settings_hash,
 )
+from laion_assets.offline.assets import SampleCrawlConfig
 from laion_assets.resources import ChecksResource, CrawlSourceResource, ImageFetchResource, ModelRegistryResource
 
 COMMANDS = {
@@ -45,9 +46,11 @@ CONFIGS = [
 
 
 def command(path: tuple[str, ...]):
+    import click
+
     cmd = main
     for name in path:
-        cmd = cmd.commands[name]
+        cmd = cmd.get_command(click.Context(cmd), name)
     return cmd
 
 
@@ -82,7 +85,7 @@ def test_dagster_config_fields_are_the_settings_fields(config, classes):
 
 def test_defaults_build_the_default_settings():
     assert download_settings(DownloadConfig(), ImageFetchResource()) == DownloadSettings()
-    assert settings_from(ExtractSettings, ExtractConfig()) == ExtractSettings()
+    assert build(ExtractSettings, ExtractConfig()) == ExtractSettings()
     assert ChecksResource().settings() == CheckSettings()
     assert CrawlSourceResource().settings() == SourceSettings()
     # A list in the launchpad is a tuple in the settings (hashable, frozen).

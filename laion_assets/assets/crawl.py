@@ -1,4 +1,4 @@
-"""The Common Crawl stage: sample crawl -> WAT manifest -> candidate pairs -> unique pairs.
+"""The Common Crawl stage: WAT manifest -> candidate pairs -> unique pairs.
 
 Outputs go through the IO manager: the WAT manifest and the unique pairs are tables; candidate pairs, whose
 bulk files are split by bucket, return the chunk's record of them (its completion marker), which the dedup of
@@ -11,36 +11,37 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from laion_assets import k8s, tags
 from laion_assets.assets import checks
 from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS
-from laion_assets.config import config_class, settings_from
-from laion_assets.core.crawl import dedup, extract, manifest, source
+from laion_assets.config import config_class
+from laion_assets.core import paths
+from laion_assets.core.crawl import dedup, extract, manifest
 from laion_assets.core.crawl.candidates import SCHEMA as PAIR_SCHEMA
 from laion_assets.core.crawl.extract import ChunkOutput
-from laion_assets.core.offline import sample
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import ExtractSettings, OperationsSettings, SampleSettings
-from laion_assets.k8s import op_tags
+from laion_assets.core.settings import ExtractSettings, OperationsSettings, build
 from laion_assets.partitions import (
     bucket_partitions,
     chunk_partitions,
-    chunk_to_crawl,
     chunks_to_buckets,
     crawl_and_bucket,
     crawl_of,
     crawl_partitions,
     dimension,
+    to_crawl,
 )
 from laion_assets.resources import CrawlSourceResource, StorageResource
 
 CODE_VERSION = "2"
+# One run for a backfill of many crawls' manifests is what the policy is for; Dagster 1.13 marks it beta.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 PREVIEW_COLUMNS = ["url", "text", "language", "language_score", "page_url"]
 MANIFEST_SCHEMA = pa.schema([("chunk", pa.string()), ("position", pa.int64()), ("path", pa.string())])
 UNIQUE_SCHEMA = pa.schema([*PAIR_SCHEMA, pa.field("occurrences", pa.int32())])
-SampleCrawlConfig = config_class("SampleCrawlConfig", SampleSettings, doc="The built-in sample crawl's shape.")
 ExtractConfig = config_class("ExtractConfig", ExtractSettings)
+UNIQUE_PAIRS = dg.AssetKey("unique_pairs")
 
 
 def network_retries(ops: OperationsSettings) -> dg.RetryPolicy:
@@ -48,33 +49,18 @@ def network_retries(ops: OperationsSettings) -> dg.RetryPolicy:
     return dg.RetryPolicy(max_retries=ops.max_retries, delay=ops.retry_delay_s, backoff=dg.Backoff.EXPONENTIAL)
 
 
-def sample_crawl_asset() -> dg.AssetsDefinition:
-    @dg.asset(kinds={"python"}, group_name="crawl", code_version=CODE_VERSION)
-    def sample_crawl(config: SampleCrawlConfig, crawl_source: CrawlSourceResource):
-        """The built-in sample crawl, written as a local Common Crawl mirror at the crawl source's base; the
-        `new_crawls` sensor registers its crawl like any other."""
-        if crawl_source.base.startswith(("s3://", "http://", "https://")):
-            raise dg.Failure(f"the sample crawl is written to a local mirror; the crawl source is {crawl_source.base}")
-        report = sample.build_sample_crawl(crawl_source.base, settings_from(SampleSettings, config))
-        return dg.MaterializeResult(value=report, metadata={
-            "crawl": report.crawl, "mirror": dg.MetadataValue.path(report.mirror), "wat_files": len(report.wat_files),
-            "pages": report.pages, "images": report.images, "image_links": report.image_links})
-
-    return sample_crawl
-
-
 def wat_manifest_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="crawl", code_version=CODE_VERSION,
-              backfill_policy=dg.BackfillPolicy.single_run(), retry_policy=network_retries(ops),
+              tags=tags.stage("parse"), backfill_policy=dg.BackfillPolicy.single_run(),
+              retry_policy=network_retries(ops),
               check_specs=[checks.spec("wat_manifest", "schema", "chunk, position, path")])
     def wat_manifest(context: dg.AssetExecutionContext, crawl_source: CrawlSourceResource):
         """The crawl's `wat.paths.gz`, split into deterministic contiguous chunks. A backfill of many crawls runs
         once for all of them."""
         tables = {}
         for crawl in context.partition_keys:
-            wat_paths = source.read_listing(crawl, crawl_source.settings(), crawl_source.s3_client())
-            tables[crawl] = manifest.build_manifest(wat_paths, layout)
-            context.log.info(f"{crawl}: {len(wat_paths)} WAT files in {layout.chunks} chunks")
+            tables[crawl] = manifest.run(crawl, crawl_source.settings(), layout, crawl_source.s3_client())
+            context.log.info(f"{crawl}: {tables[crawl].num_rows} WAT files in {layout.chunks} chunks")
         first = next(iter(tables.values()))
         sizes = [hi - lo for lo, hi in manifest.chunk_slices(first.num_rows, layout.chunks)]
         return dg.MaterializeResult(
@@ -89,9 +75,9 @@ def wat_manifest_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
 
 def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=chunk_partitions(layout), kinds={"parquet"}, group_name="crawl",
-              op_tags=op_tags("candidate_pairs", ops),
+              tags=tags.stage("parse"), op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"),
               code_version=CODE_VERSION, retry_policy=network_retries(ops), automation_condition=REPROCESS,
-              ins={"wat_manifest": dg.AssetIn(partition_mapping=chunk_to_crawl)})
+              ins={"wat_manifest": dg.AssetIn(partition_mapping=to_crawl)})
     def candidate_pairs(context: dg.AssetExecutionContext, config: ExtractConfig, storage: StorageResource,
                         crawl_source: CrawlSourceResource, wat_manifest: pa.Table):
         """(image URL, alt text, language) pairs of the chunk's WAT files, split by URL-hash bucket; returns the
@@ -99,24 +85,25 @@ def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsD
         crawl, chunk = crawl_of(context), dimension(context, "chunk")
         wat_paths = manifest.chunk_paths(wat_manifest, chunk)
         context.log.info(f"{crawl} chunk {chunk}: {len(wat_paths)} WAT files")
-        settings = settings_from(ExtractSettings, config)
-        report, output = extract.extract_chunk(
-            storage.get(), crawl, chunk, wat_paths, layout, settings, crawl_source.settings(),
-            crawl_source.s3_client(), lambda done, name: context.log.info(f"[{done}/{len(wat_paths)}] {name}"))
+        settings, source = build(ExtractSettings, config), crawl_source.settings()
+        report = extract.run(extract.chunk_locations(wat_paths, source), crawl,
+                             extract.ChunkTarget(storage.get(), crawl, chunk, layout), settings, source,
+                             crawl_source.s3_client(),
+                             lambda done, name: context.log.info(f"[{done}/{len(wat_paths)}] {name}"))
         metadata = to_metadata(report.metadata())
         metadata["preview"] = preview_table(report.preview, PREVIEW_COLUMNS)
         metadata["dagster/row_count"] = report.counts.pairs
         if report.failed_files and settings.fail_on_unreadable_wat:
             raise dg.Failure(f"{len(report.failed_files)} WAT file(s) unreadable after retries (the other files'"
                              f" pairs are written): {report.failed_files[:3]}", metadata=metadata)
-        return dg.MaterializeResult(value=output, metadata=metadata)
+        return dg.MaterializeResult(value=report.output, metadata=metadata)
 
     return candidate_pairs
 
 
 def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"parquet", "polars"}, group_name="crawl",
-              op_tags=op_tags("unique_pairs", ops),
+              tags=tags.stage("dedup", cross_crawl_dedup="url"), op_tags=k8s.cpu_pod(memory="48Gi"),
               code_version=CODE_VERSION, automation_condition=REPROCESS,
               ins={"candidate_pairs": dg.AssetIn(partition_mapping=chunks_to_buckets)},
               check_specs=[checks.spec("unique_pairs", "schema", "the pair columns and occurrences")])
@@ -131,9 +118,11 @@ def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         if missing:
             raise dg.Failure(f"{crawl} bucket {bucket}: earlier crawls have not deduplicated this bucket yet "
                              f"({', '.join(missing[:5])}); cross-crawl dedup needs them first: backfill in order")
-        store = storage.get()
         files = [output.files[bucket] for _, output in sorted(candidate_pairs.items())]
-        unique, report = dedup.plan_dedup(store, files, dedup.earlier_unique_pairs(store, earlier, bucket, layout))
+        # Earlier crawls' partitions of this very asset, where the IO manager stored them.
+        own = [(c, paths.output_key(context.assets_def.key.path, {"crawl": c, "bucket": bucket}, layout, ".parquet"))
+               for c in earlier]
+        unique, report = dedup.run(storage.get(), files, own)
         context.log.info(f"{crawl} bucket {bucket}: {report.rows_in} pairs in, {report.rows_out} out")
         metadata = to_metadata(report.metadata())
         metadata["preview"] = preview_table(unique.head(10).collect().to_dicts(), PREVIEW_COLUMNS + ["occurrences"])
@@ -159,5 +148,4 @@ def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earl
 
 
 def build_crawl_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
-    return [sample_crawl_asset(), wat_manifest_asset(layout, ops), candidate_pairs_asset(layout, ops),
-            unique_pairs_asset(layout, ops)]
+    return [wat_manifest_asset(layout, ops), candidate_pairs_asset(layout, ops), unique_pairs_asset(layout, ops)]

@@ -7,19 +7,21 @@ download's record of its complete shards (`_manifest.json`, which the download w
 import dagster as dg
 import polars as pl
 
+from laion_assets import k8s, tags
 from laion_assets.assets import checks
 from laion_assets.assets.crawl import network_retries
-from laion_assets.assets.metadata import preview_table, throttled, to_metadata
+from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS
-from laion_assets.config import config_class, settings_from
+from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import DownloadSettings, OperationsSettings, ResizeSettings
-from laion_assets.k8s import op_tags
+from laion_assets.core.progress import throttled
+from laion_assets.core.settings import DownloadSettings, OperationsSettings, ResizeSettings, build
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
 from laion_assets.resources import ChecksResource, ImageFetchResource, StorageResource
 
 CODE_VERSION = "2"
+IMAGE_SHARDS = dg.AssetKey("image_shards")
 PREVIEW_COLUMNS = ["key", "status", "error_message", "width", "height", "original_width", "original_height", "url"]
 # Resize and shard settings per run; how to fetch (politeness, safety) is the image_fetch resource's.
 # More partitions at once come from the `download` pool, not from more processes per run.
@@ -28,13 +30,13 @@ DownloadConfig = config_class("DownloadConfig", DownloadSettings, ResizeSettings
 
 
 def download_settings(config: DownloadConfig, image_fetch: ImageFetchResource) -> DownloadSettings:
-    return settings_from(DownloadSettings, config, fetch=image_fetch.settings(),
-                         resize=settings_from(ResizeSettings, config))
+    return build(DownloadSettings, config, fetch=image_fetch.settings(),
+                         resize=build(ResizeSettings, config))
 
 
 def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"webdataset", "parquet"}, group_name="images",
-              op_tags=op_tags("image_shards", ops),
+              tags=tags.stage("download"), op_tags=k8s.cpu_pod(cpu="15", memory="24Gi", node_pool="download"),
               pool="download", code_version=CODE_VERSION, retry_policy=network_retries(ops),
               automation_condition=REPROCESS,
               check_specs=[checks.spec("image_shards", "one_row_per_url", "every input URL has exactly one row"),

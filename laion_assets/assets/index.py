@@ -4,22 +4,24 @@ built from changes: a new removal version re-runs the filtered metadata, then th
 
 import dagster as dg
 
+from laion_assets import k8s, tags
 from laion_assets.assets import checks
+from laion_assets.assets.clip import IMAGE_EMBEDDINGS
 from laion_assets.assets.metadata import to_metadata
-from laion_assets.assets.release import buckets_to_crawl
+from laion_assets.assets.release import FILTERED_METADATA
 from laion_assets.automation import REPROCESS
-from laion_assets.config import config_class, settings_from
+from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.index.records import IndexRecord
 from laion_assets.core.paths import Layout
 from laion_assets.core.release.filtered import FilteredBucket
-from laion_assets.core.settings import IndexSettings, OperationsSettings
-from laion_assets.k8s import op_tags
-from laion_assets.partitions import crawl_of, crawl_partitions
+from laion_assets.core.settings import IndexSettings, OperationsSettings, build
+from laion_assets.partitions import crawl_of, crawl_partitions, to_crawl
 from laion_assets.resources import RemovalListResource, StorageResource
 
 CODE_VERSION = "1"
+KNN_INDEX = dg.AssetKey("knn_index")
 IndexConfig = config_class("IndexConfig", IndexSettings, doc="How the kNN indices are built and measured.")
 # `all` merges whichever crawls are indexed: unlike REPROCESS it does not wait for every registered crawl (a crawl
 # still being processed would hold back every other crawl's change), only for none to be in progress.
@@ -38,10 +40,10 @@ def recall_check(asset: str, record: IndexRecord, floor: float) -> dg.AssetCheck
 
 
 def knn_index_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=crawl_partitions, kinds={"faiss", "arrow"}, group_name="index",
-              op_tags=op_tags("knn_index", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              ins={"image_embeddings": dg.AssetIn(partition_mapping=buckets_to_crawl),
-                   "filtered_metadata": dg.AssetIn(partition_mapping=buckets_to_crawl)},
+    @dg.asset(partitions_def=crawl_partitions, kinds={"faiss", "arrow"}, group_name="index", tags=tags.stage("index"),
+              op_tags=k8s.cpu_pod(cpu="8", memory="12Gi"), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"image_embeddings": dg.AssetIn(IMAGE_EMBEDDINGS, partition_mapping=to_crawl),
+                   "filtered_metadata": dg.AssetIn(FILTERED_METADATA, partition_mapping=to_crawl)},
               check_specs=[checks.spec("knn_index", "recall", "recall@10 of the image and text indices against "
                                                               "exact search is above IndexSettings.min_recall")])
     def knn_index(context: dg.AssetExecutionContext, config: IndexConfig, storage: StorageResource,
@@ -49,15 +51,12 @@ def knn_index_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         """The crawl's image and text kNN indices (autofaiss) over the samples of its filtered metadata (removed
         samples and the duplicates the release drops left out), with `metadata.arrow` row-aligned: URL, caption,
         key, shard, WIDTH, HEIGHT, similarity, punsafe, pwatermark, LANGUAGE, tar, sha256, phash."""
-        from laion_assets.assets.release import bucket_of
         from laion_assets.core.index.crawl import build_crawl_index
 
         crawl = crawl_of(context)
         store = storage.get()
-        settings = settings_from(IndexSettings, config)
-        embeddings = {bucket_of(layout, k): v for k, v in image_embeddings.items()}
-        filtered = {bucket_of(layout, k): v for k, v in filtered_metadata.items()}
-        record = build_crawl_index(store, crawl, embeddings, filtered, settings, log=context.log.info)
+        settings = build(IndexSettings, config)
+        record = build_crawl_index(store, crawl, image_embeddings, filtered_metadata, settings, log=context.log.info)
         metadata = to_metadata(record.metadata())
         # (dagster/uri is the stored record, which the IO manager sets)
         metadata.update({"folder": store.uri(record.folder), "dagster/row_count": record.rows})
@@ -68,8 +67,9 @@ def knn_index_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
 
 
 def knn_index_all_asset(ops: OperationsSettings) -> dg.AssetsDefinition:
-    @dg.asset(kinds={"faiss", "arrow"}, group_name="index", op_tags=op_tags("knn_index_all", ops),
-              code_version=CODE_VERSION, automation_condition=MERGE_ON_CHANGE, deps=["knn_index"],
+    @dg.asset(kinds={"faiss", "arrow"}, group_name="index", tags=tags.stage("index"),
+              op_tags=k8s.cpu_pod(cpu="8", memory="12Gi"), code_version=CODE_VERSION,
+              automation_condition=MERGE_ON_CHANGE, deps=[KNN_INDEX],
               check_specs=[checks.spec("knn_index_all", "recall", "recall@10 of the merged indices against exact "
                                                                   "search is above IndexSettings.min_recall")])
     def knn_index_all(context: dg.AssetExecutionContext, config: IndexConfig, storage: StorageResource,
@@ -79,9 +79,9 @@ def knn_index_all_asset(ops: OperationsSettings) -> dg.AssetsDefinition:
         from laion_assets.core.index.crawl import below_recall_floor, merge_crawl_indices
 
         store = storage.get()
-        settings = settings_from(IndexSettings, config)
-        done = context.instance.get_materialized_partitions(dg.AssetKey("knn_index"))
-        crawls = sorted(c for c in done if store.exists(paths.join(paths.knn_index(c), "_report.json")))
+        settings = build(IndexSettings, config)
+        done = context.instance.get_materialized_partitions(KNN_INDEX)
+        crawls = sorted(c for c in done if store.exists(paths.index_files(paths.knn_index(c)).report))
         low = below_recall_floor(store, crawls, settings.min_recall)
         if low:
             context.log.warning(f"left out of the merge, recall@10 below {settings.min_recall}: {low}")

@@ -5,8 +5,6 @@ the IO manager stores, and `MaterializeResult` as "no value".)"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -38,17 +36,3 @@ def to_metadata(report: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = dg.MetadataValue.json(value)
     return out
-
-
-def throttled(log: Callable[[str], None], every_s: float = 30.0) -> Callable[[str], None]:
-    """A log that keeps at most one message per `every_s` seconds: progress lines are stored in the instance's event
-    log, and a line per batch of every bucket of a crawl would be hundreds of millions of rows."""
-    last = [float("-inf")]
-
-    def emit(message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every_s:
-            last[0] = now
-            log(message)
-
-    return emit

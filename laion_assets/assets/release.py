@@ -7,16 +7,19 @@ unique pairs (for the language score), the dedup table; the release reads the fi
 import dagster as dg
 import polars as pl
 
+from laion_assets import k8s, tags
 from laion_assets.assets import checks
+from laion_assets.assets.clip import CLIP_SCORES, SAFETY_SCORES, WATERMARK_SCORES
+from laion_assets.assets.crawl import UNIQUE_PAIRS
+from laion_assets.assets.download import IMAGE_SHARDS
 from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS, versioned_sources
-from laion_assets.config import config_class, settings_from
+from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import OperationsSettings, ReleaseSettings
-from laion_assets.k8s import op_tags
-from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions
+from laion_assets.core.settings import OperationsSettings, ReleaseSettings, build
+from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions, to_crawl
 from laion_assets.resources import RemovalListResource, StorageResource
 
 CODE_VERSION = "1"
@@ -24,13 +27,8 @@ ReleaseConfig = config_class("ReleaseConfig", ReleaseSettings, doc="Image dedup 
 PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "punsafe", "pwatermark", "subset"]
 REMOVAL_SOURCES = {"removal_list": "The removal list under removals/ (data version: its latest version): a new "
                                    "version re-runs the image dedup, filtered metadata, release and statistics."}
-# A crawl-level asset reads every bucket of its crawl; a bucket-level one reads its crawl's crawl-level output.
-buckets_to_crawl = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="crawl")
-
-
-def bucket_of(layout: Layout, partition: str) -> str:
-    """The bucket of a crawl x bucket partition key string (the keys of a dict input)."""
-    return bucket_partitions(layout).get_partition_key_from_str(partition).keys_by_dimension["bucket"]
+REMOVAL_LIST, IMAGE_DEDUP = dg.AssetKey("removal_list"), dg.AssetKey("image_dedup")
+FILTERED_METADATA, RELEASE = dg.AssetKey("filtered_metadata"), dg.AssetKey("release")
 
 
 def removal_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
@@ -53,27 +51,28 @@ def earlier_crawls(context: dg.AssetExecutionContext, crawl: str) -> list[str]:
 
 def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=crawl_partitions, kinds={"polars", "parquet"}, group_name="release",
-              op_tags=op_tags("image_dedup", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              deps=["removal_list"], ins={"image_shards": dg.AssetIn(partition_mapping=buckets_to_crawl),
-                   "clip_scores": dg.AssetIn(partition_mapping=buckets_to_crawl)})
+              tags=tags.stage("release", cross_crawl_dedup="image"), op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"),
+              code_version=CODE_VERSION, automation_condition=REPROCESS, deps=[REMOVAL_LIST],
+              ins={"image_shards": dg.AssetIn(IMAGE_SHARDS, partition_mapping=to_crawl),
+                   "clip_scores": dg.AssetIn(CLIP_SCORES, partition_mapping=to_crawl)})
     def image_dedup(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
                     removals: RemovalListResource, image_shards: dict[str, ShardsManifest],
                     clip_scores: dict[str, pl.LazyFrame]):
         """Every kept sample of the crawl marked as an exact duplicate (same sha256) or near duplicate (pHash within
         the radius) of the first such sample by crawl, bucket and key, across all buckets and earlier crawls."""
-        from laion_assets.core.release.images import dedup_crawl
+        from laion_assets.core.release import images
 
         crawl = crawl_of(context)
         store = storage.get()
-        settings = settings_from(ReleaseSettings, config)
-        earlier = {c: pl.scan_parquet(store.scratch_copies([paths.image_dedup(c)])[0])
-                   for c in earlier_crawls(context, crawl)}
-        downloads = {bucket_of(layout, k): v for k, v in image_shards.items()}
-        scores = {bucket_of(layout, k): v for k, v in clip_scores.items()}
+        settings = build(ReleaseSettings, config)
+        # Earlier crawls' partitions of this very asset, where the IO manager stored them.
+        own = {c: paths.output_key(context.assets_def.key.path, {"crawl": c}, layout, ".parquet")
+               for c in earlier_crawls(context, crawl)}
+        earlier = {c: pl.scan_parquet(store.scratch_copies([key])[0]) for c, key in own.items()}
         removal_list = removals.load()
-        table, report = dedup_crawl(store, crawl, downloads, scores, earlier, settings.near_radius,
-                                    removal_list.reasons if len(removal_list) else None, removal_list.version,
-                                    settings.dedup_partition_rows)
+        table, report = images.run(store, crawl, image_shards, clip_scores, earlier, settings.near_radius,
+                                   removal_list.reasons if len(removal_list) else None, removal_list.version,
+                                   settings.dedup_partition_rows)
         context.log.info(f"{crawl}: {report.samples} kept samples, {report.exact_duplicates} exact and "
                          f"{report.near_duplicates} near duplicates")
         metadata = to_metadata(report.metadata())
@@ -89,8 +88,12 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
 
 def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"polars", "parquet"}, group_name="release",
-              op_tags=op_tags("filtered_metadata", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              ins={"image_dedup": dg.AssetIn(partition_mapping=buckets_to_crawl)},
+              tags=tags.stage("release"), op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"), code_version=CODE_VERSION,
+              automation_condition=REPROCESS,
+              ins={"image_shards": dg.AssetIn(IMAGE_SHARDS), "clip_scores": dg.AssetIn(CLIP_SCORES),
+                   "safety_scores": dg.AssetIn(SAFETY_SCORES), "watermark_scores": dg.AssetIn(WATERMARK_SCORES),
+                   "unique_pairs": dg.AssetIn(UNIQUE_PAIRS),
+                   "image_dedup": dg.AssetIn(IMAGE_DEDUP, partition_mapping=to_crawl)},
               check_specs=[checks.spec("filtered_metadata", "schema", "LAION-5B's columns, then ours"),
                            checks.spec("filtered_metadata", "one_row_per_kept_sample",
                                        "every kept sample is a row or counted as removed")])
@@ -101,8 +104,8 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         """One row per sample that downloaded, passed the CLIP threshold and is not removed: URL, TEXT, WIDTH,
         HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, then key, shard, sha256, phash, language_score,
         crawl, subset, duplicate_of, near_duplicate_of."""
+        from laion_assets.core.release import filtered
         from laion_assets.core.release.columns import FILTERED_SCHEMA
-        from laion_assets.core.release.filtered import filter_bucket
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
@@ -110,9 +113,9 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         language = unique_pairs.select("url", "language_score").collect()
         # The latest list is applied here too: a rebuild never brings back a sample removed since the dedup ran.
         removal_list = removals.load()
-        record, table = filter_bucket(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
-                                      watermark_scores, language, duplicates,
-                                      removal_list.reasons if len(removal_list) else None, removal_list.version)
+        record, table = filtered.run(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
+                                     watermark_scores, language, duplicates,
+                                     removal_list.reasons if len(removal_list) else None, removal_list.version)
         metadata = to_metadata(record.metadata())
         metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
                          "preview": preview_table(table.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)})
@@ -130,9 +133,9 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
 def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     from laion_assets.core.release.filtered import FilteredBucket
 
-    @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="release",
-              op_tags=op_tags("release", ops), code_version=CODE_VERSION, automation_condition=REPROCESS,
-              ins={"filtered_metadata": dg.AssetIn(partition_mapping=buckets_to_crawl)},
+    @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="release", tags=tags.stage("release"),
+              op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"filtered_metadata": dg.AssetIn(FILTERED_METADATA, partition_mapping=to_crawl)},
               check_specs=[checks.spec("release", "rows_match_filtered",
                                        "the parts' rows equal the filtered rows (removals already out) less the "
                                        "duplicates the settings drop")])
@@ -140,16 +143,17 @@ def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinitio
                 filtered_metadata: dict[str, FilteredBucket]):
         """The crawl's dataset: `release/{en,multi,nolang}/part-NNNNN.parquet` and `_manifest.json` (written last:
         counts, parts with sha256 and size, models and thresholds, removal version, code version, time)."""
-        from laion_assets.core.release.release import account_rows, release_summary, write_release
+        from laion_assets.core.release import release as stage
+        from laion_assets.core.release.release import account_rows, release_summary
 
         crawl = crawl_of(context)
         store = storage.get()
-        settings = settings_from(ReleaseSettings, config)
-        buckets = {bucket_of(layout, k): v for k, v in filtered_metadata.items()}
+        settings = build(ReleaseSettings, config)
+        buckets = filtered_metadata
         models: dict = {}
         for record in buckets.values():
             models.update(record.models)
-        manifest = write_release(store, crawl, buckets, layout.bucket_keys(), settings, models, CODE_VERSION)
+        manifest = stage.run(store, crawl, buckets, layout.bucket_keys(), settings, models, CODE_VERSION)
         metadata = to_metadata(release_summary(manifest))
         metadata.update({"dagster/row_count": manifest.rows, "dagster/uri": store.uri(paths.release(crawl)),
                          "removed_by_reason": dg.MetadataValue.json(manifest.removed),
@@ -170,20 +174,21 @@ def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.Asse
     from laion_assets.core.release.release import ReleaseManifest
 
     @dg.asset(partitions_def=crawl_partitions, kinds={"json", "markdown"}, group_name="release",
-              op_tags=op_tags("dataset_statistics", ops), code_version=CODE_VERSION, automation_condition=REPROCESS)
+              tags=tags.stage("release"), code_version=CODE_VERSION, automation_condition=REPROCESS,
+              ins={"release": dg.AssetIn(RELEASE)})
     def dataset_statistics(context: dg.AssetExecutionContext, storage: StorageResource, release: ReleaseManifest):
         """The figures of the LAION-5B post for each subset of the release: totals, sizes, quantiles, unsafe and
         watermark proportions, text length, top languages; statistics.json, statistics.md and PNG plots beside the
         release, and every headline figure as a numeric metadata entry (plotted across crawls by the UI)."""
-        from laion_assets.core.release.statistics import headline_figures, release_statistics, to_markdown
+        from laion_assets.core.release import statistics
 
         crawl = crawl_of(context)
         store = storage.get()
-        stats, written = release_statistics(store, crawl, release.part_keys())
+        stats, written = statistics.run(store, crawl, release.part_keys())
         metadata: dict = {name: float(v) if isinstance(v, float) else int(v)
-                          for name, v in headline_figures(stats).items()}
+                          for name, v in statistics.headline_figures(stats).items()}
         metadata.update({
-            "statistics": dg.MetadataValue.md(to_markdown(stats, f"{crawl} release statistics")),
+            "statistics": dg.MetadataValue.md(statistics.to_markdown(stats, f"{crawl} release statistics")),
             "dagster/uri": store.uri(written["json"]), "removal_version": release.removal_version,
             "files": dg.MetadataValue.json({k: store.uri(v) for k, v in written.items()})})
         for name, key in written.items():

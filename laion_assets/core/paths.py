@@ -4,25 +4,35 @@ Nothing else formats a path: the stages, assets, CLI, demo and tests ask this mo
 counts are part of the paths of everything they split (`chunks=512/buckets=256/`), so files split another way
 can never be mixed up.
 
-    crawls/<crawl>/wat_manifest.parquet
+What the stages write themselves (bulk files, with their completion markers):
+
     crawls/<crawl>/candidates/chunks=<n>/buckets=<m>/chunk=<c>/bucket=<b>.parquet  (+ _report.json, last)
-    crawls/<crawl>/unique_pairs/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/images/buckets=<m>/bucket=<b>/<shard>.tar|.parquet|_stats.json  (+ _manifest.json, last)
-    crawls/<crawl>/clip_scores/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/embeddings/buckets=<m>/{img_emb,text_emb,metadata}/...          (clip-retrieval layout)
-    crawls/<crawl>/safety_scores/buckets=<m>/bucket=<b>.parquet
-    crawls/<crawl>/watermark_scores/buckets=<m>/bucket=<b>.parquet
-    crawls/<crawl>/image_dedup.parquet
-    crawls/<crawl>/filtered_metadata/buckets=<m>/bucket=<b>.parquet|.json
+    crawls/<crawl>/filtered_metadata/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/release/{en,multi,nolang}/part-NNNNN.parquet  (+ _manifest.json, last)
     crawls/<crawl>/release/statistics.json|.md, plots/*.png
+    crawls/<crawl>/knn_index/  and  knn_index/all/                                 (+ _report.json, last)
     removals/v<NNNNNN>.jsonl                                                        (append-only versions)
+    registry/models.json
+
+What the IO manager stores, at keys from the asset key and partition alone (`output_key`): a table as Parquet, a
+record as JSON (or a pointer to the record its stage committed above), e.g.
+
+    crawls/<crawl>/wat_manifest.parquet
+    crawls/<crawl>/candidate_pairs/chunks=<n>/chunk=<c>.json
+    crawls/<crawl>/unique_pairs/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/clip_scores/buckets=<m>/bucket=<b>.parquet
+    crawls/<crawl>/image_dedup.parquet
+    outputs/knn_index_all.json
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from laion_assets.core.settings import FromEnv, setting
 
 CHUNK_MARKER = "_report.json"
 SHARDS_MANIFEST = "_manifest.json"
@@ -33,20 +43,16 @@ def key_width(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(FromEnv):
     """How a crawl is split: chunks of its WAT listing for the parse stage, URL-hash buckets after it.
 
     Fixed when the code location loads (partition keys must be), from `LAION_ASSETS_CHUNKS` and
     `LAION_ASSETS_BUCKETS`; production uses e.g. 512 and 256."""
 
-    chunks: int = 4
-    buckets: int = 4
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Layout:
-        env = os.environ if env is None else env
-        return cls(chunks=int(env.get("LAION_ASSETS_CHUNKS", cls.chunks)),
-                   buckets=int(env.get("LAION_ASSETS_BUCKETS", cls.buckets)))
+    chunks: int = setting(4, "Chunks of a crawl's WAT listing (the parse stage's partitions).",
+                          env="LAION_ASSETS_CHUNKS")
+    buckets: int = setting(4, "URL-hash buckets of a crawl (every later stage's partitions).",
+                           env="LAION_ASSETS_BUCKETS")
 
     def chunk_key(self, chunk: int) -> str:
         return str(chunk).zfill(key_width(self.chunks))
@@ -82,10 +88,6 @@ def crawl_data() -> str:
     return "crawl-data"
 
 
-def wat_manifest(crawl: str) -> str:
-    return f"{crawl_root(crawl)}/wat_manifest.parquet"
-
-
 def candidates(crawl: str, layout: Layout) -> str:
     return f"{crawl_root(crawl)}/candidates/chunks={layout.chunks}/buckets={layout.buckets}"
 
@@ -104,10 +106,6 @@ def candidates_marker(crawl: str, chunk: str, layout: Layout) -> str:
 
 def bucket_file(bucket: str) -> str:
     return f"bucket={bucket}.parquet"
-
-
-def unique_pairs(crawl: str, bucket: str, layout: Layout) -> str:
-    return f"{crawl_root(crawl)}/unique_pairs/buckets={layout.buckets}/{bucket_file(bucket)}"
 
 
 # --- the download stage ----------------------------------------------------------------------------------
@@ -132,24 +130,12 @@ def shard(prefix: str, name: str) -> ShardKeys:
     return ShardKeys(join(prefix, f"{name}.tar"), join(prefix, f"{name}.parquet"), join(prefix, f"{name}_stats.json"))
 
 
-def shard_of_stats(prefix: str, key: str) -> str | None:
-    """The shard name of a `_stats.json` key under prefix, or None when the key is something else."""
-    name = key[len(join(prefix, "")):]
-    if name.endswith("_stats.json") and "/" not in name and name[: -len("_stats.json")].isdigit():
-        return name[: -len("_stats.json")]
-    return None
-
-
 def shards_manifest(prefix: str) -> str:
     """The list of a download's complete shards, written last: what the CLIP stage reads."""
     return join(prefix, SHARDS_MANIFEST)
 
 
 # --- the CLIP stage --------------------------------------------------------------------------------------
-
-def clip_scores(crawl: str, bucket: str, layout: Layout) -> str:
-    return f"{crawl_root(crawl)}/clip_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
-
 
 def embeddings(crawl: str, layout: Layout) -> str:
     """clip-retrieval's layout for the whole crawl: img_emb/img_emb_<i>.npy and friends, one file per bucket."""
@@ -174,44 +160,21 @@ def bucket_embeddings(crawl: str, bucket: str, layout: Layout) -> EmbeddingKeys:
     return embedding_files(embeddings(crawl, layout), int(bucket))
 
 
-def safety_scores(crawl: str, bucket: str, layout: Layout) -> str:
-    return f"{crawl_root(crawl)}/safety_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
+# --- what the IO manager stores ---------------------------------------------------------------------------------
 
-
-def watermark_scores(crawl: str, bucket: str, layout: Layout) -> str:
-    return f"{crawl_root(crawl)}/watermark_scores/buckets={layout.buckets}/{bucket_file(bucket)}"
-
-
-# --- what each asset returns -------------------------------------------------------------------------------
-
-def image_embeddings_manifest(crawl: str, bucket: str, layout: Layout) -> str:
-    return f"{embeddings(crawl, layout)}/manifests/bucket={bucket}.json"
-
-
-def asset_output(asset: str, dims: dict[str, str], layout: Layout) -> str:
-    """Where the IO manager stores an asset's output for a partition ({dimension: key}): a Parquet table or a JSON
-    record. Bulk-file stages return a record that names their files; where a stage writes its own completion
-    marker, the record is that marker."""
-    crawl, chunk, bucket = dims.get("crawl", ""), dims.get("chunk", ""), dims.get("bucket", "")
-    outputs = {
-        "sample_crawl": lambda: "sample_crawl.json",
-        "wat_manifest": lambda: wat_manifest(crawl),
-        "candidate_pairs": lambda: candidates_marker(crawl, chunk, layout),
-        "unique_pairs": lambda: unique_pairs(crawl, bucket, layout),
-        "image_shards": lambda: shards_manifest(image_shards(crawl, bucket, layout)),
-        "clip_scores": lambda: clip_scores(crawl, bucket, layout),
-        "image_embeddings": lambda: image_embeddings_manifest(crawl, bucket, layout),
-        "safety_scores": lambda: safety_scores(crawl, bucket, layout),
-        "watermark_scores": lambda: watermark_scores(crawl, bucket, layout),
-        "image_dedup": lambda: image_dedup(crawl),
-        "filtered_metadata": lambda: filtered_record(crawl, bucket, layout),
-        "release": lambda: release_manifest(crawl),
-        "knn_index": lambda: knn_index_record(crawl),
-        "knn_index_all": knn_index_all_record,
-    }
-    if asset not in outputs:
-        raise KeyError(f"no storage path for the output of asset {asset!r}: add it to paths.asset_output")
-    return outputs[asset]()
+def output_key(asset: Sequence[str], dims: Mapping[str, str], layout: Layout, suffix: str) -> str:
+    """Where the IO manager keeps an asset's output for a partition ({dimension: key}), from the asset key and the
+    partition alone: `crawls/<crawl>/<asset>`, then `/chunks=<n>/chunk=<c>` or `/buckets=<m>/bucket=<b>` (the
+    counts in the path, as for every split), then the suffix (`.parquet` for a table, `.json` for a record);
+    `outputs/<asset><suffix>` for an asset no crawl partitions."""
+    name = "/".join(asset)
+    if "crawl" not in dims:
+        return f"outputs/{name}{suffix}"
+    key = f"{crawl_root(dims['crawl'])}/{name}"
+    counts = {"chunk": layout.chunks, "bucket": layout.buckets}
+    for dim in sorted(d for d in dims if d != "crawl"):
+        key += f"/{dim}s={counts[dim]}/{dim}={dims[dim]}" if dim in counts else f"/{dim}={dims[dim]}"
+    return key + suffix
 
 
 def model_registry() -> str:
@@ -224,18 +187,8 @@ def model_registry() -> str:
 RELEASE_MANIFEST = "_manifest.json"
 
 
-def image_dedup(crawl: str) -> str:
-    """Every kept sample of the crawl with what it duplicates (exact and near), crawl-wide."""
-    return f"{crawl_root(crawl)}/image_dedup.parquet"
-
-
 def filtered_metadata(crawl: str, bucket: str, layout: Layout) -> str:
     return f"{crawl_root(crawl)}/filtered_metadata/buckets={layout.buckets}/{bucket_file(bucket)}"
-
-
-def filtered_record(crawl: str, bucket: str, layout: Layout) -> str:
-    """The record naming a bucket's filtered metadata and its counts (what the asset returns)."""
-    return filtered_metadata(crawl, bucket, layout).removesuffix(".parquet") + ".json"
 
 
 def release(crawl: str) -> str:
@@ -284,15 +237,6 @@ def knn_index(crawl: str) -> str:
 def knn_index_all() -> str:
     """The crawls' indices merged into one (the `all` indice of the search service)."""
     return f"knn_index/{ALL_INDICES}"
-
-
-def knn_index_record(crawl: str) -> str:
-    """The knn_index asset's record (files, sizes, checksums, counts), beside the folder it describes."""
-    return f"{crawl_root(crawl)}/knn_index_record.json"
-
-
-def knn_index_all_record() -> str:
-    return f"knn_index/{ALL_INDICES}_record.json"
 
 
 def knn_indices_root() -> str:

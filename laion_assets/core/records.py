@@ -1,8 +1,9 @@
 """Small JSON records: the manifests a stage returns (what it wrote, where, how many rows) and stores as JSON.
 
-A record is a dataclass whose fields are JSON values, other records, or lists/dicts of them; `to_json` and
-`from_json` round-trip it, nested records included, so an IO manager can store any of them without knowing
-its shape.
+A record is a dataclass whose fields are JSON values, other dataclasses, or lists/dicts of them; `to_json` and
+`from_json` round-trip it, nested dataclasses included (unknown keys are ignored, so a newer writer's file still
+reads), so an IO manager can store any of them without knowing its shape. A stage that commits its record itself as
+its completion marker (a download's `_manifest.json`) says where with `committed_at`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class JsonRecord:
     @classmethod
     def from_json(cls: type[R], data: bytes | str) -> R:
         return _build(cls, orjson.loads(data))
+
+    def committed_at(self) -> str | None:
+        """The storage key at which the stage that made this record committed it (its completion marker), or None
+        when nobody stores it but the IO manager."""
+        return None
 
 
 def _build(hint: Any, value: Any) -> Any:

@@ -1,16 +1,24 @@
 """The settings of every stage: one frozen dataclass per stage (or per part of a stage), with defaults and help.
 
 The CLI generates its options from these fields (`laion_assets/cli_options.py`) and the Dagster `Config`
-classes and resources generate theirs (`laion_assets/config.py`), so a default lives in exactly one place.
-Field metadata: `help` (shown by `--help` and in the launchpad) and `cli` (the option's name when it is not
-the field name with dashes). Kept free of heavy imports so that the CLI starts fast.
+classes and resources generate theirs (`laion_assets/config.py`); both turn what they were given back into a
+settings object with `build`, and the deployment's environment is read by `from_env`, so a default lives in exactly
+one place. Field metadata: `help` (shown by `--help` and in the launchpad), `cli` (the option's name when it is not
+the field name with dashes) and `env` (the environment variable, or variables in order of preference, that
+`from_env` reads it from). Kept free of heavy imports so that the CLI starts fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+S = TypeVar("S")
 
 # One honest identity for every request the project makes (crawl files and images alike).
 USER_AGENT = "laion-assets/0.1 (image-text dataset builder; +https://github.com/laion-assets/laion_assets)"
@@ -22,22 +30,110 @@ DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 MODEL_PRESETS = ("small", "laion")
+DEPLOYMENTS = ("local", "production")
 
 
-def setting(default: Any, help: str, cli: str | None = None) -> Any:  # noqa: A002 - click's own word
-    """A settings field with its help text (and CLI option name when it differs from the field's)."""
-    metadata = {"help": help, **({"cli": cli} if cli else {})}
+def setting(default: Any, help: str, cli: str | None = None,  # noqa: A002 - click's own word
+            env: str | tuple[str, ...] | None = None) -> Any:
+    """A settings field with its help text, its CLI option name when it differs from the field's, and the
+    environment variable(s) a deployment sets it with."""
+    metadata: dict[str, Any] = {"help": help}
+    if cli:
+        metadata["cli"] = cli
+    if env:
+        metadata["env"] = (env,) if isinstance(env, str) else tuple(env)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def scalar_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a settings class that are plain values (nested settings excluded)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _plain(hint: Any) -> Any:
+    """`float | None` -> float: the type a value is parsed or converted to."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def build(cls: type[S], values: Mapping[str, Any] | Any, **nested: Any) -> S:
+    """The settings object of what a CLI command or a Dagster config was given: a mapping (a command's keyword
+    arguments) or an object with the fields as attributes (a `Config` or a resource). Fields it lacks keep their
+    defaults; sequences become the tuples the dataclass holds; nested settings are passed in."""
+    hints = typing.get_type_hints(cls)
+    chosen: dict[str, Any] = {}
+    for f in scalar_fields(cls):
+        if isinstance(values, Mapping):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+        elif hasattr(values, f.name):
+            value = getattr(values, f.name)
+        else:
+            continue
+        chosen[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
+    return cls(**chosen, **nested)
+
+
+def _parse(text: str, hint: Any) -> Any:
+    hint = _plain(hint)
+    if typing.get_origin(hint) is tuple:
+        return tuple(v.strip() for v in text.split(",") if v.strip())
+    if hint is bool:
+        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ValueError(f"not a boolean: {text!r}")
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    return hint(text)
+
+
+def from_env(cls: type[S], env: Mapping[str, str] | None = None, **nested: Any) -> S:
+    """The settings of the deployment: each field with `env` metadata from the first of its variables that is set
+    (comma-separated for lists), the others at their defaults. A value that does not parse is an error naming the
+    variable."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = next((n for n in f.metadata.get("env", ()) if n in env), None)
+        if name is None:
+            continue
+        try:
+            values[f.name] = _parse(env[name], hints[f.name])
+        except ValueError as err:
+            raise ValueError(f"{name}={env[name]!r}: {err}") from None
+    return cls(**values, **nested)
+
+
+class FromEnv:
+    """Settings a deployment sets through its environment: `Cls.from_env(env)` is `from_env(Cls, env)`."""
+
+    @classmethod
+    def from_env(cls: type[S], env: Mapping[str, str] | None = None) -> S:
+        return from_env(cls, env)
+
+
+# --- where everything is stored ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StorageSettings(FromEnv):
+    """The storage root every stage writes under, and how to reach it when it is on S3 (boto3 reads credentials
+    from its own variables and files)."""
+
+    root: str = setting(DEFAULT_STORAGE, "Storage root: a local directory or s3://bucket/prefix.", cli="--storage",
+                        env="LAION_ASSETS_STORAGE")
+    endpoint_url: str = setting("", "S3 endpoint (empty: AWS's).", env="AWS_ENDPOINT_URL")
+    region: str = setting("", "S3 region (empty: boto3's default).", env=("AWS_REGION", "AWS_DEFAULT_REGION"))
 
 
 # --- the Common Crawl stage ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SourceSettings:
+class SourceSettings(FromEnv):
     """Where crawl files come from and how hard to try reading them."""
 
     base: str = setting(DEFAULT_SOURCE, "Crawl source: a local mirror, s3://commoncrawl or "
-                                        "https://data.commoncrawl.org.", cli="--source")
+                                        "https://data.commoncrawl.org.", cli="--source", env="LAION_ASSETS_SOURCE")
     retries: int = setting(4, "Retries per remote WAT file (transient errors only).")
     timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
     backoff_s: float = setting(1.0, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
@@ -74,7 +170,7 @@ class SampleSettings:
 # --- the download stage --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class FetchSettings:
+class FetchSettings(FromEnv):
     """Politeness and safety of image fetching: deployment settings, on by default."""
 
     user_agent: str = setting(USER_AGENT, "User-Agent of every request.")
@@ -95,7 +191,7 @@ class FetchSettings:
     respect_tdmrep: bool = setting(True, "Skip images reserved by TDMRep (tdm-reservation header or the origin's "
                                          "/.well-known/tdmrep.json).")
     allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
-                                              cli="--allow-network")
+                                              cli="--allow-network", env="LAION_ASSETS_ALLOW_NETWORKS")
 
 
 @dataclass(frozen=True)
@@ -134,12 +230,13 @@ class DownloadSettings:
 # --- the CLIP stage --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(FromEnv):
     """Which models the CLIP stage uses. `preset` small (offline, trained on the synthetic world and cached in
     models_dir) or laion (LAION-5B's); any other field set overrides the preset."""
 
-    preset: str = setting("small", f"Model set: {' or '.join(MODEL_PRESETS)}.")
-    models_dir: str = setting(DEFAULT_MODELS_DIR, "Where the small offline models are built and cached.")
+    preset: str = setting("small", f"Model set: {' or '.join(MODEL_PRESETS)}.", env="LAION_ASSETS_MODELS")
+    models_dir: str = setting(DEFAULT_MODELS_DIR, "Where the small offline models are built and cached.",
+                              env="LAION_ASSETS_MODELS_DIR")
     clip_en_arch: str = setting("", "open_clip architecture of the English CLIP.")
     clip_en_pretrained: str = setting("", "Pretrained tag or checkpoint path of the English CLIP.")
     clip_multi_arch: str = setting("", "open_clip architecture of the multilingual CLIP.")
@@ -159,15 +256,6 @@ class ModelSettings:
                                   "model's device: nvJPEG on CUDA) or auto (device on CUDA, pil on CPU).")
     embed_precision: str = setting("fp16", "Weights of the embedding CLIP on CUDA: fp16, bf16 or fp8 (torchao's "
                                            "float8 matmuls; H100).")
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ModelSettings:
-        """The deployment's choice: `LAION_ASSETS_MODELS` (preset) and `LAION_ASSETS_MODELS_DIR`."""
-        import os
-
-        env = os.environ if env is None else env
-        return cls(preset=env.get("LAION_ASSETS_MODELS", cls.preset),
-                   models_dir=env.get("LAION_ASSETS_MODELS_DIR", cls.models_dir))
 
     def __post_init__(self) -> None:
         if self.preset not in MODEL_PRESETS:
@@ -208,11 +296,6 @@ class ReleaseSettings:
             raise ValueError(f"rows_per_part must be at least 1, not {self.rows_per_part}")
 
 
-def scalar_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a settings class that are plain values (nested settings excluded)."""
-    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
-
-
 def settings_hash(*settings: Any) -> str:
     """A short, stable hash of settings values (what changes an output), for completion markers."""
     import hashlib
@@ -236,32 +319,33 @@ class CheckSettings:
 
 
 @dataclass(frozen=True)
-class OperationsSettings:
-    """How the deployment runs the graph: which crawls are picked up, and how often things are looked at. Read from
-    the environment when the code location loads (schedules and sensors are fixed then)."""
+class OperationsSettings(FromEnv):
+    """How the deployment runs the graph: which definitions, which crawls are picked up, how often things are looked
+    at. Read from the environment (`LAION_ASSETS_<FIELD>`) when the code location loads: schedules and sensors are
+    fixed then."""
 
+    deployment: str = setting("local", f"Which definitions the code location loads: {' or '.join(DEPLOYMENTS)} "
+                                       "(local adds the demo's sample_crawl asset to production's).",
+                              env="LAION_ASSETS_DEPLOYMENT")
     crawl_pattern: str = setting(r"CC-MAIN-\d{4}-\d{2}", "Regular expression (full match) of the crawl IDs the "
-                                                           "new_crawls sensor registers, e.g. CC-MAIN-202[3-9]-.*")
-    sensor_interval_s: int = setting(300, "Seconds between sensor evaluations.")
-    backfill_cron: str = setting("0 * * * *", "When crawl_backfill looks for missing and failed partitions.")
-    retry_delay_s: float = setting(30.0, "First delay of the retry policy of network-bound assets (doubles).")
-    max_retries: int = setting(3, "Retries of a failed network-bound step within its run.")
+                                                           "new_crawls sensor registers, e.g. CC-MAIN-202[3-9]-.*",
+                                 env="LAION_ASSETS_CRAWL_PATTERN")
+    sensor_interval_s: int = setting(300, "Seconds between sensor evaluations.", env="LAION_ASSETS_SENSOR_INTERVAL_S")
+    backfill_cron: str = setting("0 * * * *", "When crawl_backfill looks for missing and failed partitions.",
+                                 env="LAION_ASSETS_BACKFILL_CRON")
+    retry_delay_s: float = setting(30.0, "First delay of the retry policy of network-bound assets (doubles).",
+                                   env="LAION_ASSETS_RETRY_DELAY_S")
+    max_retries: int = setting(3, "Retries of a failed network-bound step within its run.",
+                               env="LAION_ASSETS_MAX_RETRIES")
     executor: str = setting("in_process", "How a run executes its steps: in_process, multiprocess, or k8s (a pod "
-                                          "per step, shaped by the assets' dagster-k8s/config tags).")
-    gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).")
+                                          "per step, shaped by the assets' dagster-k8s/config tags).",
+                            env="LAION_ASSETS_EXECUTOR")
+    gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).",
+                             env="LAION_ASSETS_GPU_IMAGE")
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> OperationsSettings:
-        """`LAION_ASSETS_<FIELD>` overrides each field (e.g. LAION_ASSETS_CRAWL_PATTERN)."""
-        import os
-
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in scalar_fields(cls):
-            name = f"LAION_ASSETS_{f.name.upper()}"
-            if name in env:
-                values[f.name] = type(f.default)(env[name])
-        return cls(**values)
+    def __post_init__(self) -> None:
+        if self.deployment not in DEPLOYMENTS:
+            raise ValueError(f"deployment must be one of {DEPLOYMENTS}, not {self.deployment!r}")
 
 
 # --- the kNN index and the search service ------------------------------------------------------------------

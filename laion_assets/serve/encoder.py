@@ -31,7 +31,7 @@ class QueryEncoder:
                 from laion_assets.core.clip.models import load_clip, pick_device
                 from laion_assets.core.clip.registry import resolve
 
-                spec = resolve(self.settings, build=False).embed
+                spec = resolve(self.settings).embed
                 self._model = load_clip(spec, pick_device(self.settings.device))
             return self._model
 
@@ -49,4 +49,4 @@ class QueryEncoder:
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise BadQuery(f"not a readable image: {err}") from None
         model = self.model()
-        return model.encode_images(model.preprocess(img).unsqueeze(0))[0]
+        return model.encode_pixels(model.preprocess(img).unsqueeze(0))[0]

@@ -11,11 +11,29 @@ import torch
 
 from laion_assets.core.clip import embeddings, safety, scores, watermark
 from laion_assets.core.clip.models import load_clip, pick_device
+from laion_assets.core.clip.onepass import Models, one_pass
+from laion_assets.core.clip.specs import watermark_spec_from_checkpoint
 from laion_assets.core.download.resize import process_image
 from laion_assets.core.download.writer import write_tar
-from laion_assets.core.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
 from laion_assets.core.settings import ResizeSettings
+from laion_assets.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
 
+
+def score_pass(shards, english, multi, **pass_args):
+    """The pass with the two filter CLIPs alone: the score rows and their report."""
+    result = one_pass(shards, Models(english, multi), **pass_args)
+    return scores.score_table(result), result.score_report
+
+
+def embed_pass(shards, keep, model, **pass_args):
+    """The pass with the embedding CLIP alone, over the kept samples."""
+    return embeddings.embedding_arrays(one_pass(shards, Models(embed=model), keep, **pass_args), model)
+
+
+def mark_pass(shards, keep, model, spec, device, **pass_args):
+    """The pass with the watermark classifier alone, over the kept samples."""
+    return watermark.watermark_table(one_pass(shards, Models(watermark=model.to(device), watermark_spec=spec), keep,
+                                              **pass_args))
 
 def stored_jpeg(img) -> bytes:
     """An image as the download stage stores it: 256 px border JPEG."""
@@ -52,9 +70,9 @@ def test_filter_keeps_matched_and_drops_shuffled_pairs(models, tmp_path):
     shift_lang = languages[7:] + languages[:7]
     shuffled = [(k, img, c, lang) for (k, img, _, _), c, lang in zip(pairs, shift, shift_lang, strict=True)]
     english, multi = load_clip(models.clip_en), load_clip(models.clip_multi)
-    matched_scores, report = scores.score_shards([write_shard(tmp_path / "m.tar", pairs)], english, multi,
+    matched_scores, report = score_pass([write_shard(tmp_path / "m.tar", pairs)], english, multi,
                                                batch_size=64, workers=1)
-    shuffled_scores, _ = scores.score_shards([write_shard(tmp_path / "s.tar", shuffled)], english, multi,
+    shuffled_scores, _ = score_pass([write_shard(tmp_path / "s.tar", shuffled)], english, multi,
                                            batch_size=64, workers=1)
     kept = np.mean(matched_scores["keep"].to_pylist())
     dropped = 1 - np.mean(shuffled_scores["keep"].to_pylist())
@@ -75,14 +93,14 @@ def test_embeddings_are_aligned_deterministic_and_a_corrupt_image_fails_alone(mo
     pairs[3] = (pairs[3][0], pairs[3][1][: len(pairs[3][1]) // 3], pairs[3][2], pairs[3][3])  # truncated JPEG
     shard = write_shard(tmp_path / "a.tar", pairs)
     english, multi = load_clip(models.clip_en), load_clip(models.clip_multi)
-    table, report = scores.score_shards([shard], english, multi, batch_size=16, workers=1)
+    table, report = score_pass([shard], english, multi, batch_size=16, workers=1)
     bad = table.to_pylist()[3]
     assert bad["status"] == "failed_to_decode" and not bad["keep"] and "cannot decode" in bad["error_message"]
     assert report.failed == 1 and report.samples == 40
     keep = scores.kept_keys(table)
     embed = load_clip(models.embed)
-    img, txt, meta, _ = embeddings.embed_shards([shard], keep, embed, batch_size=16, workers=1)
-    again = embeddings.embed_shards([shard], keep, embed, batch_size=16, workers=1)
+    img, txt, meta, _ = embed_pass([shard], keep, embed, batch_size=16, workers=1)
+    again = embed_pass([shard], keep, embed, batch_size=16, workers=1)
     assert np.array_equal(img, again[0]) and np.array_equal(txt, again[1]) and meta.equals(again[2])
     np.save(tmp_path / "img_emb_0.npy", img)
     loaded = np.load(tmp_path / "img_emb_0.npy")
@@ -95,7 +113,7 @@ def test_embeddings_are_aligned_deterministic_and_a_corrupt_image_fails_alone(mo
 
 
 def test_safety_head_separates_its_concept(models):
-    from laion_assets.core.offline.small_models import SAFETY_CONCEPT, _safety_set
+    from laion_assets.offline.small_models import SAFETY_CONCEPT, _safety_set
 
     head, card = safety.load_safety_head(models.safety_head)
     x, y = _safety_set(models.embed, 400, seed=77)
@@ -116,14 +134,14 @@ def test_watermark_head_separates_marked_from_clean(models, tmp_path):
         truth.append(marked)
     shard = write_shard(tmp_path / "w.tar", samples)
     model = watermark.load_watermark(models.watermark)
-    table, report = watermark.watermark_shards([shard], frozenset(s[0] for s in samples), model, models.watermark,
+    table, report = mark_pass([shard], frozenset(s[0] for s in samples), model, models.watermark,
                                           pick_device("cpu"), batch_size=32, workers=1)
     accuracy = np.mean((np.array(table["pwatermark"].to_pylist()) > 0.5) == np.array(truth))
     assert accuracy >= 0.9, accuracy
     assert report["samples"] == 160
     # float16 weights (what CUDA runs) agree with float32 ones on these images.
     half = watermark.load_watermark(models.watermark, dtype=torch.float16)
-    again, _ = watermark.watermark_shards([shard], frozenset(s[0] for s in samples), half, models.watermark,
+    again, _ = mark_pass([shard], frozenset(s[0] for s in samples), half, models.watermark,
                                           pick_device("cpu"), batch_size=32, workers=1)
     full, low = (np.array(t["pwatermark"].to_pylist()) for t in (table, again))
     assert np.abs(full - low).max() < 0.05 and np.mean((full > 0.5) == (low > 0.5)) >= 0.97
@@ -154,6 +172,6 @@ def test_train_clis_on_files(tmp_path):
                                        "--arch", "mobilenetv3_small_050", "--image-size", "64", "--epochs", "1",
                                        "--batch-size", "8"])
     assert result.exit_code == 0, result.output
-    spec = watermark.watermark_spec_from_checkpoint(tmp_path / "w.pt")
+    spec = watermark_spec_from_checkpoint(tmp_path / "w.pt")
     assert spec.image_size == 64 and spec.arch == "mobilenetv3_small_050"
     assert watermark.load_watermark(spec) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from laion_assets.core.clip import embeddings, scores, watermark
-from laion_assets.core.clip.models import load_clip, pick_device
+from laion_assets.core.clip.models import load_clip
 from laion_assets.core.clip.onepass import Models, one_pass
 from laion_assets_tests.clip.test_clip import held_out, write_shard
 
@@ -18,12 +18,13 @@ def test_one_pass_equals_a_pass_per_model(models, tmp_path):
     english, multi, embed = load_clip(models.clip_en), load_clip(models.clip_multi), load_clip(models.embed)
     mark = watermark.load_watermark(models.watermark)
     # A pass per model, as the stage ran before.
-    table, _ = scores.score_shards(shards, english, multi, batch_size=16, workers=1)
+    table = scores.score_table(one_pass(shards, Models(english, multi), batch_size=16, workers=1))
     keep = scores.kept_keys(table)
     assert 0 < len(keep) < len(pairs)
-    img, txt, meta, _ = embeddings.embed_shards(shards, keep, embed, batch_size=16, workers=1)
-    marks, _ = watermark.watermark_shards(shards, keep, mark, models.watermark, pick_device("cpu"), batch_size=16,
-                                          workers=1)
+    img, txt, meta, _ = embeddings.embedding_arrays(one_pass(shards, Models(embed=embed), keep, batch_size=16,
+                                                             workers=1), embed)
+    marks, _ = watermark.watermark_table(one_pass(shards, Models(watermark=mark, watermark_spec=models.watermark),
+                                                  keep, batch_size=16, workers=1))
     # One pass: every image decoded once for the three models.
     result = one_pass(shards, Models(english, multi, embed, mark, models.watermark), batch_size=16, workers=1)
     one_table = scores.score_table(result)

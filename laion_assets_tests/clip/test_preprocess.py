@@ -8,6 +8,7 @@ import torch
 
 from laion_assets.core.clip import scores
 from laion_assets.core.clip.models import load_clip
+from laion_assets.core.clip.onepass import Models, one_pass
 from laion_assets.core.clip.preprocess import decode
 from laion_assets_tests.clip.test_clip import held_out, write_shard
 
@@ -18,8 +19,9 @@ def test_device_path_agrees_with_the_pil_path(models, tmp_path):
     pairs[120] = (pairs[120][0], b"\x89PNG not really", pairs[120][2], pairs[120][3])
     shard = write_shard(tmp_path / "a.tar", pairs)
     english, multi = load_clip(models.clip_en), load_clip(models.clip_multi)
-    pil, _ = scores.score_shards([shard], english, multi, batch_size=64, workers=1, path="pil")
-    dev, report = scores.score_shards([shard], english, multi, batch_size=64, workers=1, path="device")
+    pil = scores.score_table(one_pass([shard], Models(english, multi), batch_size=64, workers=1, path="pil"))
+    device_pass = one_pass([shard], Models(english, multi), batch_size=64, workers=1, path="device")
+    dev, report = scores.score_table(device_pass), device_pass.score_report
     for table in (pil, dev):
         failed = [r["key"] for r in table.to_pylist() if r["status"] == "failed_to_decode"]
         assert failed == [pairs[7][0], pairs[120][0]]

@@ -12,9 +12,9 @@ import pytest
 import xxhash
 
 from laion_assets.core import paths
-from laion_assets.core.crawl import buckets, dedup
+from laion_assets.core.crawl import buckets, dedup, extract
 from laion_assets.core.crawl.candidates import SCHEMA
-from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor, extract_chunk
+from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor
 from laion_assets.core.crawl.manifest import build_manifest, chunk_slices
 from laion_assets.core.crawl.source import read_listing
 from laion_assets.core.paths import Layout
@@ -22,6 +22,34 @@ from laion_assets.core.settings import SourceSettings
 from laion_assets.core.storage import Storage
 
 CRAWL = "CC-MAIN-2099-01"
+
+
+def extract_chunk(store: Storage, crawl: str, chunk: str, wat_paths: list[str], layout: Layout,
+                  source: SourceSettings) -> extract.ExtractReport:
+    """One chunk of the parse stage, as the candidate_pairs asset runs it."""
+    target = extract.ChunkTarget(store, crawl, chunk, layout)
+    return extract.run(extract.chunk_locations(wat_paths, source), crawl, target, source=source)
+
+
+def unique_key(crawl: str, bucket: str, layout: Layout) -> str:
+    """Where the IO manager keeps unique_pairs of a bucket."""
+    return paths.output_key(["unique_pairs"], {"crawl": crawl, "bucket": bucket}, layout, ".parquet")
+
+
+def dedup_bucket(store: Storage, crawl: str, bucket: str, layout: Layout, earlier: list[str]) -> dedup.DedupReport:
+    """One bucket's URL dedup, stored as the unique_pairs asset's output is."""
+    unique, report = dedup.run(store, dedup.chunk_files(crawl, bucket, layout),
+                               [(c, unique_key(c, bucket, layout)) for c in earlier])
+    with store.staging_dir() as stage:
+        unique.sink_parquet(os.path.join(stage, "u.parquet"))
+        store.put_file(os.path.join(stage, "u.parquet"), unique_key(crawl, bucket, layout))
+    return report
+
+
+def complete_chunks(storage: Storage, crawl: str, layout: Layout) -> set[str]:
+    """Chunk keys whose marker exists: their bucket files are all there."""
+    return {key.rsplit("/", 2)[-2].partition("=")[2] for key in storage.list(paths.candidates(crawl, layout))
+            if key.endswith("/" + paths.CHUNK_MARKER)}
 
 
 def tmp_mirror_of(realdata: Path) -> Path:
@@ -78,7 +106,7 @@ def _run_chunks(sample_mirror: Path, root: Path, order: list[int], crawl: str = 
 
 
 def _dedup_all(store: Storage, crawl: str = CRAWL, earlier: list[str] | None = None) -> list[dedup.DedupReport]:
-    return [dedup.dedup_bucket(store, crawl, b, LAYOUT, earlier or []) for b in LAYOUT.bucket_keys()]
+    return [dedup_bucket(store, crawl, b, LAYOUT, earlier or []) for b in LAYOUT.bucket_keys()]
 
 
 def test_dedup_is_deterministic_whatever_the_chunk_order(sample_mirror, tmp_path):
@@ -87,14 +115,14 @@ def test_dedup_is_deterministic_whatever_the_chunk_order(sample_mirror, tmp_path
     ra, rb = _dedup_all(a), _dedup_all(b)
     assert [r.rows_out for r in ra] == [r.rows_out for r in rb]
     for bucket in LAYOUT.bucket_keys():
-        key = paths.unique_pairs(CRAWL, bucket, LAYOUT)
+        key = unique_key(CRAWL, bucket, LAYOUT)
         fa, fb = pl.read_parquet(a.uri(key)), pl.read_parquet(b.uri(key))
         assert fa.equals(fb)
         assert fa["url"].is_unique().all() and fa["url"].is_sorted()
     total_in = sum(r.rows_in for r in ra)
     total_out = sum(r.rows_out for r in ra)
     assert total_out < total_in  # the sample crawl repeats URLs across pages and files
-    everything = pl.concat([pl.read_parquet(a.uri(paths.unique_pairs(CRAWL, b, LAYOUT))) for b in LAYOUT.bucket_keys()])
+    everything = pl.concat([pl.read_parquet(a.uri(unique_key(CRAWL, b, LAYOUT))) for b in LAYOUT.bucket_keys()])
     assert everything["occurrences"].sum() == total_in  # every input row is accounted for
 
 
@@ -111,8 +139,8 @@ def test_dedup_keeps_the_first_occurrence_in_crawl_order(tmp_path):
     table = pa.table(rows).select(SCHEMA.names).cast(SCHEMA)
     store.write_parquet(paths.candidates_file("c", "0000", "0000", layout), table)
     store.write_bytes(paths.candidates_marker("c", "0000", layout), b"{}")  # the chunk is complete
-    report = dedup.dedup_bucket(store, "c", "0000", layout, [])
-    out = pl.read_parquet(store.uri(paths.unique_pairs("c", "0000", layout)))
+    report = dedup_bucket(store, "c", "0000", layout, [])
+    out = pl.read_parquet(store.uri(unique_key("c", "0000", layout)))
     assert report.rows_in == 3 and report.rows_out == 2
     assert out.filter(pl.col("url") == "http://a/x.jpg")["text"].to_list() == ["first"]
     assert out["occurrences"].to_list() == [2, 1]
@@ -148,7 +176,7 @@ def test_killed_chunk_leaves_no_marker_and_rerun_is_identical(sample_mirror, tmp
     with pytest.raises(KeyboardInterrupt):
         extract_chunk(store, CRAWL, "0000", [wat_paths[0]], LAYOUT, source=source)
     monkeypatch.undo()
-    assert buckets.complete_chunks(store, CRAWL, LAYOUT) == set()
+    assert complete_chunks(store, CRAWL, LAYOUT) == set()
     assert not [k for k in store.list("") if ".tmp" in k]
     extract_chunk(store, CRAWL, "0000", [wat_paths[0]], LAYOUT, source=source)
     extract_chunk(store, CRAWL, "0001", [wat_paths[1]], LAYOUT, source=source)

@@ -13,10 +13,11 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from laion_assets.core.crawl import extract as stage
 from laion_assets.core.crawl.candidates import Drop, clean_text, resolve_url
-from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor, extract_locations
+from laion_assets.core.crawl.extract import ExtractCounts, PairExtractor
 from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
-from laion_assets.core.offline.sample import _warc_member
+from laion_assets.offline.sample import _warc_member
 from laion_assets_tests.crawl import reference
 from laion_assets_tests.crawl.reference import Link, Reading
 
@@ -320,7 +321,7 @@ def test_truncated_and_garbled_gzip_members(realdata, tmp_path, real):
 def test_unfetchable_file_does_not_lose_the_others(sample_mirror, tmp_path, loopback):
     wat = sample_wats(sample_mirror)[0]
     tables = []
-    report = extract_locations(
+    report = stage.run(
         [(str(tmp_path / "missing.warc.wat.gz"), "missing"), (f"{loopback.base}/gone.warc.wat.gz", "gone"),
          (str(wat), wat.name)],
         "CC-MAIN-2099-01",
@@ -356,7 +357,7 @@ def test_remote_wat_is_retried_after_a_server_error(sample_mirror, loopback):
 
     loopback.routes["/wat.gz"] = flaky
     tables = []
-    report = extract_locations([(f"{loopback.base}/wat.gz", "wat.gz")], "c", tables.append,
+    report = stage.run([(f"{loopback.base}/wat.gz", "wat.gz")], "c", tables.append,
                                source=SourceSettings(backoff_s=0.01))
     assert calls["n"] == 2 and report.counts.files_failed == 0
     ref = reference.read(wat)

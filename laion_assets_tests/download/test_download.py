@@ -19,9 +19,9 @@ from PIL import Image
 
 from laion_assets.core.download.distributor import download
 from laion_assets.core.download.plan import read_manifest
-from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import Storage
+from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets_tests.handlers import cut_after, drip, endless, first_then, png_header_only, respond
 
 JPEG = jpeg_bytes(render(Scene("square", "green", "white", "center"), (640, 480), seed=3))

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from laion_assets.core.download.fetch import Fetcher, FetchResult, opt_out
-from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets.core.settings import FetchSettings
+from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets_tests.conftest import LoopbackServer
 from laion_assets_tests.handlers import Gauge, cut_after, drip, endless, first_then, redirect, respond, slow
 

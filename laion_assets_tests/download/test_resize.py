@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from laion_assets.core.download.resize import ImageError, process_image, sniff
-from laion_assets.core.offline.synthetic import POSITIONS, SHAPES, Scene, jpeg_bytes, random_scene, render
 from laion_assets.core.settings import ResizeSettings
+from laion_assets.offline.synthetic import POSITIONS, SHAPES, Scene, jpeg_bytes, random_scene, render
 from laion_assets_tests.handlers import png_header_only
 
 

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 from laion_assets.core.download.distributor import download, split_work
 from laion_assets.core.download.plan import make_plan, read_manifest
 from laion_assets.core.download.reader import Inputs
-from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import Storage
+from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets_tests.handlers import respond
 
 FETCH = FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0, backoff_s=0.01, connect_timeout_s=2.0)

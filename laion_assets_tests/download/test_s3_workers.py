@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 
 from laion_assets.core.download.distributor import download
 from laion_assets.core.download.plan import read_manifest
-from laion_assets.core.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import S3Options, Storage
+from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 
 
 def test_worker_processes_get_the_credentials_of_the_storage(s3_server, loopback, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from laion_assets.core.index.search import search
 from laion_assets.core.release import removals as rl
 from laion_assets.core.storage import Storage
 from laion_assets.serve.indices import load_indices
-from laion_assets_tests.graph import LAYOUT, OPS, graph_resources
+from laion_assets_tests.graph import LAYOUT, OPS, graph_resources, output
 from laion_assets_tests.release.upstream import ReleaseGraph, report_made, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
@@ -44,8 +44,7 @@ def write_embeddings_of(store: Storage, made: dict, seed: int = 0) -> dict[str, 
                          schema=EMBED_META_SCHEMA)
         manifest = write_embeddings(store, paths.bucket_embeddings(CRAWL, bucket, LAYOUT), img.astype(np.float16),
                                     txt.astype(np.float16), table)
-        store.write_bytes(paths.asset_output("image_embeddings", {"crawl": CRAWL, "bucket": bucket}, LAYOUT),
-                          manifest.to_json())
+        store.write_bytes(output("image_embeddings", CRAWL, bucket, ".json"), manifest.to_json())
         vectors.update(zip(rows["url"].to_list(), img, strict=True))
     return vectors
 
@@ -91,7 +90,7 @@ def test_knn_index_assets_removals_and_automation(tmp_path):
     assert index_meta["image_index_key"] == "Flat" and index_meta["recall_at_10"] == 1.0
     assert index_meta["bytes"] > 0 and index_meta["image_p99_ms"] >= index_meta["image_p50_ms"] > 0
     assert all_meta["rows"] == release.height and all_meta["image_recall_at_10"] >= 0.9
-    record = json.loads(store.read_bytes(paths.knn_index_record(CRAWL)))
+    record = json.loads(store.read_bytes(output("knn_index", CRAWL, suffix=".json")))
     assert {f["name"] for f in record["files"]} >= {"image.index", "text.index", "metadata.arrow", "_report.json"}
     assert all(len(f["sha256"]) == 64 for f in record["files"])
     passed = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in graph.checks}
@@ -160,7 +159,7 @@ def test_knn_index_assets_on_s3_upload_the_folders_and_serve_refuses_s3(s3_serve
     # Every file of the record is in the bucket with its size; a local copy of the folders serves.
     local = tmp_path / "copy"
     for key, name in ((paths.knn_index(CRAWL), "knn_index"), (paths.knn_index_all(), "knn_index_all")):
-        record = json.loads(store.read_bytes(paths.asset_output(name, {"crawl": CRAWL}, LAYOUT)))
+        record = json.loads(store.read_bytes(output(name, CRAWL if name == "knn_index" else None, suffix=".json")))
         assert {f["name"] for f in record["files"]} == {k.rsplit("/", 1)[1] for k in store.list(key)}
         for f in record["files"]:
             assert store.size(paths.join(key, f["name"])) == f["bytes"]

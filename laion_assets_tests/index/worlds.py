@@ -62,7 +62,7 @@ def clip_crawl(store: Storage, crawl: str, model: object, n: int = 90, seed: int
     import torch
     from PIL import Image
 
-    from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
+    from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
@@ -87,7 +87,7 @@ def clip_crawl(store: Storage, crawl: str, model: object, n: int = 90, seed: int
                     tar.addfile(info, io.BytesIO(data))
         store.write_bytes(tar_key, buf.getvalue())
         pixels = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpgs]
-        img = model.encode_images(torch.stack([model.preprocess(p) for p in pixels]))
+        img = model.encode_pixels(torch.stack([model.preprocess(p) for p in pixels]))
         txt = model.encode_texts(captions)
         urls = [f"http://images.example/{k}.jpg" for k in keys]
         files = paths.bucket_embeddings(crawl, b, layout)

@@ -140,8 +140,8 @@ def test_the_join_gives_the_same_rows_with_keys_that_are_not_numbers():
     """The join runs on the keys as sorted integers when they are digits (the download's keys) and on the key
     strings otherwise: both give the same rows in the same order; a language score that cannot be taken by position
     (the unique pairs shuffled) is joined by URL with the same result."""
-    from laion_assets.core.offline.release_inputs import bucket_inputs
     from laion_assets.core.release.filtered import build_filtered
+    from laion_assets.offline.release_inputs import bucket_inputs
 
     inputs = bucket_inputs(3000, 0, seed=5)
     tables = [pl.from_arrow(t) for t in (inputs.rows, inputs.scores, inputs.safety, inputs.watermark)]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.release.columns import FILTERED_SCHEMA, LAION_COLUMNS, url_text_hash
-from laion_assets_tests.graph import LAYOUT
+from laion_assets_tests.graph import LAYOUT, output
 from laion_assets_tests.release.upstream import local_graph, write_bucket, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
@@ -111,4 +111,4 @@ def test_missing_upstream_partitions_fail_naming_them_and_write_nothing(tmp_path
     write_bucket(store, other, "0000", made["0000"])
     graph.instance.add_dynamic_partitions("crawls", [other])
     result = graph.run("image_dedup", other, raise_on_error=False)
-    assert not result.success and not store.exists(paths.image_dedup(other))
+    assert not result.success and not store.exists(output("image_dedup", other))

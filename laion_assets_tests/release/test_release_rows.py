@@ -10,7 +10,7 @@ from laion_assets.core.release import removals as rl
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.release.release import ReleaseManifest, account_rows
 from laion_assets.core.settings import ReleaseSettings
-from laion_assets_tests.graph import LAYOUT
+from laion_assets_tests.graph import LAYOUT, output
 from laion_assets_tests.release.upstream import local_graph, write_crawl
 
 CRAWL = "CC-MAIN-2099-01"
@@ -26,8 +26,8 @@ def test_release_rows_are_the_filtered_rows_less_removals_and_dropped_duplicates
     graph.release(CRAWL)
     check = [c for c in graph.checks if c.check_name == "rows_match_filtered"]
     assert len(check) == 2 and all(c.passed for c in check)
-    buckets = {b: FilteredBucket.from_json(store.read_bytes(paths.asset_output(
-        "filtered_metadata", {"crawl": CRAWL, "bucket": b}, LAYOUT))) for b in LAYOUT.bucket_keys()}
+    buckets = {b: FilteredBucket.from_json(store.read_bytes(output("filtered_metadata", CRAWL, b, ".json")))
+               for b in LAYOUT.bucket_keys()}
     manifest = ReleaseManifest.from_json(store.read_bytes(paths.release_manifest(CRAWL)))
     account = account_rows(store, manifest, buckets, ReleaseSettings())
     assert account.holds and account.removed >= 1 and account.dropped_duplicates > 0

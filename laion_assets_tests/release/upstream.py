@@ -10,9 +10,9 @@ import dagster as dg
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardEntry, ShardsManifest
-from laion_assets.core.offline.release_inputs import BucketInputs, bucket_inputs
 from laion_assets.core.storage import Storage
-from laion_assets_tests.graph import LAYOUT, Graph, graph_resources
+from laion_assets.offline.release_inputs import BucketInputs, bucket_inputs
+from laion_assets_tests.graph import LAYOUT, Graph, graph_resources, output
 
 RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
 
@@ -27,10 +27,11 @@ def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, 
     manifest = ShardsManifest(prefix, inputs.rows.num_rows, "synthetic",
                               {"success": successes, "failed_to_download": inputs.rows.num_rows - successes}, [entry])
     store.write_bytes(paths.shards_manifest(prefix), manifest.to_json())
-    store.write_parquet(paths.clip_scores(crawl, bucket, layout), inputs.scores)
-    store.write_parquet(paths.safety_scores(crawl, bucket, layout), inputs.safety)
-    store.write_parquet(paths.watermark_scores(crawl, bucket, layout), inputs.watermark)
-    store.write_parquet(paths.unique_pairs(crawl, bucket, layout), inputs.pairs)
+    store.write_bytes(output("image_shards", crawl, bucket, ".json", layout), manifest.to_json())
+    store.write_parquet(output("clip_scores", crawl, bucket, layout=layout), inputs.scores)
+    store.write_parquet(output("safety_scores", crawl, bucket, layout=layout), inputs.safety)
+    store.write_parquet(output("watermark_scores", crawl, bucket, layout=layout), inputs.watermark)
+    store.write_parquet(output("unique_pairs", crawl, bucket, layout=layout), inputs.pairs)
 
 
 def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_images: int = 5) -> dict[str, Any]:

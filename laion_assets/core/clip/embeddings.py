@@ -15,11 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from laion_assets.core.clip.manifests import EmbeddingsManifest
-from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, pick_device
-from laion_assets.core.clip.onepass import Models, PassResult, StageReport, decode_path, one_pass
-from laion_assets.core.download.plan import ShardsManifest
+from laion_assets.core.clip.models import LoadedClip
+from laion_assets.core.clip.onepass import PassResult, StageReport
 from laion_assets.core.paths import EmbeddingKeys
-from laion_assets.core.settings import ModelSettings
 from laion_assets.core.storage import Storage
 
 EMBED_META_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
@@ -29,14 +27,6 @@ _IMG_SHA, _TXT_SHA, _ROWS = b"laion_assets.img_emb_sha256", b"laion_assets.text_
 
 class IncompleteEmbeddingsError(RuntimeError):
     """A bucket's embedding files are missing or do not belong together (a write was interrupted)."""
-
-
-def embed_shards(tar_paths: list[str], keep: frozenset[str], model: LoadedClip, batch_size: int = 256,
-                 workers: int = 1, log: Log | None = None, path: str = "pil"
-                 ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
-    """L2-normalized image and text embeddings (float16) of the kept samples, row-aligned with metadata
-    sorted by key; a sample whose image fails to decode here is left out and counted."""
-    return embedding_arrays(one_pass(tar_paths, Models(embed=model), keep, batch_size, workers, path, log), model)
 
 
 def embedding_arrays(result: PassResult, model: LoadedClip) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
@@ -92,16 +82,3 @@ def read_embeddings(store: Storage, keys: EmbeddingKeys) -> tuple[np.ndarray, np
                                         "written with (an interrupted write): rematerialize image_embeddings")
     img, txt = np.load(io.BytesIO(img_bytes)), np.load(io.BytesIO(txt_bytes))
     return img, txt, meta.replace_schema_metadata(None)
-
-
-def embed_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str], spec: ClipSpec,
-                 settings: ModelSettings, log: Log | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, pa.Table, StageReport]:
-    """Embeddings of the kept samples of a finished download, with the model's name in the metadata."""
-    model = load_clip(spec, pick_device(settings.device), settings.embed_precision)
-    shards = download.keys()
-    with store.local_copies([s.tar for s in shards]) as local:
-        img, txt, meta, report = embed_shards(local, keep, model, settings.batch_size, settings.decode_workers, log,
-                                              decode_path(settings, model.device.type))
-    meta = meta.append_column("model", pa.array([spec.name] * meta.num_rows, pa.string()))
-    return img, txt, meta, report

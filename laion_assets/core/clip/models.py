@@ -10,7 +10,6 @@ model runs channels-last, and attention goes through scaled-dot-product attentio
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "models"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-Log = Callable[[str], None]
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -57,12 +55,8 @@ class LoadedClip:
         return torch.autocast(self.device.type, enabled=False)
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """L2-normalized image embeddings of preprocessed images (N, 3, S, S), anywhere."""
-        return self.encode_pixels(images)
-
-    @torch.inference_mode()
     def encode_pixels(self, images: torch.Tensor) -> np.ndarray:
+        """L2-normalized image embeddings of preprocessed images (N, 3, S, S), anywhere."""
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.to(self.dtype).contiguous(memory_format=torch.channels_last)

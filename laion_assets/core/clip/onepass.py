@@ -15,19 +15,28 @@ runs on full batches (the same batches as a pass over the kept samples alone).
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from laion_assets.core.clip.models import LoadedClip, Log
-from laion_assets.core.clip.shards import iter_shard_samples
+from laion_assets.core.clip.loader import (
+    Batch,
+    TextPlan,
+    View,
+    batches,
+    every_language,
+    is_english,
+    not_english,
+    split_transform,
+)
+from laion_assets.core.clip.models import LoadedClip
+from laion_assets.core.clip.preprocess import device_views
 from laion_assets.core.clip.specs import WatermarkSpec
+from laion_assets.core.clip.watermark import pwatermark, watermark_transform
+from laion_assets.core.progress import Log
 
 PATHS = ("pil", "device")
 
@@ -37,43 +46,11 @@ def decode_path(settings: Any, device_type: str) -> str:
     return ("device" if device_type == "cuda" else "pil") if settings.decode == "auto" else settings.decode
 
 
-@dataclass(frozen=True)
-class View:
-    """How one model sees an image: `resize` (PIL image -> PIL image of size x size) runs where the image is
-    decoded; scaling to [0, 1] and normalizing by mean and std run on the model's device."""
-
-    key: str  # views with the same resize share their pixels
-    resize: Any
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop: bool  # resize the short side and centre-crop (CLIP), else squash to a square (watermark)
-
-
-def split_transform(transform: Any, size: int) -> View:
-    """A torchvision Compose of PIL steps, ToTensor and Normalize (what open_clip and the watermark classifier
-    use) as a View: the PIL steps, and the Normalize's mean and std."""
-    from torchvision import transforms as T
-
-    steps = list(transform.transforms)
-    names = [type(s).__name__ for s in steps]
-    to_tensor = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor")), None)
-    if to_tensor is None or names[to_tensor + 1:] != ["Normalize"]:
-        raise ValueError(f"cannot split {transform}: expected PIL steps, ToTensor and Normalize")
-    pil = [s for s in steps[:to_tensor] if type(s).__name__ not in ("MaybeConvertMode",)]
-    norm = steps[-1]
-    crop = any(isinstance(s, T.CenterCrop) for s in pil)
-    return View(repr(pil), T.Compose(pil), size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std),
-                crop)
-
-
 def clip_view(model: LoadedClip) -> View:
     return split_transform(model.preprocess, model.image_size)
 
 
 def watermark_view(spec: WatermarkSpec) -> View:
-    from laion_assets.core.clip.watermark import watermark_transform
-
     return split_transform(watermark_transform(spec.image_size), spec.image_size)
 
 
@@ -86,138 +63,6 @@ def normalize(pixels: torch.Tensor, view: View) -> torch.Tensor:
     # The pixels arrive channels-last; CPU convolutions round differently on that layout, and the CPU path's
     # results must equal those of the models' own preprocessing. CUDA models run channels-last anyway.
     return out.contiguous() if out.device.type == "cpu" else out
-
-
-# --- tokenizing in the workers ------------------------------------------------------------------------------------
-def _english(language: str) -> bool:
-    return language == "en"
-
-
-def _other(language: str) -> bool:
-    return language != "en"
-
-
-def _every(_language: str) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class TextPlan:
-    """A tokenizer and the rows it tokenizes (by the caption's language)."""
-
-    tokenizer: Any
-    rows: Callable[[str], bool]
-
-
-# --- the loader ---------------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    keys: list[str]
-    errors: list[str]
-    captions: list[str]
-    languages: list[str]
-    urls: list[str]
-    sha256s: list[str]
-    pixels: dict[str, torch.Tensor]  # view key -> uint8 (N, S, S, 3) (pil path)
-    jpegs: torch.Tensor | None  # the image bytes, concatenated (device path)
-    offsets: list[int]  # where each sample's bytes start in `jpegs` (and the end)
-    tokens: dict[str, torch.Tensor]  # plan name -> tokens of its rows
-    token_rows: dict[str, list[int]]
-
-    def pin_memory(self) -> Batch:
-        """The uint8 buffers in page-locked memory (DataLoader's pin_memory calls this), so copies to the GPU
-        are asynchronous and run at full bus speed."""
-        self.pixels = {k: v.pin_memory() for k, v in self.pixels.items()}
-        if self.jpegs is not None:
-            self.jpegs = self.jpegs.pin_memory()
-        return self
-
-    def image_bytes(self, i: int) -> torch.Tensor:
-        assert self.jpegs is not None
-        return self.jpegs[self.offsets[i]:self.offsets[i + 1]]
-
-
-@dataclass
-class _Item:
-    key: str
-    error: str
-    caption: str
-    language: str
-    url: str
-    sha256: str
-    pixels: dict[str, np.ndarray]
-    data: bytes
-
-
-def decode_views(data: bytes, views: list[View]) -> tuple[dict[str, np.ndarray], str]:
-    """One decode of an image and its pixels in every view (uint8 HWC); zeros and the error when it fails."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
-            return {v.key: np.asarray(v.resize(rgb), dtype=np.uint8) for v in views}, ""
-    except Exception as err:  # noqa: BLE001 - one bad image is one failed row
-        return ({v.key: np.zeros((v.size, v.size, 3), np.uint8) for v in views},
-                f"cannot decode image: {type(err).__name__}: {err}")
-
-
-class _Samples(torch.utils.data.IterableDataset):
-    """The shards' samples, decoded to every view (pil) or as bytes (device); workers take every n-th shard."""
-
-    def __init__(self, tar_paths: list[str], views: list[View], keep: frozenset[str] | None, raw: bool) -> None:
-        self.tar_paths, self.views, self.keep, self.raw = tar_paths, views, keep, raw
-
-    def __iter__(self) -> Iterator[_Item]:
-        info = torch.utils.data.get_worker_info()
-        paths = self.tar_paths if info is None else self.tar_paths[info.id::info.num_workers]
-        for path in paths:
-            for s in iter_shard_samples(path, self.keep):
-                pixels, error = ({}, "") if self.raw else decode_views(s.image, self.views)
-                meta = s.meta
-                yield _Item(s.key, error, s.caption, str(meta.get("language") or ""), str(meta.get("url") or ""),
-                            str(meta.get("sha256") or ""), pixels, s.image if self.raw else b"")
-
-
-class _Collate:
-    """One tensor per view (or one byte buffer) for the batch, and the captions tokenized by each plan; runs in
-    the worker."""
-
-    def __init__(self, views: list[View], texts: dict[str, TextPlan], raw: bool) -> None:
-        self.views, self.texts, self.raw = views, texts, raw
-
-    def __call__(self, items: list[_Item]) -> Batch:
-        pixels = {} if self.raw else {v.key: torch.from_numpy(np.stack([it.pixels[v.key] for it in items]))
-                                      for v in self.views}
-        jpegs, offsets = None, [0]
-        if self.raw:
-            for it in items:
-                offsets.append(offsets[-1] + len(it.data))
-            jpegs = torch.frombuffer(bytearray(b"".join(it.data for it in items)) or bytearray(1), dtype=torch.uint8)
-        tokens, token_rows = {}, {}
-        for name, plan in self.texts.items():
-            rows = [i for i, it in enumerate(items) if plan.rows(it.language)]
-            token_rows[name] = rows
-            if rows:
-                tokens[name] = plan.tokenizer([items[i].caption for i in rows])
-        return Batch([it.key for it in items], [it.error for it in items], [it.caption for it in items],
-                     [it.language for it in items], [it.url for it in items], [it.sha256 for it in items], pixels,
-                     jpegs, offsets, tokens, token_rows)
-
-
-def _one_thread(_worker_id: int) -> None:
-    # A decode worker needs one thread; torch's default (all cores) would fight the model for them.
-    torch.set_num_threads(1)
-
-
-def batches(tar_paths: list[str], views: list[View], texts: dict[str, TextPlan], batch_size: int, workers: int,
-            keep: frozenset[str] | None = None, raw: bool = False, pin: bool = False) -> Iterator[Batch]:
-    """The samples of the shards in batches, each image decoded once into every view (or left as bytes)."""
-    unique = list({v.key: v for v in views}.values())
-    workers = max(0, min(workers, len(tar_paths)))
-    loader = torch.utils.data.DataLoader(
-        _Samples(sorted(tar_paths), unique, keep, raw), batch_size=batch_size, num_workers=workers,
-        collate_fn=_Collate(unique, texts, raw), pin_memory=pin, prefetch_factor=4 if workers else None,
-        persistent_workers=False, worker_init_fn=_one_thread)
-    yield from loader
 
 
 # --- the pass -----------------------------------------------------------------------------------------------------
@@ -262,11 +107,11 @@ class Models:
         if self.english is not None:
             assert self.multilingual is not None
             same = self.multilingual is self.english
-            out["en"] = TextPlan(self.english.tokenizer, _every if same else _english)
+            out["en"] = TextPlan(self.english.tokenizer, every_language if same else is_english)
             if not same:
-                out["multi"] = TextPlan(self.multilingual.tokenizer, _other)
+                out["multi"] = TextPlan(self.multilingual.tokenizer, not_english)
         if self.embed is not None:
-            out["embed"] = TextPlan(self.embed.tokenizer, _every)
+            out["embed"] = TextPlan(self.embed.tokenizer, every_language)
         return out
 
 
@@ -309,8 +154,6 @@ class Pixels:
     def __init__(self, batch: Batch, views: dict[str, View], device: torch.device, path: str) -> None:
         self.views, self.device = views, device
         if path == "device":
-            from laion_assets.core.clip.preprocess import device_views
-
             self.uint8 = device_views(batch, list(views.values()), device)  # also records decode errors
         else:
             unique = {v.key for v in views.values()}
@@ -385,7 +228,7 @@ def _score(batch: Batch, pixels: Pixels, models: Models, result: PassResult) -> 
     assert models.english is not None and models.multilingual is not None
     report = result.score_report
     sims = np.full(len(batch.keys), np.nan, dtype=np.float32)
-    chosen = [models.english if _english(lang) else models.multilingual for lang in batch.languages]
+    chosen = [models.english if is_english(lang) else models.multilingual for lang in batch.languages]
     plans = {id(models.english): "en"}
     plans.setdefault(id(models.multilingual), "multi")
     weights = {id(m): weights_id(m.spec.arch, m.spec.pretrained) for m in models.scorers()}
@@ -456,8 +299,6 @@ def _flush(pending: _Kept, batch_size: int, models: Models, views: dict[str, Vie
             result.embed_keys += [keys[i] for i in ok]
             result.embed_meta += [meta[i] for i in ok]
     if models.watermark is not None:
-        from laion_assets.core.clip.watermark import pwatermark
-
         spec = models.watermark_spec
         assert spec is not None
         px, pending.mark_px = _take(pending.mark_px, n)

@@ -14,7 +14,7 @@ import io
 import numpy as np
 import torch
 
-from laion_assets.core.clip.onepass import Batch, View
+from laion_assets.core.clip.loader import Batch, View
 
 
 def _cpu_decode(data: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,22 @@
 
 Production uses LAION-5B's models (open_clip tags, downloaded by open_clip when configured; the two heads from
 checkpoint paths). The offline default is a small set the project trains deterministically on its synthetic
-world and caches under `data/models/` (`offline/small_models.py`).
+world (`laion-assets small-models`, `laion_assets/offline/small_models.py`) into `data/models/`; the registry only
+reads its cards and never trains: a missing set is a clear error naming the command that builds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from laion_assets.core import paths
-from laion_assets.core.clip.specs import LAION_WATERMARK, ClipSpec, WatermarkSpec
-from laion_assets.core.settings import ModelSettings
+from laion_assets.core.clip.specs import LAION_WATERMARK, ClipSpec, WatermarkSpec, watermark_spec_from_checkpoint
+from laion_assets.core.settings import DEFAULT_MODELS_DIR, ModelSettings
 from laion_assets.core.storage import Storage
 
 # LAION-5B's models and thresholds (B/32 for filtering, 0.28 English and 0.26 for the rest; L/14 embeddings).
@@ -43,19 +44,35 @@ def _clip_of(spec: ClipSpec, arch: str, pretrained: str, threshold: float | None
     return spec if threshold is None else dataclasses.replace(spec, threshold=threshold)
 
 
-def resolve(settings: ModelSettings, log: Callable[[str], None] | None = None, build: bool = True) -> ModelSet:
-    """The preset's models with the settings' overrides applied (the small set is built on first use, unless
-    `build` is False: then FileNotFoundError)."""
-    if settings.preset == "small":
-        from laion_assets.core.offline.small_set import small_model_set
+def small_files(models_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Where the small offline set's checkpoints are (each with its `.json` card beside it)."""
+    root = Path(models_dir)
+    return {"clip_en": root / "small-clip-en.pt", "clip_multi": root / "small-clip-multi.pt",
+            "safety": root / "small-safety.pt", "watermark": root / "small-watermark.pt"}
 
-        if build:
-            from laion_assets.core.offline.small_models import build_small_models
 
-            build_small_models(settings.models_dir, log)
-        base = small_model_set(settings.models_dir)
-    else:
-        base = ModelSet(LAION_EN, LAION_MULTI, LAION_EMBED, "", LAION_WATERMARK)
+def small_model_set(models_dir: str | os.PathLike[str] = DEFAULT_MODELS_DIR) -> ModelSet:
+    """The small offline set as built; FileNotFoundError naming the command that builds it when it is missing."""
+    files = small_files(models_dir)
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the small models are not built yet ({', '.join(missing)}): run "
+                                "`laion-assets small-models` or `make models`")
+    return ModelSet(
+        clip_en=ClipSpec.from_checkpoint(files["clip_en"]),
+        clip_multi=ClipSpec.from_checkpoint(files["clip_multi"]),
+        # The stand-in for ViT-L/14: the small multilingual CLIP (captions come in four languages).
+        embed=ClipSpec.from_checkpoint(files["clip_multi"]),
+        safety_head=str(files["safety"]),
+        watermark=watermark_spec_from_checkpoint(files["watermark"]),
+    )
+
+
+def resolve(settings: ModelSettings) -> ModelSet:
+    """The preset's models with the settings' overrides applied (FileNotFoundError when the small set is not
+    built)."""
+    base = (small_model_set(settings.models_dir) if settings.preset == "small"
+            else ModelSet(LAION_EN, LAION_MULTI, LAION_EMBED, "", LAION_WATERMARK))
     watermark = base.watermark
     if settings.watermark_arch or settings.watermark_checkpoint or settings.watermark_image_size:
         watermark = dataclasses.replace(
@@ -121,12 +138,13 @@ def identity(chosen: ModelSet) -> dict[str, Any]:
     }
 
 
-# What each CLIP-stage asset depends on, of the identity: a change re-runs only the assets it touches.
+# The registry's parts, each a set of the identity's entries: each CLIP-stage output depends on one part, so that a
+# change re-runs only what it touches.
 PARTS = {
-    "clip_filter_models": ("clip_en", "threshold_en", "clip_multi", "threshold_multi"),
-    "embedding_model": ("embed",),
-    "safety_model": ("safety_head", "safety_threshold"),
-    "watermark_model": ("watermark", "watermark_threshold"),
+    "filter": ("clip_en", "threshold_en", "clip_multi", "threshold_multi"),
+    "embed": ("embed",),
+    "safety": ("safety_head", "safety_threshold"),
+    "watermark": ("watermark", "watermark_threshold"),
 }
 
 
@@ -137,7 +155,7 @@ def versions(settings: ModelSettings) -> dict[str, str]:
     import json
 
     try:
-        doc = identity(resolve(settings, build=False))
+        doc = identity(resolve(settings))
     except FileNotFoundError:
         return {part: f"{settings.preset}:unbuilt" for part in PARTS}
     return {part: hashlib.sha256(json.dumps({k: doc[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,11 +1,11 @@
 """`punsafe`: LAION's safety detector shape, an MLP on the normalized image embedding (768 -> 64 -> 512 -> 256 -> 1,
-sigmoid; unsafe above 0.5), with its training code (`laion-assets train-safety`) and the per-bucket scores.
+sigmoid; unsafe above 0.5), with its training code (`laion-assets train-safety`) and the per-bucket scores (`run`,
+what the `safety_scores` asset and `laion-assets clip safety` call).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,9 +14,13 @@ import torch
 from torch import nn
 
 from laion_assets.core.clip import checkpoints
+from laion_assets.core.clip.embeddings import read_embeddings
+from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.clip.specs import card
+from laion_assets.core.paths import EmbeddingKeys
+from laion_assets.core.progress import Log
+from laion_assets.core.storage import Storage
 
-Log = Callable[[str], None]
 SAFETY_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("punsafe", pa.float32()),
                            ("unsafe", pa.bool_())])
 
@@ -98,3 +102,24 @@ def safety_table(keys: pa.Array, embeddings: np.ndarray, head: SafetyHead, name:
     return pa.table({"key": keys, "model": pa.array([name] * len(scores), pa.string()),
                      "punsafe": pa.array(scores, pa.float32()), "unsafe": pa.array(scores > threshold)},
                     schema=SAFETY_SCHEMA)
+
+
+class NoSafetyHead(ValueError):
+    """The model set names no safety head."""
+
+
+def run(store: Storage, files: EmbeddingKeys, chosen: ModelSet) -> tuple[pa.Table, dict[str, Any]]:
+    """The safety scores' entry point: punsafe of every sample of one bucket's embeddings from the model set's
+    head, and a report (samples, unsafe, model, unsafe fraction)."""
+    if not chosen.safety_head:
+        raise NoSafetyHead("no safety head configured (ModelSettings.safety_head, --safety-head)")
+    img, _, meta = read_embeddings(store, files)
+    head, doc = load_safety_head(chosen.safety_head)
+    name = doc.get("name", chosen.safety_head)
+    try:
+        table = safety_table(meta["key"], img, head, name, chosen.safety_threshold)
+    except SafetyDimensionError as err:
+        raise SafetyDimensionError(f"{err} (the embeddings of {chosen.embed.name}, the head {name})") from err
+    unsafe = sum(table["unsafe"].to_pylist())
+    return table, {"samples": table.num_rows, "unsafe": unsafe, "model": name,
+                   "unsafe_fraction": round(unsafe / table.num_rows, 4) if table.num_rows else 0.0}

@@ -14,12 +14,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from laion_assets.core.clip.models import ClipSpec, LoadedClip, Log, load_clip, weights_id
-from laion_assets.core.clip.onepass import Models, PassResult, StageReport, decode_path, one_pass
+from laion_assets.core.clip.loader import is_english
+from laion_assets.core.clip.models import ClipSpec, LoadedClip, load_clip, weights_id
+from laion_assets.core.clip.onepass import PassResult, StageReport
 from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.clip.shards import downloaded_samples
 from laion_assets.core.download.plan import ShardsManifest
-from laion_assets.core.settings import ModelSettings
+from laion_assets.core.progress import Log
 from laion_assets.core.storage import Storage
 
 SCORE_SCHEMA = pa.schema([
@@ -29,20 +30,8 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
-def is_english(language: str) -> bool:
-    return language == "en"
-
-
 def spec_weights(spec: ClipSpec) -> str:
     return weights_id(spec.arch, spec.pretrained)
-
-
-def score_shards(tar_paths: list[str], english: LoadedClip, multilingual: LoadedClip, batch_size: int = 256,
-                 workers: int = 1, log: Log | None = None, path: str = "pil") -> tuple[pa.Table, StageReport]:
-    """Similarity of every sample's image and caption: English captions with the English CLIP, the rest
-    (other and undetected languages) with the multilingual one. Every sample gets a row."""
-    result = one_pass(tar_paths, Models(english, multilingual), None, batch_size, workers, path, log)
-    return score_table(result), result.score_report
 
 
 def score_table(result: PassResult) -> pa.Table:
@@ -98,21 +87,6 @@ def load_scorers(chosen: ModelSet, device: torch.device) -> tuple[LoadedClip, Lo
     """The English and multilingual CLIPs (one model when they are the same)."""
     english = load_clip(chosen.clip_en, device)
     return english, english if chosen.clip_multi == chosen.clip_en else load_clip(chosen.clip_multi, device)
-
-
-def score_bucket(store: Storage, download: ShardsManifest, chosen: ModelSet, settings: ModelSettings,
-                 previous: pa.Table | None = None, reuse: bool = True, log: Log | None = None
-                 ) -> tuple[pa.Table, StageReport]:
-    """Scores of a finished download's samples: re-filtered from `previous` when it still holds, else computed."""
-    from laion_assets.core.clip.models import pick_device
-
-    reused = reused_scores(store, download, chosen, previous, reuse, log)
-    if reused is not None:
-        return reused
-    english, multilingual = load_scorers(chosen, pick_device(settings.device))
-    with store.local_copies([s.tar for s in download.keys()]) as local:
-        return score_shards(local, english, multilingual, settings.batch_size, settings.decode_workers, log,
-                            decode_path(settings, english.device.type))
 
 
 def similarity_histogram(scores: pa.Table, bins: int = 10) -> dict[str, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,11 @@ from PIL import Image
 from torch import nn
 
 from laion_assets.core.clip import checkpoints
-from laion_assets.core.clip.models import pick_device
-from laion_assets.core.clip.specs import LAION_WATERMARK, WatermarkSpec, watermark_spec_from_checkpoint  # noqa: F401
-from laion_assets.core.download.plan import ShardsManifest
-from laion_assets.core.settings import ModelSettings
-from laion_assets.core.storage import Storage
+from laion_assets.core.clip.specs import WatermarkSpec
+from laion_assets.core.progress import Log
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Log = Callable[[str], None]
 
 
 def watermark_transform(size: int) -> Any:
@@ -105,17 +100,6 @@ WATERMARK_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("pw
                               ("watermark", pa.bool_()), ("status", pa.string()), ("error_message", pa.string())])
 
 
-def watermark_shards(tar_paths: list[str], keep: frozenset[str], model: nn.Module, spec: WatermarkSpec,
-                     device: torch.device, batch_size: int = 128, workers: int = 1,
-                     log: Log | None = None, path: str = "pil") -> tuple[pa.Table, dict[str, Any]]:
-    """pwatermark of every kept sample, a row each (a sample that fails to decode is a failed row)."""
-    from laion_assets.core.clip.onepass import Models, one_pass
-
-    model = model.to(device)
-    return watermark_table(one_pass(tar_paths, Models(watermark=model, watermark_spec=spec), keep, batch_size,
-                                    workers, path, log))
-
-
 def watermark_table(result: Any) -> tuple[pa.Table, dict[str, Any]]:
     """A pass's watermark rows sorted by key, and their report."""
     rows = sorted(result.watermark_rows, key=lambda r: r["key"])
@@ -144,16 +128,3 @@ def load_image_folders(root: str | os.PathLike[str], size: int) -> tuple[torch.T
     if len(set(labels)) < 2:
         raise ValueError("train-watermark needs images in both clean/ and watermark/")
     return torch.stack(tensors), torch.tensor(labels)
-
-
-def watermark_bucket(store: Storage, download: ShardsManifest, keep: frozenset[str], spec: WatermarkSpec,
-                     settings: ModelSettings, log: Log | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """pwatermark of the kept samples of a finished download."""
-    device = pick_device(settings.device)
-    model = load_watermark(spec, device)
-    shards = download.keys()
-    with store.local_copies([s.tar for s in shards]) as local:
-        from laion_assets.core.clip.onepass import decode_path
-
-        return watermark_shards(local, keep, model, spec, device, settings.batch_size, settings.decode_workers, log,
-                                decode_path(settings, device.type))

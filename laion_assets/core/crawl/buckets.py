@@ -17,7 +17,6 @@ import xxhash
 
 from laion_assets.core import paths
 from laion_assets.core.paths import Layout
-from laion_assets.core.storage import Storage
 
 
 def bucket_of(urls: list[str], n_buckets: int) -> np.ndarray:
@@ -65,12 +64,3 @@ class BucketWriter:
         for w in self._writers.values():
             w.close()
         return {self.layout.bucket_key(b): self.path(b) for b in range(self.layout.buckets)}
-
-
-def complete_chunks(storage: Storage, crawl: str, layout: Layout) -> set[str]:
-    """Chunk keys whose marker exists: their bucket files are all there."""
-    done = set()
-    for key in storage.list(paths.candidates(crawl, layout)):
-        if key.endswith("/" + paths.CHUNK_MARKER):
-            done.add(key.rsplit("/", 2)[-2].partition("=")[2])
-    return done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -11,6 +13,7 @@ from urllib.parse import urljoin
 import gcld3
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.crawl.buckets import BucketWriter
@@ -61,6 +64,7 @@ class ExtractReport:
     truncated_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     preview: list[dict[str, Any]] = field(default_factory=list)
+    output: Any = None  # what the target committed: a ChunkOutput, or the Parquet file's path
 
     def metadata(self) -> dict[str, Any]:
         data: dict[str, Any] = asdict(self.counts)
@@ -251,20 +255,10 @@ def _count_file(counts: ExtractCounts, stats: ReadStats, table: pa.Table) -> Non
     counts.other_language += table.num_rows - english - nolang
 
 
-def extract_locations(
-    locations: Iterable[tuple[str, str]],
-    crawl: str,
-    on_table: Callable[[pa.Table], None],
-    settings: ExtractSettings | None = None,
-    source: SourceSettings | None = None,
-    s3_client: Any = None,
-    progress: Callable[[int, str], None] | None = None,
-) -> ExtractReport:
-    """Extract pairs from (location, name) WAT files, handing each file's table to on_table.
-
-    A file that cannot be fetched after retries is recorded in the report and the others go on.
-    """
-    source = source or SourceSettings()
+def _extract(locations: Iterable[tuple[str, str]], crawl: str, on_table: Callable[[pa.Table], None],
+             settings: ExtractSettings | None, source: SourceSettings, s3_client: Any,
+             progress: Callable[[int, str], None] | None) -> ExtractReport:
+    """Every file's pairs to on_table; a file that cannot be fetched after retries is recorded and the others go on."""
     extractor = PairExtractor(settings)
     report = ExtractReport()
     start = time.perf_counter()
@@ -292,7 +286,7 @@ def extract_locations(
 @dataclass
 class ChunkOutput(JsonRecord):
     """What one chunk of the parse stage wrote: its bucket files (bucket key -> storage key) and their rows, its WAT
-    files and counts. Stored as the chunk's marker, last: the chunk is complete when it exists."""
+    files and counts. Committed as the chunk's marker, last: the chunk is complete when it exists."""
 
     crawl: str
     chunk: str
@@ -300,35 +294,85 @@ class ChunkOutput(JsonRecord):
     rows: dict[str, int]
     wat_files: list[str]
     report: dict[str, Any]
+    marker: str = ""
+
+    def committed_at(self) -> str | None:
+        return self.marker or None
 
 
-def extract_chunk(
-    storage: Storage,
-    crawl: str,
-    chunk: str,
-    wat_paths: list[str],
-    layout: Layout,
-    settings: ExtractSettings | None = None,
-    source: SourceSettings | None = None,
-    s3_client: Any = None,
-    progress: Callable[[int, str], None] | None = None,
-) -> tuple[ExtractReport, ChunkOutput]:
-    """One chunk of the parse stage: its WAT files' pairs, split by URL bucket into storage.
+class ChunkTarget:
+    """A chunk of the parse stage: its pairs split by URL bucket into storage, the bucket files committed first and
+    the chunk's marker last, so that a killed run leaves nothing `unique_pairs` would trust and a rerun redoes the
+    chunk whole."""
 
-    The bucket files are committed first and the chunk's marker last, so a killed run leaves nothing
-    that `unique_pairs` would trust and a rerun redoes the chunk whole.
-    """
+    def __init__(self, storage: Storage, crawl: str, chunk: str, layout: Layout) -> None:
+        self.storage, self.crawl, self.chunk, self.layout = storage, crawl, chunk, layout
+        self.marker = paths.candidates_marker(crawl, chunk, layout)
+
+    def __enter__(self) -> ChunkTarget:
+        self.storage.delete(self.marker)
+        self._stage = self.storage.staging_dir()
+        self.writer = BucketWriter(self._stage.__enter__(), self.layout, SCHEMA)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write(table)
+
+    def commit(self, report: ExtractReport, wat_files: list[str]) -> ChunkOutput:
+        files = {b: paths.candidates_file(self.crawl, self.chunk, b, self.layout) for b in self.layout.bucket_keys()}
+        for bucket, local in self.writer.close().items():
+            self.storage.put_file(local, files[bucket])
+        rows = {self.layout.bucket_key(b): n for b, n in enumerate(self.writer.rows)}
+        output = ChunkOutput(self.crawl, self.chunk, files, rows, wat_files, report.metadata(), self.marker)
+        self.storage.write_bytes(self.marker, output.to_json())
+        return output
+
+    def __exit__(self, *exc: object) -> None:
+        self._stage.__exit__(*exc)
+
+
+class FileTarget:
+    """All pairs in one Parquet file (the `extract` command), in place only once complete."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> FileTarget:
+        self._tmp = self.path + ".tmp"
+        self.writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def commit(self, report: ExtractReport, wat_files: list[str]) -> str:
+        self.writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
+def run(locations: Iterable[tuple[str, str]], crawl: str, target: ChunkTarget | FileTarget | Callable[[pa.Table], None],
+        settings: ExtractSettings | None = None, source: SourceSettings | None = None, s3_client: Any = None,
+        progress: Callable[[int, str], None] | None = None) -> ExtractReport:
+    """The parse stage's entry point: pairs of the (location, name) WAT files into the target (a chunk's bucket
+    files, one Parquet file, or any callable taking each file's table), every drop counted by rule. A file that
+    cannot be fetched after retries is recorded in the report and the others go on; what the target committed is
+    the report's `output`."""
     source = source or SourceSettings()
-    marker = paths.candidates_marker(crawl, chunk, layout)
-    storage.delete(marker)
-    files = {b: paths.candidates_file(crawl, chunk, b, layout) for b in layout.bucket_keys()}
-    with storage.staging_dir() as stage:
-        writer = BucketWriter(stage, layout, SCHEMA)
-        report = extract_locations(((join_source(source.base, p), p) for p in wat_paths), crawl, writer.write,
-                                   settings, source, s3_client, progress)
-        for bucket, local in writer.close().items():
-            storage.put_file(local, files[bucket])
-    rows = {layout.bucket_key(b): n for b, n in enumerate(writer.rows)}
-    output = ChunkOutput(crawl, chunk, files, rows, list(wat_paths), report.metadata())
-    storage.write_bytes(marker, output.to_json())
-    return report, output
+    locations = list(locations)
+    if callable(target):
+        return _extract(locations, crawl, target, settings, source, s3_client, progress)
+    with target:
+        report = _extract(locations, crawl, target.write, settings, source, s3_client, progress)
+        report.output = target.commit(report, [name for _, name in locations])
+    return report
+
+
+def chunk_locations(wat_paths: list[str], source: SourceSettings) -> list[tuple[str, str]]:
+    """(location, name) of a chunk's WAT files: the listing's paths are relative to the source."""
+    return [(join_source(source.base, p), p) for p in wat_paths]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
+from laion_assets.core.crawl.source import read_listing
 from laion_assets.core.paths import Layout
+from laion_assets.core.settings import SourceSettings
 
 
 def chunk_slices(n_paths: int, n_chunks: int) -> list[tuple[int, int]]:
@@ -25,3 +29,8 @@ def build_manifest(wat_paths: list[str], layout: Layout) -> pa.Table:
 def chunk_paths(manifest: pa.Table, chunk: str) -> list[str]:
     """The WAT paths of one chunk, in listing order."""
     return [p for c, p in zip(manifest["chunk"].to_pylist(), manifest["path"].to_pylist(), strict=True) if c == chunk]
+
+
+def run(crawl: str, source: SourceSettings, layout: Layout, s3_client: Any = None) -> pa.Table:
+    """The WAT manifest's entry point: the crawl's `wat.paths.gz` from the source, split into the layout's chunks."""
+    return build_manifest(read_listing(crawl, source, s3_client), layout)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from laion_assets.core import paths
 from laion_assets.core.download.reader import Inputs
@@ -126,6 +125,9 @@ class ShardsManifest(JsonRecord):
     statuses: dict[str, int]
     shards: list[ShardEntry]
 
+    def committed_at(self) -> str:
+        return paths.shards_manifest(self.prefix)
+
     def keys(self) -> list[paths.ShardKeys]:
         return [paths.ShardKeys(paths.join(self.prefix, s.tar), paths.join(self.prefix, s.rows),
                                 paths.join(self.prefix, s.stats)) for s in self.shards]
@@ -155,6 +157,3 @@ def read_manifest(store: Storage, prefix: str) -> ShardsManifest:
                                       "missing: the download has not finished)")
     return ShardsManifest.from_json(store.read_bytes(key))
 
-
-def manifest_summary(manifest: ShardsManifest) -> dict[str, Any]:
-    return {"shards": len(manifest.shards), "rows": manifest.rows, **manifest.statuses}

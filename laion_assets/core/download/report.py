@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from laion_assets.core.records import JsonRecord
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "skipped_by_policy")
 
 
 @dataclass
-class ShardStats:
+class ShardStats(JsonRecord):
     """A shard's marker: its counts, and what it was made from, so that a rerun can tell whether it still
     matches the plan (same input rows, same row range, same output settings)."""
 
@@ -27,15 +27,6 @@ class ShardStats:
     bytes_downloaded: int = 0
     bytes_written: int = 0
     duration_s: float = 0.0
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ShardStats:
-        doc = orjson.loads(data)
-        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass

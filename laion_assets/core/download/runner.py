@@ -5,7 +5,6 @@ ends), with decode/resize/encode in a thread pool (Pillow releases the GIL) and 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from laion_assets.core.download.plan import Plan, ShardPlan
 from laion_assets.core.download.reader import Inputs
 from laion_assets.core.download.report import ShardStats
 from laion_assets.core.download.writer import Piece, PieceBuilder, new_row, write_shard
+from laion_assets.core.progress import Throttle
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
@@ -37,24 +37,23 @@ class RunResult:
 
 
 class Progress:
-    """Counts finished URLs and hands them to a callback at most every `every_s` seconds."""
+    """Counts finished URLs and hands them to a callback at most every `every_s` seconds (from a worker process the
+    callback crosses a queue: one message per URL would cost more than the URL)."""
 
     def __init__(self, callback: ProgressFn | None, every_s: float = 0.5) -> None:
-        self.callback, self.every_s = callback, every_s
+        self.callback, self.throttle = callback, Throttle(every_s)
         self.done = self.ok = 0
-        self.last = time.monotonic()
 
     def add(self, success: bool) -> None:
         self.done += 1
         self.ok += success
-        if time.monotonic() - self.last > self.every_s:
+        if self.throttle.due():
             self.flush()
 
     def flush(self) -> None:
         if self.callback and self.done:
             self.callback(self.done, self.ok)
         self.done = self.ok = 0
-        self.last = time.monotonic()
 
 
 def _extension(data: bytes) -> str:

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,10 +30,9 @@ from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.evaluate import ExactTopK, Quality, measure, tune_nprobe
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.paths import EmbeddingKeys
+from laion_assets.core.progress import Log
 from laion_assets.core.settings import IndexSettings
 from laion_assets.core.storage import Storage
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,11 +27,11 @@ from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.build import IndexReport, build_index
 from laion_assets.core.index.merge import merge_indices
 from laion_assets.core.index.records import IndexFile, IndexRecord
+from laion_assets.core.progress import Log
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.settings import IndexSettings, ReleaseSettings
 from laion_assets.core.storage import Storage, file_sha256
 
-Log = Callable[[str], None]
 REPORT = "_report.json"
 
 

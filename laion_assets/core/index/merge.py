@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,9 @@ from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.build import IndexReport, read_report, tune, write_json
 from laion_assets.core.index.evaluate import ExactTopK, measure
 from laion_assets.core.index.search import MODALITIES, load_faiss
+from laion_assets.core.progress import Log
 from laion_assets.core.settings import IndexSettings
 
-Log = Callable[[str], None]
 TRAIN_PER_LIST = 64
 
 

@@ -169,12 +169,12 @@ def _columns(frame: pl.DataFrame | pl.LazyFrame, columns: list[str]) -> pl.DataF
     return frame.lazy().select(columns).collect()
 
 
-def filter_bucket(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest: ShardsManifest,
-                  scores: pl.DataFrame | pl.LazyFrame, safety: pl.DataFrame | pl.LazyFrame,
-                  watermark: pl.DataFrame | pl.LazyFrame, language_scores: pl.DataFrame,
-                  duplicates: pl.DataFrame | pl.LazyFrame, removals: RemovalMatcher | None = None,
-                  removal_version: str = "") -> tuple[FilteredBucket, pa.Table]:
-    """The bucket's filtered metadata, written; its record and its rows."""
+def run(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest: ShardsManifest,
+        scores: pl.DataFrame | pl.LazyFrame, safety: pl.DataFrame | pl.LazyFrame,
+        watermark: pl.DataFrame | pl.LazyFrame, language_scores: pl.DataFrame,
+        duplicates: pl.DataFrame | pl.LazyFrame, removals: RemovalMatcher | None = None,
+        removal_version: str = "") -> tuple[FilteredBucket, pa.Table]:
+    """The filtered metadata's entry point: the bucket's filtered metadata, written; its record and its rows."""
     start = time.perf_counter()
     downloads = download_rows(store, manifest)
     scores = _columns(scores, ["key", "model", "similarity", "threshold", "keep"])

@@ -61,13 +61,14 @@ def bucket_candidates(store: Storage, crawl: str, bucket: str, manifest: ShardsM
                 .collect())
 
 
-def dedup_crawl(store: Storage, crawl: str, downloads: Mapping[str, ShardsManifest],
-                scores: Mapping[str, pl.LazyFrame | pl.DataFrame], earlier: Mapping[str, pl.LazyFrame],
-                radius: int, removals: RemovalMatcher | None = None, removal_version: str = "",
-                partition_rows: int = PARTITION_ROWS) -> tuple[LocalParquet, ImageDedupReport]:
-    """The crawl's kept samples with duplicate_of / near_duplicate_of (a local Parquet file that lives as long as
-    the process, sorted by sample_id), and a report. `downloads` and `scores` are keyed by bucket; `earlier` maps
-    each earlier crawl to its own image dedup table, whose winners (not duplicates themselves) compete first.
+def run(store: Storage, crawl: str, downloads: Mapping[str, ShardsManifest],
+        scores: Mapping[str, pl.LazyFrame | pl.DataFrame], earlier: Mapping[str, pl.LazyFrame],
+        radius: int, removals: RemovalMatcher | None = None, removal_version: str = "",
+        partition_rows: int = PARTITION_ROWS) -> tuple[LocalParquet, ImageDedupReport]:
+    """The image dedup's entry point: the crawl's kept samples with duplicate_of / near_duplicate_of (a local Parquet
+    file that lives as long as the process, sorted by sample_id), and a report. `downloads` and `scores` are keyed
+    by bucket; `earlier` maps each earlier crawl to its own image dedup table, whose winners (not duplicates
+    themselves) compete first.
 
     One bucket (or one earlier crawl's bucket) and one dedup partition are in memory at a time: the memory does not
     grow with the crawl (see `dedup.py`)."""

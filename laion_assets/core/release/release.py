@@ -56,6 +56,9 @@ class ReleaseManifest(JsonRecord):
     def rows(self) -> int:
         return sum(self.counts.values())
 
+    def committed_at(self) -> str:
+        return paths.release_manifest(self.crawl)
+
     def part_keys(self, subset: str | None = None) -> list[str]:
         root = paths.release(self.crawl)
         return [paths.join(root, p.file) for p in self.parts if subset is None or p.subset == subset]
@@ -80,9 +83,10 @@ def _kept_mask(batch: Any, settings: ReleaseSettings) -> Any:
     return keep
 
 
-def write_release(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expected: list[str],
-                  settings: ReleaseSettings, models: dict[str, Any], code_version: str) -> ReleaseManifest:
-    """Write the crawl's release from every bucket's filtered metadata; returns the manifest (already stored)."""
+def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expected: list[str],
+        settings: ReleaseSettings, models: dict[str, Any], code_version: str) -> ReleaseManifest:
+    """The release's entry point: the crawl's release written from every bucket's filtered metadata; returns the
+    manifest (committed last, its completion marker)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

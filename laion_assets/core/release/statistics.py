@@ -255,9 +255,10 @@ def _rebin(hist: np.ndarray, bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(len(counts)) * width + width / 2, counts
 
 
-def release_statistics(store: Any, crawl: str, part_keys: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The statistics of a crawl's release parts, written beside them: statistics.json, statistics.md and the PNG
-    plots. Returns the statistics and {file kind or plot name: storage key}."""
+def run(store: Any, crawl: str, part_keys: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The dataset statistics' entry point: the statistics of a crawl's release parts, written beside them:
+    statistics.json, statistics.md and the PNG plots. Returns the statistics and {file kind or plot name: storage
+    key}."""
     import json
     import os
 

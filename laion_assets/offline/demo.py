@@ -25,8 +25,8 @@ from laion_assets.core import paths
 from laion_assets.core.download.report import STATUSES
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import DEFAULT_IMAGE_BASE, OperationsSettings
+from laion_assets.definitions import resources_from_env
 from laion_assets.operations import register_new_crawls
-from laion_assets.resources import resources_from_env
 
 SAMPLE_PORT = urlsplit(DEFAULT_IMAGE_BASE).port  # where the sample crawl's image links point
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import orjson
 
 from laion_assets.core import paths
-from laion_assets.core.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import SampleSettings
+from laion_assets.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
 
 
 @dataclass

@@ -27,11 +27,10 @@ from laion_assets.core.clip.models import (
     SMALL_ARCH,
     ClipSpec,
     LoadedClip,
-    Log,
     load_clip,
     register_small_arch,
 )
-from laion_assets.core.clip.registry import ModelSet
+from laion_assets.core.clip.registry import ModelSet, small_files, small_model_set
 from laion_assets.core.clip.safety import load_safety_head, punsafe, save_safety_head, train_safety_head
 from laion_assets.core.clip.watermark import (
     WatermarkSpec,
@@ -40,9 +39,9 @@ from laion_assets.core.clip.watermark import (
     train_watermark,
     watermark_transform,
 )
-from laion_assets.core.offline.small_set import model_files, small_model_set
-from laion_assets.core.offline.synthetic import LANGUAGES
+from laion_assets.core.progress import Log
 from laion_assets.core.settings import DEFAULT_MODELS_DIR
+from laion_assets.offline.synthetic import LANGUAGES
 
 SMALL_WATERMARK_ARCH = "mobilenetv3_small_050"
 SMALL_WATERMARK_SIZE = 96
@@ -67,7 +66,7 @@ def small_models(models_dir: str | os.PathLike[str] = DEFAULT_MODELS_DIR, log: C
 
 def build_small_models(models_dir: str | os.PathLike[str] = DEFAULT_MODELS_DIR, log: Callable | None = None) -> None:
     """Train whatever of the small set is missing (deterministically; about 2.5 minutes on 2 cores for all)."""
-    paths = model_files(models_dir)
+    paths = small_files(models_dir)
     say = log or (lambda _m: None)
     with _lock(Path(models_dir)), torch.random.fork_rng():
         threads = torch.get_num_threads()
@@ -93,7 +92,7 @@ def _safety_set(embed: ClipSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndar
     model = load_clip(embed)
     images, scenes, _ = synthetic_pairs(n, seed, model.image_size, ("en",))
     labels = np.array([s.color == SAFETY_CONCEPT for s in scenes], dtype=np.float32)
-    return model.encode_images(images), labels
+    return model.encode_pixels(images), labels
 
 
 def _build_safety(embed: ClipSpec, out: Path, say: Callable) -> None:
@@ -131,7 +130,7 @@ def synthetic_tensor(img: Image.Image, size: int) -> torch.Tensor:
 def synthetic_pairs(n: int, seed: int, size: int, languages: tuple[str, ...], watermark_rate: float = 0.0
                     ) -> tuple[torch.Tensor, list[Any], list[str]]:
     """n rendered scenes (small renders: cheap, and the model sees 32 px anyway), their scenes and captions."""
-    from laion_assets.core.offline.synthetic import random_scene, render
+    from laion_assets.offline.synthetic import random_scene, render
 
     rng = random.Random(seed)
     images, scenes, captions = [], [], []
@@ -204,8 +203,8 @@ def held_out_similarities(model: LoadedClip, n: int, seed: int, languages: tuple
     taking the real path: photo-sized render, JPEG, the download stage's 256 px border, CLIP preprocessing
     (so that the calibrated threshold holds for what the pipeline stores)."""
     from laion_assets.core.download.resize import process_image
-    from laion_assets.core.offline.synthetic import jpeg_bytes, random_scene, render
     from laion_assets.core.settings import ResizeSettings
+    from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
     rng = random.Random(seed)
     tensors, captions = [], []
@@ -216,7 +215,7 @@ def held_out_similarities(model: LoadedClip, n: int, seed: int, languages: tuple
         with Image.open(io.BytesIO(stored)) as img:
             tensors.append(model.preprocess(img.convert("RGB")))
         captions.append(scene.caption(rng.choice(languages)))
-    img = model.encode_images(torch.stack(tensors))
+    img = model.encode_pixels(torch.stack(tensors))
     shuffled = captions[1:] + captions[:1]
     return (img * model.encode_texts(captions)).sum(1), (img * model.encode_texts(shuffled)).sum(1)
 
@@ -241,7 +240,7 @@ SAFETY_CONCEPT = "red"
 def synthetic_watermark_set(n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Half the renders carry a text mark; returned preprocessed as the watermark model sees shards."""
     from laion_assets.core.download.resize import pad_square
-    from laion_assets.core.offline.synthetic import random_scene, render
+    from laion_assets.offline.synthetic import random_scene, render
 
     rng = random.Random(seed)
     transform = watermark_transform(size)
