@@ -65,8 +65,8 @@ def _write_shard(path: str, shard: int, lo: int, hi: int) -> None:
 
     from laion_assets.core.download.resize import process_image
     from laion_assets.core.download.writer import write_tar
-    from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
     from laion_assets.core.settings import ResizeSettings
+    from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
     rng = random.Random(shard)
     samples = []

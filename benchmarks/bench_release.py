@@ -55,9 +55,9 @@ CRAWL = "CC-MAIN-2099-01"
 
 
 def generate(root: str, rows: int, buckets: int) -> None:
-    from laion_assets.offline.release_inputs import bucket_inputs
     from laion_assets.core.paths import Layout
     from laion_assets.core.storage import Storage
+    from laion_assets.offline.release_inputs import bucket_inputs
     from laion_assets_tests.release.upstream import write_bucket
 
     store, layout = Storage(root), Layout(chunks=1, buckets=buckets)
