@@ -93,7 +93,10 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[str]:
 class Storage(abc.ABC):
     """A storage root: a local directory or `s3://bucket/prefix`; keys are `/`-separated relative paths.
 
-    `Storage(root, s3_options)` makes the backend the root names (`LocalStorage` or `S3Storage`)."""
+    `Storage(root, s3_options)` makes the backend the root names (`LocalStorage` or `S3Storage`). The public methods
+    are defined here only, each checking its key and calling the backend's underscored method: a backend implements
+    those, so that what wraps or patches `Storage.put_file` (a test killing a writer mid-commit) sees every backend's
+    writes."""
 
     root: str
 
@@ -115,77 +118,77 @@ class Storage(abc.ABC):
         return key
 
     # --- naming -------------------------------------------------------------------------------------
-    @abc.abstractmethod
     def uri(self, key: str) -> str:
         """The full location of a key: a local path or an s3:// URI."""
+        return self._uri(self._check(key))
 
     # --- reading ------------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool:
+        return self._exists(self._check(key))
 
-    @abc.abstractmethod
-    def read_bytes(self, key: str) -> bytes: ...
+    def read_bytes(self, key: str) -> bytes:
+        return self._read_bytes(self._check(key))
 
-    @abc.abstractmethod
-    def size(self, key: str) -> int: ...
+    def size(self, key: str) -> int:
+        return self._size(self._check(key))
 
-    @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix (a folder), sorted; temporary files of unfinished writes are not listed."""
+        return self._list(self._check(prefix.strip("/")))
 
-    @abc.abstractmethod
     def download(self, key: str, dest: str) -> None:
         """Copy an object to a local file."""
+        self._download(self._check(key), dest)
 
-    @abc.abstractmethod
     def scratch_copies(self, keys: list[str]) -> list[str]:
         """Local paths for keys that stay readable until this process exits: the files themselves on a local root,
         downloads into the process's scratch folder on S3. For readers that outlive the call (a polars LazyFrame
         is scanned when it is written, after the asset that built it has returned)."""
+        return self._scratch_copies([self._check(k) for k in keys])
 
-    @abc.abstractmethod
     def local_copies(self, keys: list[str]) -> contextlib.AbstractContextManager[list[str]]:
         """Local paths for keys: the files themselves on a local root, temporary downloads on S3."""
+        return self._local_copies([self._check(k) for k in keys])
 
-    @abc.abstractmethod
     def input_folder(self, prefix: str) -> contextlib.AbstractContextManager[str]:
         """A local folder holding the files under prefix (their names relative to it), for readers that take a
         folder (faiss): the folder itself on a local root, a temporary download on S3."""
+        return self._input_folder(self._check(prefix.strip("/")))
 
-    @abc.abstractmethod
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any: ...
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+        return self._read_parquet(self._check(key), columns)
 
-    @abc.abstractmethod
     def parquet_rows(self, key: str) -> int:
         """Rows of a Parquet object, from its footer (on S3 two ranged reads of the object's tail, not the object)."""
+        return self._parquet_rows(self._check(key))
 
     # --- writing ------------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._write_bytes(self._check(key), data)
 
-    @abc.abstractmethod
     def put_file(self, local_path: str, key: str) -> None:
         """Commit a finished local file under key (moved when both are on one disk, else copied)."""
+        self._put_file(local_path, self._check(key))
 
-    @abc.abstractmethod
     def staging_dir(self) -> contextlib.AbstractContextManager[str]:
         """A scratch directory for files that put_file commits; on the same disk as a local root."""
+        return self._staging_dir()
 
-    @abc.abstractmethod
     def output_folder(self, key: str, last: str) -> contextlib.AbstractContextManager[str]:
         """A local folder for writers that take a folder (faiss, autofaiss) whose files become the folder `key`
         when the block ends without error, `last` (the file marking the folder complete) committed last: the
         folder itself on a local root, where the writer writes `last` last; on S3 a temporary folder uploaded when
         the block ends (the old `last` deleted first and files of an older build that the new one lacks deleted,
         so that the folder reads as incomplete while it uploads). Names starting with '.' are not committed."""
+        return self._output_folder(self._check(key.strip("/")), self._check(last))
 
-    @abc.abstractmethod
     def remove_stale_temporaries(self, prefix: str = "") -> int:
         """Delete what killed writers on this host left behind: staging folders under the root and
         temporary files directly under prefix whose process is gone. Returns how many were removed."""
+        return self._remove_stale_temporaries(self._check(prefix.strip("/")))
 
-    @abc.abstractmethod
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        self._delete(self._check(key))
 
     # --- typed helpers ----------------------------------------------------------------------------------
     def read_json(self, key: str) -> Any:
@@ -203,6 +206,58 @@ class Storage(abc.ABC):
         pq.write_table(table, buf, **{"compression": "zstd", **options})
         self.write_bytes(key, buf.getvalue())
 
+    # --- what a backend implements, for checked keys ------------------------------------------------------
+    @abc.abstractmethod
+    def _uri(self, key: str) -> str: ...
+
+    @abc.abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _read_bytes(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def _size(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _download(self, key: str, dest: str) -> None: ...
+
+    @abc.abstractmethod
+    def _scratch_copies(self, keys: list[str]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _local_copies(self, keys: list[str]) -> contextlib.AbstractContextManager[list[str]]: ...
+
+    @abc.abstractmethod
+    def _input_folder(self, prefix: str) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any: ...
+
+    @abc.abstractmethod
+    def _parquet_rows(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def _write_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _put_file(self, local_path: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _staging_dir(self) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _output_folder(self, key: str, last: str) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _remove_stale_temporaries(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    def _delete(self, key: str) -> None: ...
+
 
 class LocalStorage(Storage):
     """A storage root on a local disk: keys are files under the root directory."""
@@ -218,22 +273,22 @@ class LocalStorage(Storage):
         return LocalStorage, (self.root,)
 
     def _path(self, key: str) -> Path:
-        return Path(self.root, self._check(key))
+        return Path(self.root, key)
 
-    def uri(self, key: str) -> str:
+    def _uri(self, key: str) -> str:
         return str(self._path(key))
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def read_bytes(self, key: str) -> bytes:
+    def _read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
-    def size(self, key: str) -> int:
+    def _size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.strip("/"))
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
         if not base.is_dir():
             return []
         keys = [
@@ -243,35 +298,35 @@ class LocalStorage(Storage):
         ]
         return sorted(keys)
 
-    def download(self, key: str, dest: str) -> None:
+    def _download(self, key: str, dest: str) -> None:
         shutil.copyfile(self._path(key), dest)
 
-    def scratch_copies(self, keys: list[str]) -> list[str]:
+    def _scratch_copies(self, keys: list[str]) -> list[str]:
         return [str(self._path(k)) for k in keys]
 
     @contextlib.contextmanager
-    def local_copies(self, keys: list[str]) -> Iterator[list[str]]:
+    def _local_copies(self, keys: list[str]) -> Iterator[list[str]]:
         yield [str(self._path(k)) for k in keys]
 
     @contextlib.contextmanager
-    def input_folder(self, prefix: str) -> Iterator[str]:
-        yield str(self._path(prefix.strip("/")))
+    def _input_folder(self, prefix: str) -> Iterator[str]:
+        yield str(self._path(prefix))
 
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any:
         import pyarrow.parquet as pq
 
         return pq.read_table(self._path(key), columns=columns)
 
-    def parquet_rows(self, key: str) -> int:
+    def _parquet_rows(self, key: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(self._path(key)).metadata.num_rows
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _write_bytes(self, key: str, data: bytes) -> None:
         with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
 
-    def put_file(self, local_path: str, key: str) -> None:
+    def _put_file(self, local_path: str, key: str) -> None:
         with atomic_path(self._path(key)) as tmp:
             if os.stat(local_path).st_dev == os.stat(tmp).st_dev:
                 os.replace(local_path, tmp)
@@ -279,19 +334,19 @@ class LocalStorage(Storage):
                 shutil.copyfile(local_path, tmp)
 
     @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[str]:
+    def _staging_dir(self) -> Iterator[str]:
         # Under the root, so that put_file moves a staged file rather than copying it.
         Path(self.root).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=_tmp_prefix("stage-"), dir=self.root) as tmp:
             yield tmp
 
     @contextlib.contextmanager
-    def output_folder(self, key: str, last: str) -> Iterator[str]:
+    def _output_folder(self, key: str, last: str) -> Iterator[str]:
         folder = self._path(key)
         folder.mkdir(parents=True, exist_ok=True)
         yield str(folder)
 
-    def remove_stale_temporaries(self, prefix: str = "") -> int:
+    def _remove_stale_temporaries(self, prefix: str) -> int:
         removed = 0
         for folder in {Path(self.root), self._path(prefix) if prefix else Path(self.root)}:
             if not folder.is_dir():
@@ -306,7 +361,7 @@ class LocalStorage(Storage):
                     removed += 1
         return removed
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
@@ -337,13 +392,12 @@ class S3Storage(Storage):
         return self._s3
 
     def _s3_key(self, key: str) -> str:
-        key = self._check(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def uri(self, key: str) -> str:
+    def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._s3_key(key)}"
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
@@ -354,14 +408,13 @@ class S3Storage(Storage):
                 return False
             raise
 
-    def read_bytes(self, key: str) -> bytes:
+    def _read_bytes(self, key: str) -> bytes:
         return self.s3.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read()
 
-    def size(self, key: str) -> int:
+    def _size(self, key: str) -> int:
         return int(self.s3.head_object(Bucket=self.bucket, Key=self._s3_key(key))["ContentLength"])
 
-    def list(self, prefix: str) -> list[str]:
-        prefix = prefix.strip("/")
+    def _list(self, prefix: str) -> list[str]:
         full = self._s3_key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
@@ -370,45 +423,44 @@ class S3Storage(Storage):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
 
-    def download(self, key: str, dest: str) -> None:
+    def _download(self, key: str, dest: str) -> None:
         self.s3.download_file(self.bucket, self._s3_key(key), dest)
 
-    def scratch_copies(self, keys: list[str]) -> list[str]:
+    def _scratch_copies(self, keys: list[str]) -> list[str]:
         folder = _process_scratch()
         out = []
         for key in keys:
             fd, dest = tempfile.mkstemp(prefix="in-", suffix="-" + os.path.basename(key), dir=folder)
             os.close(fd)
-            self.download(key, dest)
+            self._download(key, dest)
             out.append(dest)
         return out
 
     @contextlib.contextmanager
-    def local_copies(self, keys: list[str]) -> Iterator[list[str]]:
+    def _local_copies(self, keys: list[str]) -> Iterator[list[str]]:
         with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
             paths = []
             for i, key in enumerate(keys):
                 dest = os.path.join(tmp, f"{i:06d}-{os.path.basename(key)}")
-                self.download(key, dest)
+                self._download(key, dest)
                 paths.append(dest)
             yield paths
 
     @contextlib.contextmanager
-    def input_folder(self, prefix: str) -> Iterator[str]:
-        prefix = prefix.strip("/")
+    def _input_folder(self, prefix: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
-            for key in self.list(prefix):
+            for key in self._list(prefix):
                 dest = os.path.join(tmp, key[len(prefix) + 1 :] if prefix else key)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                self.download(key, dest)
+                self._download(key, dest)
             yield tmp
 
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        return pq.read_table(io.BytesIO(self._read_bytes(key)), columns=columns)
 
-    def parquet_rows(self, key: str) -> int:
+    def _parquet_rows(self, key: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.read_metadata(io.BytesIO(self._parquet_footer(key))).num_rows
@@ -420,25 +472,25 @@ class S3Storage(Storage):
 
         end = tail(8)
         if len(end) != 8 or end[4:] != b"PAR1":
-            raise ValueError(f"{self.uri(key)} is not a Parquet file (no PAR1 magic at its end)")
+            raise ValueError(f"{self._uri(key)} is not a Parquet file (no PAR1 magic at its end)")
         return b"PAR1" + tail(int.from_bytes(end[:4], "little") + 8)
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _write_bytes(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
 
-    def put_file(self, local_path: str, key: str) -> None:
+    def _put_file(self, local_path: str, key: str) -> None:
         self.s3.upload_file(local_path, self.bucket, self._s3_key(key))
 
     @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[str]:
+    def _staging_dir(self) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
             yield tmp
 
     @contextlib.contextmanager
-    def output_folder(self, key: str, last: str) -> Iterator[str]:
-        key = key.strip("/")
+    def _output_folder(self, key: str, last: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
             yield tmp
+            # Through the public methods: what patches Storage's writes sees these too.
             self.delete(f"{key}/{last}")
             names = _committed_names(tmp)
             for old in self.list(key):
@@ -447,10 +499,10 @@ class S3Storage(Storage):
             for name in sorted(names, key=lambda n: n == last):
                 self.put_file(os.path.join(tmp, name), f"{key}/{name}")
 
-    def remove_stale_temporaries(self, prefix: str = "") -> int:
+    def _remove_stale_temporaries(self, prefix: str) -> int:
         return 0  # S3 uploads are atomic; staging lives in the local temp dir
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
 
 
