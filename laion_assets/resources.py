@@ -19,6 +19,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from laion_assets.config import config_class
+from laion_assets.core.crawl.source import s3_client_for
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import (
     DEFAULT_STORAGE,
@@ -55,9 +56,10 @@ class _CrawlSource(dg.ConfigurableResource):
         return build(SourceSettings, self)
 
     def s3_client(self) -> Any:
+        """The S3 client of an s3:// source, retrying each request as the settings say (None for other sources)."""
         if not self.base.startswith("s3://"):  # type: ignore[attr-defined]
             return None
-        return S3Options().client()
+        return s3_client_for(self.settings())
 
 
 CrawlSourceResource = config_class("CrawlSourceResource", SourceSettings, base=_CrawlSource,

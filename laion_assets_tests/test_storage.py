@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from laion_assets.core import storage as storage_module
-from laion_assets.core.storage import S3Options, Storage
+from laion_assets.core.storage import LocalStorage, S3Options, S3Storage, Storage, atomic_path
 
 
 @pytest.fixture
@@ -119,3 +119,67 @@ def test_parquet_rows_on_s3_read_the_footer_not_the_object(s3_server, monkeypatc
     assert len(fetched) == 2 and all(kw["Range"].startswith("bytes=-") for kw in fetched)
     with pytest.raises(ValueError, match="not a Parquet file"):
         store.parquet_rows("not.parquet")
+
+
+def test_storage_picks_its_backend_from_the_root(tmp_path):
+    assert isinstance(Storage(str(tmp_path)), LocalStorage)
+    assert isinstance(Storage("s3://bucket/prefix"), S3Storage)
+    assert isinstance(pickle.loads(pickle.dumps(Storage(str(tmp_path)))), LocalStorage)
+    with pytest.raises(ValueError, match="names no bucket"):
+        Storage("s3://")
+
+
+def test_atomic_path_commits_what_a_path_writer_wrote_or_nothing(tmp_path, umask_022, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(storage_module, "_FILE_MODE", 0o666 & ~0o022)
+    dest = tmp_path / "sub" / "t.parquet"
+    with atomic_path(dest) as tmp:
+        assert os.path.dirname(tmp) == str(dest.parent) and not dest.exists()
+        pq.write_table(pa.table({"x": [1, 2]}), tmp)
+    assert pq.read_table(dest)["x"].to_pylist() == [1, 2] and mode(dest) == 0o644
+    with pytest.raises(RuntimeError, match="writer died"), atomic_path(dest) as tmp:
+        pq.write_table(pa.table({"x": [3]}), tmp)
+        raise RuntimeError("writer died")
+    assert pq.read_table(dest)["x"].to_pylist() == [1, 2]
+    assert [p.name for p in dest.parent.iterdir()] == ["t.parquet"]
+
+
+def test_a_dead_writers_atomic_temporary_is_unlisted_and_removed(tmp_path):
+    store = Storage(str(tmp_path))
+    store.write_bytes("a/x.bin", b"x")
+    with atomic_path(tmp_path / "a" / "y.bin") as tmp:
+        left = tmp_path / "a" / os.path.basename(tmp).replace(f"-{os.getpid()}-", "-999999999-")
+        left.write_bytes(b"half")  # as a writer killed mid-file leaves it
+        open(tmp, "wb").close()
+    assert store.list("a") == ["a/x.bin", "a/y.bin"]
+    assert store.remove_stale_temporaries("a") == 1 and not left.exists()
+
+
+def test_output_and_input_folders_on_s3(s3_server, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="folders")
+    store = Storage("s3://folders/root", S3Options(endpoint_url=s3_server))
+    store.write_bytes("idx/stale.index", b"old build")
+    store.write_bytes("idx/_report.json", b"{}")
+    with pytest.raises(RuntimeError, match="build failed"), store.output_folder("idx", last="_report.json") as folder:
+        raise RuntimeError("build failed")
+    assert store.list("idx") == ["idx/_report.json", "idx/stale.index"]  # a failed build commits nothing
+
+    committed = []
+    put_file = store.put_file
+    monkeypatch.setattr(store, "put_file", lambda local, key: committed.append(key) or put_file(local, key))
+    with store.output_folder("idx", last="_report.json") as folder:
+        for name in ("_report.json", "a.index", "z.index", ".tmp-scratch"):
+            with open(os.path.join(folder, name), "w") as fh:
+                fh.write(name)
+    assert committed == ["idx/a.index", "idx/z.index", "idx/_report.json"]  # the marker last
+    assert store.list("idx") == ["idx/_report.json", "idx/a.index", "idx/z.index"]
+    with store.input_folder("idx") as local:
+        assert sorted(os.listdir(local)) == ["_report.json", "a.index", "z.index"]
+        with open(os.path.join(local, "z.index")) as fh:
+            assert fh.read() == "z.index"

@@ -134,9 +134,13 @@ class SourceSettings(FromEnv):
 
     base: str = setting(DEFAULT_SOURCE, "Crawl source: a local mirror, s3://commoncrawl or "
                                         "https://data.commoncrawl.org.", cli="--source", env="LAION_ASSETS_SOURCE")
-    retries: int = setting(4, "Retries per remote WAT file (transient errors only).")
+    retries: int = setting(4, "Retries of a remote crawl file within one step attempt, on transient errors only: "
+                              "an HTTP download, or each S3 request (botocore's own retries), is tried at most "
+                              "retries + 1 times. Dagster's RetryPolicy runs the step up to max_retries + 1 times, "
+                              "so a WAT file is tried at most (retries + 1) * (max_retries + 1) times in a run.")
     timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
-    backoff_s: float = setting(1.0, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
+    backoff_s: float = setting(1.0, "First delay before an HTTP retry, in seconds; doubles on each retry (S3 "
+                                    "requests back off as botocore's standard mode does).", cli="--backoff")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,21 @@
 """One place that reads and writes the pipeline's files, on a local directory or under `s3://bucket/prefix`.
 
-Every write is atomic: a local file is written under a temporary name, fsynced and renamed (with the
-permissions a plain `open` would give it), an S3 object is a single PUT (or a completed multipart upload), so a
-killed run never leaves a half-file that a rerun would trust.
+`Storage(root)` is a `LocalStorage` for a directory and an `S3Storage` for an `s3://` root, as `pathlib.Path(p)` is a
+`PosixPath` or a `WindowsPath`: both backends have the interface of `Storage`, so callers never ask which one they
+hold. What differs between a disk and S3 (where a scratch folder lives, whether a folder's files must be downloaded or
+uploaded) is a method of the backend, not a branch of the caller.
 
-A `Storage` pickles without its S3 client and rebuilds it from the same `S3Options` (endpoint, region,
+Every write is atomic: a local file is written under a temporary name, fsynced and renamed (with the permissions a
+plain `open` would give it; `atomic_path` does this for any writer that takes a path), an S3 object is a single PUT
+(or a completed multipart upload), so a killed run never leaves a half-file that a rerun would trust.
+
+An `S3Storage` pickles without its S3 client and rebuilds it from the same `S3Options` (endpoint, region,
 credentials), so worker processes see exactly what the parent does.
 """
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import functools
@@ -28,7 +34,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach S3: what boto3 needs beyond its own environment variables and config files."""
+    """How to reach S3: what boto3 needs beyond its own environment variables and config files.
+
+    `max_attempts` is botocore's: retries after the first request, so a request is made at most `max_attempts + 1`
+    times (botocore's standard retry mode: throttling, 5xx, connection errors and timeouts, with jittered backoff).
+    """
 
     endpoint_url: str | None = None
     region_name: str | None = None
@@ -51,40 +61,55 @@ class S3Options:
                               **kwargs)
 
 
-
 def file_sha256(path: str) -> str:
     """sha256 of a local file, read in blocks (parts, indices and checkpoints run to gigabytes)."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
-class Storage:
-    """A storage root: a local directory or `s3://bucket/prefix`; keys are `/`-separated relative paths."""
 
-    def __init__(self, root: str, s3_options: S3Options | None = None) -> None:
-        self.root = root.rstrip("/") if root.startswith("s3://") else str(Path(root).absolute())
-        self.is_s3 = root.startswith("s3://")
-        self.s3_options = s3_options or S3Options()
-        self._s3: Any = None
-        if self.is_s3:
-            bucket, _, prefix = root[len("s3://") :].partition("/")
-            if not bucket:
-                raise ValueError(f"storage root {root!r} names no bucket")
-            self.bucket = bucket
-            self.prefix = prefix.strip("/")
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary path beside `dest` for a writer that takes a path (open(), faiss, torch, pyarrow): when the block
+    ends without error the file is fsynced, given the permissions a plain open() would give it, renamed to `dest`,
+    and its directory fsynced; when it raises, the temporary is removed and `dest` is left as it was. `dest`'s folder
+    is created if missing. The temporary's name (`.tmp-<host>-<pid>-...`) is skipped by `Storage.list` and removed
+    by `remove_stale_temporaries` once its process is gone."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dest.parent)
 
-    @property
-    def s3(self) -> Any:
-        if self._s3 is None:
-            self._s3 = self.s3_options.client()
-        return self._s3
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_s3": None}  # clients do not pickle; the options rebuild one
+class Storage(abc.ABC):
+    """A storage root: a local directory or `s3://bucket/prefix`; keys are `/`-separated relative paths.
+
+    `Storage(root, s3_options)` makes the backend the root names (`LocalStorage` or `S3Storage`). The public methods
+    are defined here only, each checking its key and calling the backend's underscored method: a backend implements
+    those, so that what wraps or patches `Storage.put_file` (a test killing a writer mid-commit) sees every backend's
+    writes."""
+
+    root: str
+
+    def __new__(cls, root: str, s3_options: S3Options | None = None) -> Storage:
+        # Dispatch here rather than in a factory: every caller, the Dagster resource and the tests construct
+        # `Storage(root)` and annotate `Storage`, and keep doing so unchanged.
+        if cls is Storage:
+            cls = S3Storage if root.startswith("s3://") else LocalStorage
+        return super().__new__(cls)
 
     def __repr__(self) -> str:
-        return f"Storage({self.root!r})"
+        return f"{type(self).__name__}({self.root!r})"
 
-    # --- naming -------------------------------------------------------------------------------------
     @staticmethod
     def _check(key: str) -> str:
         # A key is relative: "/x" would escape the root on a local disk.
@@ -92,161 +117,236 @@ class Storage:
             raise ValueError(f"storage keys are relative paths without '..': {key!r}")
         return key
 
-    def _s3_key(self, key: str) -> str:
-        key = self._check(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _path(self, key: str) -> Path:
-        return Path(self.root, self._check(key))
-
+    # --- naming -------------------------------------------------------------------------------------
     def uri(self, key: str) -> str:
         """The full location of a key: a local path or an s3:// URI."""
-        return f"s3://{self.bucket}/{self._s3_key(key)}" if self.is_s3 else str(self._path(key))
+        return self._uri(self._check(key))
 
     # --- reading ------------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        if not self.is_s3:
-            return self._path(key).exists()
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=self._s3_key(key))
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        return self._exists(self._check(key))
 
     def read_bytes(self, key: str) -> bytes:
-        if not self.is_s3:
-            return self._path(key).read_bytes()
-        return self.s3.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read()
+        return self._read_bytes(self._check(key))
 
     def size(self, key: str) -> int:
-        if not self.is_s3:
-            return self._path(key).stat().st_size
-        return int(self.s3.head_object(Bucket=self.bucket, Key=self._s3_key(key))["ContentLength"])
+        return self._size(self._check(key))
 
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix (a folder), sorted; temporary files of unfinished writes are not listed."""
-        prefix = prefix.strip("/")
-        if not self.is_s3:
-            base = self._path(prefix)
-            if not base.is_dir():
-                return []
-            keys = [
-                str(p.relative_to(self.root)).replace(os.sep, "/")
-                for p in base.rglob("*")
-                if p.is_file() and not p.name.startswith(".tmp-")
-            ]
-            return sorted(keys)
-        full = self._s3_key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(keys)
+        return self._list(self._check(prefix.strip("/")))
 
     def download(self, key: str, dest: str) -> None:
         """Copy an object to a local file."""
-        if self.is_s3:
-            self.s3.download_file(self.bucket, self._s3_key(key), dest)
-        else:
-            shutil.copyfile(self._path(key), dest)
+        self._download(self._check(key), dest)
 
     def scratch_copies(self, keys: list[str]) -> list[str]:
         """Local paths for keys that stay readable until this process exits: the files themselves on a local root,
         downloads into the process's scratch folder on S3. For readers that outlive the call (a polars LazyFrame
         is scanned when it is written, after the asset that built it has returned)."""
-        if not self.is_s3:
-            return [str(self._path(k)) for k in keys]
-        folder = _process_scratch()
-        out = []
-        for key in keys:
-            fd, dest = tempfile.mkstemp(prefix="in-", suffix="-" + os.path.basename(key), dir=folder)
-            os.close(fd)
-            self.s3.download_file(self.bucket, self._s3_key(key), dest)
-            out.append(dest)
-        return out
+        return self._scratch_copies([self._check(k) for k in keys])
 
-    @contextlib.contextmanager
-    def local_copies(self, keys: list[str]) -> Iterator[list[str]]:
+    def local_copies(self, keys: list[str]) -> contextlib.AbstractContextManager[list[str]]:
         """Local paths for keys: the files themselves on a local root, temporary downloads on S3."""
-        if not self.is_s3:
-            yield [str(self._path(k)) for k in keys]
-            return
-        with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
-            paths = []
-            for i, key in enumerate(keys):
-                dest = os.path.join(tmp, f"{i:06d}-{os.path.basename(key)}")
-                self.s3.download_file(self.bucket, self._s3_key(key), dest)
-                paths.append(dest)
-            yield paths
+        return self._local_copies([self._check(k) for k in keys])
+
+    def input_folder(self, prefix: str) -> contextlib.AbstractContextManager[str]:
+        """A local folder holding the files under prefix (their names relative to it), for readers that take a
+        folder (faiss): the folder itself on a local root, a temporary download on S3."""
+        return self._input_folder(self._check(prefix.strip("/")))
+
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+        return self._read_parquet(self._check(key), columns)
+
+    def parquet_rows(self, key: str) -> int:
+        """Rows of a Parquet object, from its footer (on S3 two ranged reads of the object's tail, not the object)."""
+        return self._parquet_rows(self._check(key))
 
     # --- writing ------------------------------------------------------------------------------------
     def write_bytes(self, key: str, data: bytes) -> None:
-        if self.is_s3:
-            self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
-            return
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
-        try:
-            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a committed file gets what open() would give
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(dest.parent)
+        self._write_bytes(self._check(key), data)
 
     def put_file(self, local_path: str, key: str) -> None:
         """Commit a finished local file under key (moved when both are on one disk, else copied)."""
-        if self.is_s3:
-            self.s3.upload_file(local_path, self.bucket, self._s3_key(key))
-            return
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if os.stat(local_path).st_dev == os.stat(dest.parent).st_dev:
-            _fsync_file(local_path)
-            os.chmod(local_path, _FILE_MODE)
-            os.replace(local_path, dest)
-            _fsync_dir(dest.parent)
-            return
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(local_path, tmp)
-            _fsync_file(tmp)
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(dest.parent)
+        self._put_file(local_path, self._check(key))
 
-    @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[str]:
+    def staging_dir(self) -> contextlib.AbstractContextManager[str]:
         """A scratch directory for files that put_file commits; on the same disk as a local root."""
-        if self.is_s3:
-            with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
-                yield tmp
-            return
-        Path(self.root).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=_tmp_prefix("stage-"), dir=self.root) as tmp:
-            yield tmp
+        return self._staging_dir()
+
+    def output_folder(self, key: str, last: str) -> contextlib.AbstractContextManager[str]:
+        """A local folder for writers that take a folder (faiss, autofaiss) whose files become the folder `key`
+        when the block ends without error, `last` (the file marking the folder complete) committed last: the
+        folder itself on a local root, where the writer writes `last` last; on S3 a temporary folder uploaded when
+        the block ends (the old `last` deleted first and files of an older build that the new one lacks deleted,
+        so that the folder reads as incomplete while it uploads). Names starting with '.' are not committed."""
+        return self._output_folder(self._check(key.strip("/")), self._check(last))
 
     def remove_stale_temporaries(self, prefix: str = "") -> int:
         """Delete what killed writers on this host left behind: staging folders under the root and
         temporary files directly under prefix whose process is gone. Returns how many were removed."""
-        if self.is_s3:
-            return 0  # S3 uploads are atomic; staging lives in the local temp dir
+        return self._remove_stale_temporaries(self._check(prefix.strip("/")))
+
+    def delete(self, key: str) -> None:
+        self._delete(self._check(key))
+
+    # --- typed helpers ----------------------------------------------------------------------------------
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, doc: Any) -> None:
+        self.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
+
+    def write_parquet(self, key: str, table: Any, **options: Any) -> None:
+        """Store a pyarrow Table as zstd Parquet; `options` go to pyarrow.parquet.write_table (and may override the
+        compression)."""
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **{"compression": "zstd", **options})
+        self.write_bytes(key, buf.getvalue())
+
+    # --- what a backend implements, for checked keys ------------------------------------------------------
+    @abc.abstractmethod
+    def _uri(self, key: str) -> str: ...
+
+    @abc.abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _read_bytes(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def _size(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _download(self, key: str, dest: str) -> None: ...
+
+    @abc.abstractmethod
+    def _scratch_copies(self, keys: list[str]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _local_copies(self, keys: list[str]) -> contextlib.AbstractContextManager[list[str]]: ...
+
+    @abc.abstractmethod
+    def _input_folder(self, prefix: str) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any: ...
+
+    @abc.abstractmethod
+    def _parquet_rows(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def _write_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _put_file(self, local_path: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _staging_dir(self) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _output_folder(self, key: str, last: str) -> contextlib.AbstractContextManager[str]: ...
+
+    @abc.abstractmethod
+    def _remove_stale_temporaries(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+
+class LocalStorage(Storage):
+    """A storage root on a local disk: keys are files under the root directory."""
+
+    def __init__(self, root: str, s3_options: S3Options | None = None) -> None:
+        # s3_options is taken so that `Storage(root, options)` works for either kind of root (the Dagster resource
+        # always passes them); a local root has no use for it.
+        if root.startswith("s3://"):
+            raise ValueError(f"{root!r} is an S3 root: use Storage() or S3Storage()")
+        self.root = str(Path(root).absolute())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return LocalStorage, (self.root,)
+
+    def _path(self, key: str) -> Path:
+        return Path(self.root, key)
+
+    def _uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def _read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def _size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        keys = [
+            str(p.relative_to(self.root)).replace(os.sep, "/")
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        ]
+        return sorted(keys)
+
+    def _download(self, key: str, dest: str) -> None:
+        shutil.copyfile(self._path(key), dest)
+
+    def _scratch_copies(self, keys: list[str]) -> list[str]:
+        return [str(self._path(k)) for k in keys]
+
+    @contextlib.contextmanager
+    def _local_copies(self, keys: list[str]) -> Iterator[list[str]]:
+        yield [str(self._path(k)) for k in keys]
+
+    @contextlib.contextmanager
+    def _input_folder(self, prefix: str) -> Iterator[str]:
+        yield str(self._path(prefix))
+
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self._path(key), columns=columns)
+
+    def _parquet_rows(self, key: str) -> int:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self._path(key)).metadata.num_rows
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+
+    def _put_file(self, local_path: str, key: str) -> None:
+        with atomic_path(self._path(key)) as tmp:
+            if os.stat(local_path).st_dev == os.stat(tmp).st_dev:
+                os.replace(local_path, tmp)
+            else:
+                shutil.copyfile(local_path, tmp)
+
+    @contextlib.contextmanager
+    def _staging_dir(self) -> Iterator[str]:
+        # Under the root, so that put_file moves a staged file rather than copying it.
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=_tmp_prefix("stage-"), dir=self.root) as tmp:
+            yield tmp
+
+    @contextlib.contextmanager
+    def _output_folder(self, key: str, last: str) -> Iterator[str]:
+        folder = self._path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield str(folder)
+
+    def _remove_stale_temporaries(self, prefix: str) -> int:
         removed = 0
         for folder in {Path(self.root), self._path(prefix) if prefix else Path(self.root)}:
             if not folder.is_dir():
@@ -261,26 +361,108 @@ class Storage:
                     removed += 1
         return removed
 
-    # --- typed helpers ----------------------------------------------------------------------------------
-    def read_json(self, key: str) -> Any:
-        return json.loads(self.read_bytes(key))
+    def _delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
 
-    def write_json(self, key: str, doc: Any) -> None:
-        self.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
 
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> Any:
+class S3Storage(Storage):
+    """A storage root under `s3://bucket/prefix`: keys are objects under the prefix."""
+
+    def __init__(self, root: str, s3_options: S3Options | None = None) -> None:
+        if not root.startswith("s3://"):
+            raise ValueError(f"{root!r} is not an s3:// root")
+        bucket, _, prefix = root[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"storage root {root!r} names no bucket")
+        self.root = root.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.s3_options = s3_options or S3Options()
+        self._s3: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Clients do not pickle; the options rebuild one in the process that unpickles.
+        return S3Storage, (self.root, self.s3_options)
+
+    @property
+    def s3(self) -> Any:
+        if self._s3 is None:
+            self._s3 = self.s3_options.client()
+        return self._s3
+
+    def _s3_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._s3_key(key)}"
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=self._s3_key(key))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def _read_bytes(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read()
+
+    def _size(self, key: str) -> int:
+        return int(self.s3.head_object(Bucket=self.bucket, Key=self._s3_key(key))["ContentLength"])
+
+    def _list(self, prefix: str) -> list[str]:
+        full = self._s3_key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def _download(self, key: str, dest: str) -> None:
+        self.s3.download_file(self.bucket, self._s3_key(key), dest)
+
+    def _scratch_copies(self, keys: list[str]) -> list[str]:
+        folder = _process_scratch()
+        out = []
+        for key in keys:
+            fd, dest = tempfile.mkstemp(prefix="in-", suffix="-" + os.path.basename(key), dir=folder)
+            os.close(fd)
+            self._download(key, dest)
+            out.append(dest)
+        return out
+
+    @contextlib.contextmanager
+    def _local_copies(self, keys: list[str]) -> Iterator[list[str]]:
+        with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
+            paths = []
+            for i, key in enumerate(keys):
+                dest = os.path.join(tmp, f"{i:06d}-{os.path.basename(key)}")
+                self._download(key, dest)
+                paths.append(dest)
+            yield paths
+
+    @contextlib.contextmanager
+    def _input_folder(self, prefix: str) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
+            for key in self._list(prefix):
+                dest = os.path.join(tmp, key[len(prefix) + 1 :] if prefix else key)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                self._download(key, dest)
+            yield tmp
+
+    def _read_parquet(self, key: str, columns: list[str] | None) -> Any:
         import pyarrow.parquet as pq
 
-        if not self.is_s3:
-            return pq.read_table(self._path(key), columns=columns)
-        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        return pq.read_table(io.BytesIO(self._read_bytes(key)), columns=columns)
 
-    def parquet_rows(self, key: str) -> int:
-        """Rows of a Parquet object, from its footer (on S3 two ranged reads of the object's tail, not the object)."""
+    def _parquet_rows(self, key: str) -> int:
         import pyarrow.parquet as pq
 
-        if not self.is_s3:
-            return pq.ParquetFile(self._path(key)).metadata.num_rows
         return pq.read_metadata(io.BytesIO(self._parquet_footer(key))).num_rows
 
     def _parquet_footer(self, key: str) -> bytes:
@@ -290,24 +472,38 @@ class Storage:
 
         end = tail(8)
         if len(end) != 8 or end[4:] != b"PAR1":
-            raise ValueError(f"{self.uri(key)} is not a Parquet file (no PAR1 magic at its end)")
+            raise ValueError(f"{self._uri(key)} is not a Parquet file (no PAR1 magic at its end)")
         return b"PAR1" + tail(int.from_bytes(end[:4], "little") + 8)
 
-    def write_parquet(self, key: str, table: Any, **options: Any) -> None:
-        """Store a pyarrow Table as zstd Parquet; `options` go to pyarrow.parquet.write_table (and may override the
-        compression)."""
-        import pyarrow.parquet as pq
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
 
-        buf = io.BytesIO()
-        pq.write_table(table, buf, **{"compression": "zstd", **options})
-        self.write_bytes(key, buf.getvalue())
+    def _put_file(self, local_path: str, key: str) -> None:
+        self.s3.upload_file(local_path, self.bucket, self._s3_key(key))
 
-    def delete(self, key: str) -> None:
-        if self.is_s3:
-            self.s3.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self._path(key).unlink()
+    @contextlib.contextmanager
+    def _staging_dir(self) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
+            yield tmp
+
+    @contextlib.contextmanager
+    def _output_folder(self, key: str, last: str) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
+            yield tmp
+            # Through the public methods: what patches Storage's writes sees these too.
+            self.delete(f"{key}/{last}")
+            names = _committed_names(tmp)
+            for old in self.list(key):
+                if old[len(key) + 1 :] not in names:
+                    self.delete(old)
+            for name in sorted(names, key=lambda n: n == last):
+                self.put_file(os.path.join(tmp, name), f"{key}/{name}")
+
+    def _remove_stale_temporaries(self, prefix: str) -> int:
+        return 0  # S3 uploads are atomic; staging lives in the local temp dir
+
+    def _delete(self, key: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
 
 
 @dataclass(frozen=True)
@@ -330,6 +526,16 @@ def _process_scratch() -> str:
     folder = tempfile.mkdtemp(prefix=f"laion-assets-scratch-{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, True)
     return folder
+
+
+def _committed_names(folder: str) -> list[str]:
+    # Relative, `/`-separated names of a folder's files, hidden ones (and those in hidden folders) left out.
+    names = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(top, folder)
+        names += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in files if not n.startswith(".")]
+    return sorted(names)
 
 
 def _current_umask() -> int:

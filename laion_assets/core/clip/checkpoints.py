@@ -9,14 +9,17 @@ from typing import Any
 
 import torch
 
+from laion_assets.core.storage import atomic_path
+
 
 def save(path: str | os.PathLike[str], payload: dict[str, Any], doc: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    Path(str(path) + ".json").write_text(json.dumps(doc, indent=2))
+    """The payload at path and its card at path + ".json", each committed atomically."""
+    # Into an open file, not a path: torch names the archive inside after the file, and a temporary's random name
+    # would make the bytes (the checkpoint's sha256, its data version) differ from one save to the next.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+    with atomic_path(str(path) + ".json") as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2))
 
 
 def load(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:

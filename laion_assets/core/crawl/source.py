@@ -1,22 +1,44 @@
 """Reading Common Crawl's files from a source: the `s3://commoncrawl/` bucket, an HTTPS mirror
 (`https://data.commoncrawl.org/`) or a local directory, each holding `crawl-data/<crawl>/wat.paths.gz` and
 the files it lists (paths relative to the source's root).
+
+How often a remote file is tried, at most (`SourceSettings`: `retries`, 4 by default, and `backoff_s`):
+
+- over HTTP(S), `retries + 1` downloads per step attempt, all retried here in one place (`_download_http`, with
+  tenacity): after a 408, 425, 429 or 5xx answer, a connection error, a timeout or a short read, with delays of
+  `backoff_s`, `2 * backoff_s`, `4 * backoff_s`, ...; a download cut off resumes with a Range request where the
+  last one stopped. Any other HTTP error (404, 403, ...) fails at once.
+- on S3, `retries + 1` tries of each request per step attempt, made by botocore alone (standard retry mode, in the
+  client of `s3_client_for`, which the crawl source resource hands on): throttling, 5xx, connection errors and
+  timeouts, with botocore's jittered backoff. Nothing here loops around it, and s3transfer's own re-reads of a
+  broken body stream are turned off (`num_download_attempts=1`): they would multiply the two. A body cut off
+  mid-stream fails the file.
+
+A file still unreadable fails the step (after the chunk's other files, `ExtractSettings.fail_on_unreadable_wat`),
+and Dagster's RetryPolicy on the crawl assets (`OperationsSettings.max_retries` retries, 3 by default) runs the step
+up to `max_retries + 1` times in its run. So in one run a WAT file is downloaded over HTTP at most
+`(retries + 1) * (max_retries + 1)` times, and each S3 request for it is made at most as often: 5 * 4 = 20 with the
+defaults. The production instance's run retries (`run_retries.max_retries` in infra/dagster.yaml, 2) relaunch a
+failed run, each launch with that bound again: 3 * 20 = 60 there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import http.client
 import os
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import tenacity
+
 from laion_assets.core import paths
 from laion_assets.core.settings import USER_AGENT, SourceSettings
+from laion_assets.core.storage import S3Options
 
 
 class WatFetchError(RuntimeError):
@@ -32,57 +54,67 @@ def join_source(base: str, rel: str) -> str:
     return os.path.join(base, rel)
 
 
-def _is_transient_http(err: urllib.error.HTTPError) -> bool:
-    return err.code in (408, 425, 429) or err.code >= 500
+def s3_client_for(settings: SourceSettings) -> Any:
+    """An S3 client for the crawl source (credentials and endpoint from boto3's environment) whose requests
+    botocore tries at most `settings.retries + 1` times each."""
+    return S3Options(max_attempts=settings.retries).client()  # botocore's max_attempts counts retries
+
+
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, urllib.error.HTTPError):  # before OSError: HTTPError is one
+        return err.code in (408, 425, 429) or err.code >= 500
+    # URLError (refused, DNS), resets, timeouts, our short-read ConnectionError; IncompleteRead of a chunked body.
+    return isinstance(err, (OSError, http.client.IncompleteRead))
+
+
+def _http_attempt(url: str, dest: str, settings: SourceSettings) -> None:
+    have = os.path.getsize(dest) if os.path.exists(dest) else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=settings.timeout_s) as resp:
+        expected = resp.headers.get("Content-Length")
+        mode = "ab" if have and resp.status == 206 else "wb"  # a server ignoring Range sends it all again
+        got = 0
+        with open(dest, mode) as out:
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                got += len(chunk)
+        if expected is not None and got < int(expected):
+            raise ConnectionError(f"short read: {got} of {expected} bytes")
 
 
 def _download_http(url: str, dest: str, settings: SourceSettings) -> None:
-    """Download with retries; a dropped connection resumes with a Range request."""
-    last: Exception | None = None
-    for attempt in range(settings.retries + 1):
-        have = os.path.getsize(dest) if os.path.exists(dest) else 0
-        headers = {"User-Agent": USER_AGENT}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            req = urllib.request.Request(url, headers=headers)
-            with urllib.request.urlopen(req, timeout=settings.timeout_s) as resp:
-                expected = resp.headers.get("Content-Length")
-                mode = "ab" if have and resp.status == 206 else "wb"
-                got = 0
-                with open(dest, mode) as out:
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-                        got += len(chunk)
-                if expected is not None and got < int(expected):
-                    raise ConnectionError(f"short read: {got} of {expected} bytes")
-                return
-        except urllib.error.HTTPError as err:
-            if not _is_transient_http(err):
-                raise WatFetchError(f"{url}: HTTP {err.code}") from err
-            last = err
-        except (OSError, ConnectionError) as err:  # URLError, timeouts, resets, short reads
-            last = err
-        if attempt < settings.retries:
-            time.sleep(settings.backoff_s * 2**attempt)
-    raise WatFetchError(f"{url}: failed after {settings.retries + 1} attempts: {last}")
+    """Download with at most `retries + 1` attempts (transient errors only); a dropped connection resumes with a
+    Range request."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.retries + 1),
+        wait=tenacity.wait_exponential(multiplier=settings.backoff_s),
+        retry=tenacity.retry_if_exception(_is_transient),
+    )
+    try:
+        retrying(_http_attempt, url, dest, settings)
+    except tenacity.RetryError as err:
+        last = err.last_attempt.exception()
+        raise WatFetchError(f"{url}: failed after {settings.retries + 1} attempts: {last}") from last
+    except urllib.error.HTTPError as err:  # not transient, so not retried
+        raise WatFetchError(f"{url}: HTTP {err.code}") from err
 
 
-def _download_s3(uri: str, dest: str, settings: SourceSettings, s3_client: Any) -> None:
+def _download_s3(uri: str, dest: str, s3_client: Any) -> None:
+    import boto3.exceptions
+    import botocore.exceptions
+    from boto3.s3.transfer import TransferConfig
+
     bucket, _, key = uri[len("s3://") :].partition("/")
-    last: Exception | None = None
-    for attempt in range(settings.retries + 1):
-        try:
-            s3_client.download_file(bucket, key, dest)
-            return
-        except Exception as err:  # botocore raises many types; all are worth a retry except 404
-            code = getattr(err, "response", {}).get("Error", {}).get("Code")
-            if code in ("404", "NoSuchKey", "403", "AccessDenied"):
-                raise WatFetchError(f"{uri}: {code}") from err
-            last = err
-        if attempt < settings.retries:
-            time.sleep(settings.backoff_s * 2**attempt)
-    raise WatFetchError(f"{uri}: failed after {settings.retries + 1} attempts: {last}")
+    try:
+        s3_client.download_file(bucket, key, dest, Config=TransferConfig(num_download_attempts=1))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error) as err:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        if code in ("404", "NoSuchKey", "403", "AccessDenied"):
+            raise WatFetchError(f"{uri}: {code}") from err
+        raise WatFetchError(f"{uri}: {err}") from err  # botocore's message says how often it tried
 
 
 @contextlib.contextmanager
@@ -98,11 +130,7 @@ def fetched(location: str, settings: SourceSettings, s3_client: Any = None) -> I
     os.unlink(tmp)  # the downloader decides between append (resume) and a fresh file
     try:
         if location.startswith("s3://"):
-            if s3_client is None:
-                import boto3
-
-                s3_client = boto3.client("s3")
-            _download_s3(location, tmp, settings, s3_client)
+            _download_s3(location, tmp, s3_client or s3_client_for(settings))
         else:
             _download_http(location, tmp, settings)
         yield tmp
@@ -131,10 +159,7 @@ def list_crawls(settings: SourceSettings, s3_client: Any = None) -> list[str]:
     if base.startswith("s3://"):
         bucket, _, prefix = base[len("s3://"):].partition("/")
         prefix = f"{prefix.strip('/')}/{paths.crawl_data()}/".lstrip("/")
-        if s3_client is None:
-            import boto3
-
-            s3_client = boto3.client("s3")
+        s3_client = s3_client or s3_client_for(settings)
         found = []
         for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             found += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]

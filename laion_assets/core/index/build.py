@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Collection
@@ -32,7 +33,7 @@ from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import IndexSettings
-from laion_assets.core.storage import Storage
+from laion_assets.core.storage import Storage, atomic_path
 
 
 @dataclass
@@ -88,10 +89,8 @@ def read_report(folder: str) -> IndexReport:
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _autofaiss(folder: str, modality: str, settings: IndexSettings, work: str) -> str:
@@ -228,8 +227,11 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
             built = _autofaiss(os.path.join(work, sub), modality, settings, work)
             r = report.modality(modality)
             r.build_seconds = time.perf_counter() - t0
-            os.replace(built, files.index(modality))
-            os.replace(os.path.join(work, f"{modality}.infos.json"), files.infos(modality))
+            # work may be on another disk than out_dir: moved into a temporary beside the file, then renamed.
+            with atomic_path(files.index(modality)) as tmp:
+                shutil.move(built, tmp)
+            with atomic_path(files.infos(modality)) as tmp:
+                shutil.move(os.path.join(work, f"{modality}.infos.json"), tmp)
             with open(files.infos(modality)) as f:
                 r.index_key = json.load(f).get("index_key", "")
             r.bytes = os.path.getsize(files.index(modality))

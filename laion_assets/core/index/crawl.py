@@ -4,16 +4,16 @@ matched against its rows for the service to filter out until the rebuild.
 
 Only samples that are in the crawl's filtered metadata are indexed (so removed samples never are), less the
 duplicates that the release drops (`ReleaseSettings`): the index holds what the release holds. faiss reads and
-writes local files only: on a local storage root the index is built in its folder; on S3 it is built in a local
-temporary folder and uploaded file by file, `_report.json` last (it marks the folder complete).
+writes local files only: the index is built in `Storage.output_folder` (its folder on a local storage root; on S3 a
+local temporary folder uploaded file by file, `_report.json` last, as it marks the folder complete), and the indices
+merged are read from `Storage.input_folder`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -68,27 +68,6 @@ def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[s
 
 
 
-@contextlib.contextmanager
-def local_folder(store: Storage, key: str) -> Iterator[str]:
-    """A local folder to build the index under `key` in: the folder itself on a local root; on S3 a temporary one
-    whose files are uploaded when the block ends without error (the report last; stale files of an older build
-    deleted first, so that the folder reads as incomplete while it uploads)."""
-    if not store.is_s3:
-        folder = store.uri(key)
-        os.makedirs(folder, exist_ok=True)
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="knn-index-") as tmp:
-        yield tmp
-        store.delete(paths.join(key, REPORT))
-        names = sorted(n for n in os.listdir(tmp) if not n.startswith("."))
-        for old in store.list(key):
-            if old[len(key) + 1 :] not in names:
-                store.delete(old)
-        for name in sorted(names, key=lambda n: n == REPORT):
-            store.put_file(os.path.join(tmp, name), paths.join(key, name))
-
-
 def _files(folder: str) -> list[IndexFile]:
     return [IndexFile(n, os.path.getsize(os.path.join(folder, n)), file_sha256(os.path.join(folder, n)))
             for n in sorted(os.listdir(folder)) if not n.startswith(".")]
@@ -107,7 +86,7 @@ def build_crawl_index(store: Storage, crawl: str, embeddings: Mapping[str, Embed
     buckets = [embeddings[b].files for b in sorted(embeddings)]
     version = max((f.removal_version for f in filtered.values()), default="")
     key = paths.knn_index(crawl)
-    with local_folder(store, key) as folder:
+    with store.output_folder(key, last=REPORT) as folder:
         report = build_index(store, buckets, table, folder, settings, log=log, keep_rows=keep)
         record = _record(crawl, key, folder, report, version)
     return record
@@ -132,17 +111,8 @@ def merge_crawl_indices(store: Storage, crawls: list[str], settings: IndexSettin
     """The crawls' indices (complete ones, in crawl order) merged into `paths.knn_index_all()`."""
     key = paths.knn_index_all()
     with contextlib.ExitStack() as stack:
-        parts: dict[str, str] = {}
-        for crawl in sorted(crawls):
-            folder = paths.knn_index(crawl)
-            if not store.is_s3:
-                parts[crawl] = store.uri(folder)
-                continue
-            local = stack.enter_context(tempfile.TemporaryDirectory(prefix="knn-part-"))
-            for part_key in store.list(folder):
-                store.download(part_key, os.path.join(local, part_key[len(folder) + 1 :]))
-            parts[crawl] = local
-        with local_folder(store, key) as out:
+        parts = {crawl: stack.enter_context(store.input_folder(paths.knn_index(crawl))) for crawl in sorted(crawls)}
+        with store.output_folder(key, last=REPORT) as out:
             report = merge_indices(parts, out, settings, log=log)
             record = _record(paths.ALL_INDICES, key, out, report, removal_version)
     return record

@@ -29,6 +29,7 @@ from laion_assets.core.index.evaluate import ExactTopK, measure
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import IndexSettings
+from laion_assets.core.storage import atomic_path
 
 TRAIN_PER_LIST = 64
 
@@ -133,9 +134,8 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
             merged = faiss.read_index(trained_path)
             merge_ondisk(merged, shards, files.ivfdata(modality))
             faiss.extract_index_ivf(merged).nprobe = settings.merged_nprobe or max(16, nlist // 8)
-            tmp = os.path.join(out_dir, f".tmp-{modality}.index")
-            faiss.write_index(merged, tmp)
-            os.replace(tmp, files.index(modality))
+            with atomic_path(files.index(modality)) as tmp:
+                faiss.write_index(merged, tmp)
             params = f"nprobe={faiss.extract_index_ivf(merged).nprobe}"
             write_json(files.infos(modality), {"index_key": key, "index_param": params, "nb vectors": offset,
                                                 "parts": list(parts)})

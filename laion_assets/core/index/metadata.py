@@ -4,11 +4,12 @@ memory-mapped so that a service over billions of rows only pages in the rows it 
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+
+from laion_assets.core.storage import atomic_path
 
 # What every index row carries (LAION's column names where it has one); `tar` (the storage key of the webdataset
 # shard holding the image) and `indice` (the crawl of a merged index's row) are added when known; `sha256` and
@@ -52,18 +53,12 @@ def complete(table: pa.Table) -> pa.Table:
 
 def write_arrow(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, path: str) -> int:
     """Write record batches to an Arrow IPC file atomically (temporary name, then rename); returns the row count."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     rows = 0
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in batches:
-                for b in (batch.to_batches(BATCH_ROWS) if isinstance(batch, pa.Table) else [batch]):
-                    writer.write_batch(b)
-                    rows += b.num_rows
-    except BaseException:
-        os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for batch in batches:
+            for b in (batch.to_batches(BATCH_ROWS) if isinstance(batch, pa.Table) else [batch]):
+                writer.write_batch(b)
+                rows += b.num_rows
     return rows
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from laion_assets.core import paths
 from laion_assets.core.index import metadata as meta
+from laion_assets.core.storage import atomic_path
 
 MODALITIES = ("image", "text")
 
@@ -190,10 +191,8 @@ def write_removed(folder: str, ids: Collection[int]) -> None:
     """Record rows (ids) removed after the index was built: the service filters them out of every result."""
     import pyarrow.parquet as pq
 
-    path = paths.index_files(folder).removed
-    tmp = os.path.join(folder, ".tmp-removed_ids.parquet")
-    pq.write_table(pa.table({"id": pa.array(sorted(ids), pa.int64())}), tmp)
-    os.replace(tmp, path)
+    with atomic_path(paths.index_files(folder).removed) as tmp:
+        pq.write_table(pa.table({"id": pa.array(sorted(ids), pa.int64())}), tmp)
 
 
 def read_removed(folder: str) -> frozenset[int]:
