@@ -18,17 +18,28 @@ import binascii
 import dataclasses
 import io
 import logging
-import math
 import os
 import tarfile
 import time
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiohttp import web
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    FailFast,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.search import Hit, OpenIndex, RowFilter, search
@@ -85,6 +96,9 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
+# A body is parsed by orjson (faster here than pydantic's model_validate_json, and the indice is looked up in the
+# dict before the fields are checked, so a wrong indice is reported before any other fault), then checked by the
+# pydantic model of its route; _message words a failure as the API always has.
 
 async def _json(request: web.Request) -> dict[str, Any]:
     body = await request.read()  # ClipClient posts JSON without a content type: read the body as it comes
@@ -97,44 +111,128 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return doc
 
 
-def _int(doc: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
-    value = doc.get(name, default)
-    if value is None and default is not None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, not {value!r}"[:200])
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be between {lo} and {hi}, not {value}")
-    return value
+def _blank_is_null(value: Any) -> Any:
+    return None if value == "" else value
 
 
-def _flag(doc: dict[str, Any], name: str, default: bool) -> bool:
-    value = doc.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false, not {value!r}"[:200])
-    return value
+def _within(lo: int, hi: int | str) -> WrapValidator:
+    """lo <= value <= hi, worded with both ends as the API always has (pydantic's ge and le each name one); a str hi
+    names a ServeSettings field, read from the validation context (the settings)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        valid = handler(value)  # the type first: "10" must read "must be an integer", not "between"
+        top = getattr(info.context, hi) if isinstance(hi, str) else hi
+        if not lo <= valid <= top:
+            raise ValueError(f"{info.field_name} must be between {lo} and {top}, not {value}")  # the input: 3, not 3.0
+        return valid
+
+    return WrapValidator(check)
 
 
-def _number(doc: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
-    value = doc.get(name)
-    if value is None or value == "":  # clip-front sends "" for "not set"
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number, not {value!r}"[:200])
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be between {lo:g} and {hi:g}, not {value}")
-    return float(value)
+Pixels = Annotated[int, _within(0, 1 << 30)]
+Results = Annotated[int, _within(1, "max_results")]  # ServeSettings.max_results, the validation context
+# A number in 0..1, or unset: null or "" (clip-front sends "" for a number left unset).
+Fraction = Annotated[Annotated[float, Field(allow_inf_nan=False), _within(0, 1)] | None,
+                     BeforeValidator(_blank_is_null)]
 
 
-def _string(doc: dict[str, Any], name: str) -> str | None:
-    value = doc.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string, not {type(value).__name__}")
-    return value
+class _Body(BaseModel):
+    """A request body. Strict: JSON's types as they are ("10" is not a number, true is not 1); fields the service
+    does not know are ignored, as clip-retrieval's back end ignores them."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, doc: Any) -> Any:
+        # null means the field's default (the page sends null for a number it cannot parse); modality alone has
+        # always refused null
+        if isinstance(doc, dict):
+            return {k: v for k, v in doc.items() if v is not None or k == "modality"}
+        return doc
+
+
+class RowFilterBody(_Body):
+    """Our filters beyond clip-retrieval's (the page sends them; ClipClient does not)."""
+
+    max_punsafe: Fraction = None
+    max_pwatermark: Fraction = None
+    language: str | None = None
+    min_width: Pixels = 0
+    min_height: Pixels = 0
+
+    def row_filter(self) -> RowFilter:
+        return RowFilter(max_punsafe=self.max_punsafe, max_pwatermark=self.max_pwatermark,
+                         language=self.language or "", min_width=self.min_width, min_height=self.min_height)
+
+
+class KnnBody(RowFilterBody):
+    """A /knn-service body: clip-retrieval's fields (ClipClient sends them all) and our row filter; indice_name is
+    _indice's. Several faults: the first in field order is the one reported, a field's type before the query checks
+    of _query_vector."""
+
+    modality: Literal["image", "text"] = "image"
+    num_images: Results = 40
+    num_result_ids: Results | None = None  # None: num_images
+    deduplicate: bool = False
+    use_safety_model: bool = False
+    # Checked, then ignored (README): one CLIP reads every language, and there is no aesthetic or violence model.
+    use_mclip: bool = False
+    use_violence_detector: bool = False
+    aesthetic_score: Annotated[Annotated[int, Field(ge=0, le=9)] | None, BeforeValidator(_blank_is_null)] = None
+    aesthetic_weight: Fraction = None
+    text: str | None = None
+    image: str | None = None  # base64
+    image_url: str | None = None
+    # FailFast: a 20 MB body of [true, true, ...] is one error, not millions of them. "" is unset, as for text.
+    embedding_input: Annotated[list[float] | None, FailFast(), BeforeValidator(_blank_is_null)] = None
+
+
+class MetadataBody(_Body):
+    ids: Annotated[list[int], FailFast()]
+
+
+class ExportBody(_Body):
+    """The rows to export: ids (the current results), or, without them, every row passing a filter (checked by the
+    handler, so that a filter beside ids stays ignored)."""
+
+    ids: Annotated[list[int] | None, FailFast()] = None
+
+
+# pydantic's messages ("Input should be a valid integer") name no field and differ from the API's since its start:
+# _message words the first error as the API always has. Fields that read one way whatever failed inside them:
+_FIELD_MESSAGES = {"modality": "modality must be image or text, not {!r}",
+                   "aesthetic_score": "aesthetic_score must be an integer 0..9, not {!r}",
+                   "embedding_input": "embedding_input must be a list of numbers",
+                   "ids": "ids must be a list of integers"}
+# The rest by pydantic's error type: "<field> must be <words>, not <value>".
+_TYPE_WORDS = {"int_type": "an integer", "bool_type": "true or false", "float_type": "a number",
+               "finite_number": "a number"}
+
+
+def _message(err: ValidationError) -> str:
+    """The first error of a body's validation as the API words it (pydantic lists them in field order)."""
+    first = err.errors(include_url=False)[0]
+    name, value, kind = str(first["loc"][0]) if first["loc"] else "body", first["input"], first["type"]
+    if name in _FIELD_MESSAGES:
+        return _FIELD_MESSAGES[name].format(value)[:200]
+    if kind == "value_error":  # ours (_within), already worded
+        return str(first["ctx"]["error"])
+    if kind == "string_type":
+        return f"{name} must be a string, not {type(value).__name__}"
+    if kind in _TYPE_WORDS:
+        return f"{name} must be {_TYPE_WORDS[kind]}, not {value!r}"[:200]
+    return f"{name}: {first['msg']}"[:200]  # none known to reach here; still the field and pydantic's words
+
+
+B = TypeVar("B", bound=_Body)
+
+
+def _valid(model: type[B], doc: dict[str, Any], settings: ServeSettings | None = None) -> B:
+    try:
+        return model.model_validate(doc, context=settings)
+    except ValidationError as err:
+        raise BadRequest(_message(err)) from None
 
 
 def _indice(request: web.Request, doc: dict[str, Any]) -> OpenIndex:
@@ -163,9 +261,8 @@ async def _fetch_image(request: web.Request, url: str) -> bytes:
     return result.body
 
 
-async def _query_vector(request: web.Request, doc: dict[str, Any], index: OpenIndex) -> np.ndarray:
-    text, image, image_url = _string(doc, "text"), _string(doc, "image"), _string(doc, "image_url")
-    embedding = doc.get("embedding_input")
+async def _query_vector(request: web.Request, body: KnnBody, index: OpenIndex) -> np.ndarray:
+    text, image, image_url, embedding = body.text, body.image, body.image_url, body.embedding_input
     given = [n for n, v in (("text", text), ("image", image), ("image_url", image_url),
                             ("embedding_input", embedding)) if v not in (None, "")]
     if not given:
@@ -186,14 +283,11 @@ async def _query_vector(request: web.Request, doc: dict[str, Any], index: OpenIn
     if image_url:
         data = await _fetch_image(request, image_url)
         return await asyncio.to_thread(encoder.image, data)
-    # One set of the elements' exact types (bool is not int here), not an isinstance call per element: at 768
-    # numbers that loop was a large share of a request's Python time.
-    if not isinstance(embedding, list) or not set(map(type, embedding)) <= {int, float}:
-        raise BadRequest("embedding_input must be a list of numbers")
+    assert embedding is not None  # given, and a list of numbers (KnnBody)
     if len(embedding) != index.dim:
         raise BadRequest(f"embedding_input has {len(embedding)} dimensions, the index {index.dim}")
     vector = np.asarray(embedding, np.float32)
-    if not np.all(np.isfinite(vector)) or not np.any(vector):
+    if not np.all(np.isfinite(vector)) or not np.any(vector):  # JSON has no inf, but 1e39 is one in float32
         raise BadRequest("embedding_input must be finite and not all zeros")
     return vector
 
@@ -211,37 +305,17 @@ def _result(hit: Hit) -> dict[str, Any]:
     return {"id": hit.id, "similarity": hit.similarity, **_public(hit.row)}
 
 
-def _row_filter(doc: dict[str, Any]) -> RowFilter:
-    """Our filters beyond clip-retrieval's (the page sends them; ClipClient does not)."""
-    return RowFilter(max_punsafe=_number(doc, "max_punsafe", 0.0, 1.0),
-                     max_pwatermark=_number(doc, "max_pwatermark", 0.0, 1.0),
-                     language=_string(doc, "language") or "",
-                     min_width=_int(doc, "min_width", 0, 0, 1 << 30), min_height=_int(doc, "min_height", 0, 0, 1 << 30))
-
-
 async def knn_service(request: web.Request) -> web.Response:
     doc = await _json(request)
     index = _indice(request, doc)
     s = request.app[SETTINGS]
-    modality = doc.get("modality", "image")
-    if modality not in ("image", "text"):
-        raise BadRequest(f"modality must be image or text, not {modality!r}"[:200])
-    num_images = _int(doc, "num_images", 40, 1, s.max_results)
-    num_result_ids = _int(doc, "num_result_ids", num_images, 1, s.max_results)
-    deduplicate = _flag(doc, "deduplicate", False)
-    use_safety = _flag(doc, "use_safety_model", False)
-    _flag(doc, "use_mclip", False)
-    _flag(doc, "use_violence_detector", False)
-    aesthetic_score = doc.get("aesthetic_score")
-    if aesthetic_score not in (None, "") and (isinstance(aesthetic_score, bool)
-                                              or not isinstance(aesthetic_score, int)
-                                              or not 0 <= aesthetic_score <= 9):
-        raise BadRequest(f"aesthetic_score must be an integer 0..9, not {aesthetic_score!r}"[:200])
-    _number(doc, "aesthetic_weight", 0.0, 1.0)
-    where = _row_filter(doc)
-    if use_safety and where.max_punsafe is None:
+    body = _valid(KnnBody, doc, s)
+    modality, num_images, deduplicate = body.modality, body.num_images, body.deduplicate
+    num_result_ids = num_images if body.num_result_ids is None else body.num_result_ids
+    where = body.row_filter()
+    if body.use_safety_model and where.max_punsafe is None:
         where = dataclasses.replace(where, max_punsafe=s.safety_threshold)
-    query = await _query_vector(request, doc, index)
+    query = await _query_vector(request, body, index)
     args = (index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold, where)
     recent: dict[tuple[str, str], float] = request.app[SEARCH_MS]
     key = (index.name, modality)
@@ -265,9 +339,7 @@ def _timed_search(*args: Any) -> tuple[list[Hit], float]:
 
 async def metadata(request: web.Request) -> web.Response:
     doc = await _json(request)
-    ids = doc.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise BadRequest("ids must be a list of integers")
+    ids = _valid(MetadataBody, doc).ids
     if not ids:
         return _json_response([])
     index = _indice(request, doc)
@@ -364,17 +436,15 @@ async def export(request: web.Request) -> web.Response:
     doc = await _json(request)
     index = _indice(request, doc)
     s = request.app[SETTINGS]
-    ids, flt = doc.get("ids"), None
+    ids, flt = _valid(ExportBody, doc).ids, None
     if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise BadRequest("ids must be a list of integers")
         if len(ids) > s.export_limit or any(not 0 <= i < index.metadata.num_rows for i in ids):
             raise BadRequest(f"ids must be at most {s.export_limit} row numbers of the index")
     else:
         raw = doc.get("filter")
         if not isinstance(raw, dict):
             raise BadRequest("give ids (the current results) or a filter object")
-        flt = _row_filter(raw)
+        flt = _valid(RowFilterBody, raw).row_filter()
     table = await asyncio.to_thread(export_table, index, ids, flt, s.export_limit)
     buf = io.BytesIO()
     pq.write_table(table, buf)
