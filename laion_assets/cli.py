@@ -534,15 +534,15 @@ def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_
     import pyarrow.parquet as pq
 
     from laion_assets.core import paths
-    from laion_assets.core.index.build import build_index
-    from laion_assets.core.storage import Storage
+    from laion_assets.core.index import crawl as stage
 
-    store = Storage(embeddings)
-    numbers = sorted(int(k.rsplit("_", 1)[1].split(".")[0]) for k in store.list("metadata"))
-    exclude = set(pq.read_table(exclude_path, columns=["key"])["key"].to_pylist()) if exclude_path else set()
-    report = build_index(store, [paths.embedding_files("", i) for i in numbers], pq.read_table(metadata_path),
-                         output_dir, build(IndexSettings, kwargs), exclude=exclude, log=click.echo)
-    click.echo(" ".join(f"{k}={v}" for k, v in report.metadata().items()))
+    store = _folder(embeddings)
+    exclude = frozenset(pq.read_table(exclude_path, columns=["key"])["key"].to_pylist() if exclude_path else ())
+    inputs = stage.IndexInputs([paths.embedding_files("", i) for i in paths.embedding_numbers(store.list("metadata"))],
+                               pq.read_table(metadata_path), exclude=exclude)
+    record = stage.run(store, inputs, _folder(output_dir), "", os.path.basename(os.path.abspath(output_dir)),
+                       build(IndexSettings, kwargs), log=click.echo)
+    click.echo(" ".join(f"{k}={v}" for k, v in record.figures.items()))
 
 
 @main.command("serve")

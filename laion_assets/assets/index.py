@@ -51,12 +51,13 @@ def knn_index_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         """The crawl's image and text kNN indices (autofaiss) over the samples of its filtered metadata (removed
         samples and the duplicates the release drops left out), with `metadata.arrow` row-aligned: URL, caption,
         key, shard, WIDTH, HEIGHT, similarity, punsafe, pwatermark, LANGUAGE, tar, sha256, phash."""
-        from laion_assets.core.index.crawl import build_crawl_index
+        from laion_assets.core.index import crawl as stage
 
         crawl = crawl_of(context)
         store = storage.get()
         settings = build(IndexSettings, config)
-        record = build_crawl_index(store, crawl, image_embeddings, filtered_metadata, settings, log=context.log.info)
+        inputs = stage.crawl_inputs(store, image_embeddings, filtered_metadata)
+        record = stage.run(store, inputs, store, paths.knn_index(crawl), crawl, settings, log=context.log.info)
         metadata = to_metadata(record.metadata())
         # (dagster/uri is the stored record, which the IO manager sets)
         metadata.update({"folder": store.uri(record.folder), "dagster/row_count": record.rows})

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from laion_assets.core.settings import FromEnv, setting
 
 CHUNK_MARKER = "_report.json"
+INDEX_REPORT = "_report.json"
 SHARDS_MANIFEST = "_manifest.json"
 
 
@@ -156,6 +157,12 @@ def embedding_files(prefix: str, index: int) -> EmbeddingKeys:
                          join(prefix, f"metadata/metadata_{index}.parquet"))
 
 
+def embedding_numbers(metadata_keys: list[str]) -> list[int]:
+    """The file numbers of an embedding folder's metadata files (`metadata/metadata_<i>.parquet`), sorted."""
+    return sorted(int(k.rsplit("_", 1)[1].removesuffix(".parquet")) for k in metadata_keys
+                  if k.rsplit("/", 1)[-1].startswith("metadata_") and k.endswith(".parquet"))
+
+
 def bucket_embeddings(crawl: str, bucket: str, layout: Layout) -> EmbeddingKeys:
     return embedding_files(embeddings(crawl, layout), int(bucket))
 
@@ -265,10 +272,15 @@ class IndexFiles:
 
     def ivfdata(self, modality: str) -> str:
         """The inverted lists of a merged index, kept on disk beside it (faiss reads them memory-mapped)."""
-        return f"{self.index(modality)[: -len('.index')]}.ivfdata"
+        return ivfdata_of(self.index(modality))
+
+
+def ivfdata_of(index: str) -> str:
+    """The on-disk inverted lists beside an index file (`image.index` -> `image.ivfdata`)."""
+    return index.removesuffix(".index") + ".ivfdata"
 
 
 def index_files(prefix: str) -> IndexFiles:
     return IndexFiles(join(prefix, "image.index"), join(prefix, "text.index"), join(prefix, "image.infos.json"),
-                      join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, "_report.json"),
+                      join(prefix, "text.infos.json"), join(prefix, "metadata.arrow"), join(prefix, INDEX_REPORT),
                       join(prefix, "removed_ids.parquet"))

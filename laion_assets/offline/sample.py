@@ -25,6 +25,7 @@ import orjson
 from laion_assets.core import paths
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import SampleSettings
+from laion_assets.core.storage import atomic_path
 from laion_assets.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render
 
 
@@ -241,11 +242,8 @@ def build_sample_crawl(mirror: str | os.PathLike, settings: SampleSettings | Non
     listing = []
     for f in range(settings.wat_files):
         rel, data = _wat_file(f, settings, rng, pool, slots, base, report)
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with atomic_path(root / rel) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
         listing.append(rel)
     report.wat_files = listing
     listing_path = root / paths.wat_listing(settings.crawl)

@@ -41,6 +41,7 @@ from laion_assets.core.clip.watermark import (
 )
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import DEFAULT_MODELS_DIR
+from laion_assets.core.storage import atomic_path
 from laion_assets.offline.synthetic import LANGUAGES
 
 SMALL_WATERMARK_ARCH = "mobilenetv3_small_050"
@@ -222,12 +223,12 @@ def held_out_similarities(model: LoadedClip, n: int, seed: int, languages: tuple
 
 def save_clip(model: Any, spec: ClipSpec, card: dict[str, Any]) -> None:
     path = Path(spec.pretrained)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    Path(str(path) + ".json").write_text(json.dumps(
-        {"name": spec.name, "arch": spec.arch, "threshold": spec.threshold, **card}, indent=2))
+    # Into an open file: torch names the archive inside after a path it is given, and a temporary's random name
+    # would change the checkpoint's bytes (its sha256 is the model's data version) at every build.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": model.state_dict()}, fh)
+    with atomic_path(str(path) + ".json") as tmp, open(tmp, "w") as fh:
+        fh.write(json.dumps({"name": spec.name, "arch": spec.arch, "threshold": spec.threshold, **card}, indent=2))
 
 
 # --- the small heads ---------------------------------------------------------------------------------

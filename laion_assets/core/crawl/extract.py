@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,7 @@ from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
 from laion_assets.core.paths import Layout
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import ExtractSettings, SourceSettings
-from laion_assets.core.storage import Storage
+from laion_assets.core.storage import Storage, atomic_path
 
 
 @dataclass
@@ -338,8 +336,8 @@ class FileTarget:
         self.path = path
 
     def __enter__(self) -> FileTarget:
-        self._tmp = self.path + ".tmp"
-        self.writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        self._file = atomic_path(self.path)
+        self.writer = pq.ParquetWriter(self._file.__enter__(), SCHEMA, compression="zstd")
         return self
 
     def write(self, table: pa.Table) -> None:
@@ -347,13 +345,11 @@ class FileTarget:
 
     def commit(self, report: ExtractReport, wat_files: list[str]) -> str:
         self.writer.close()
-        os.replace(self._tmp, self.path)
         return self.path
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        self._file.__exit__(*exc)  # renamed into place only when nothing raised
 
 
 def run(locations: Iterable[tuple[str, str]], crawl: str, target: ChunkTarget | FileTarget | Callable[[pa.Table], None],

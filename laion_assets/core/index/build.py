@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from laion_assets.core.index.evaluate import ExactTopK, Quality, measure, tune_n
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.progress import Log
+from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import IndexSettings
 from laion_assets.core.storage import Storage, atomic_path
 
@@ -46,7 +47,7 @@ class ModalityReport:
 
 
 @dataclass
-class IndexReport:
+class IndexReport(JsonRecord):
     """What building (or merging) made: per modality the index key, vectors, bytes, seconds, recall and latency."""
 
     rows_in: int = 0
@@ -60,15 +61,6 @@ class IndexReport:
 
     def modality(self, name: str) -> ModalityReport:
         return self.image if name == "image" else self.text
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> IndexReport:
-        doc = dict(doc)
-        image, text = ModalityReport(**doc.pop("image")), ModalityReport(**doc.pop("text"))
-        return cls(**doc, image=image, text=text)
 
     def metadata(self) -> dict[str, Any]:
         """Flat figures for asset metadata (part B) and the CLI's summary."""
@@ -84,8 +76,14 @@ class IndexReport:
 
 def read_report(folder: str) -> IndexReport:
     """The report of a complete index folder (FileNotFoundError when it is not complete)."""
-    with open(paths.index_files(folder).report) as f:
-        return IndexReport.from_dict(json.load(f))
+    with open(paths.index_files(folder).report, "rb") as f:
+        return IndexReport.from_json(f.read())
+
+
+def write_report(path: str, report: IndexReport) -> None:
+    """The folder's completion marker (written last)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(report.to_json())
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:
@@ -252,7 +250,7 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
     if os.path.exists(files.removed):
         os.remove(files.removed)  # removals recorded against the old build are excluded from this one
     report.seconds = time.perf_counter() - start
-    write_json(files.report, report.as_dict())
+    write_report(files.report, report)
     return report
 
 

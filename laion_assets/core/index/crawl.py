@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,13 @@ from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.build import IndexReport, build_index
 from laion_assets.core.index.merge import merge_indices
 from laion_assets.core.index.records import IndexFile, IndexRecord
+from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.progress import Log
 from laion_assets.core.release.filtered import FilteredBucket
 from laion_assets.core.settings import IndexSettings, ReleaseSettings
 from laion_assets.core.storage import Storage, file_sha256
 
-REPORT = "_report.json"
+REPORT = paths.INDEX_REPORT
 
 
 def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[str, FilteredBucket],
@@ -78,18 +80,35 @@ def _record(name: str, key: str, folder: str, report: IndexReport, removal_versi
                        report.metadata())
 
 
-def build_crawl_index(store: Storage, crawl: str, embeddings: Mapping[str, EmbeddingsManifest],
-                      filtered: Mapping[str, FilteredBucket], settings: IndexSettings,
-                      release: ReleaseSettings | None = None, log: Log | None = None) -> IndexRecord:
-    """The crawl's index at `paths.knn_index(crawl)` from every bucket's embeddings and filtered metadata."""
+@dataclass(frozen=True)
+class IndexInputs:
+    """What an index is built from: the embedding files in bucket order, the metadata row-aligned with them, which
+    rows to index (None: all but `exclude`'s keys), and the removal list version they reflect."""
+
+    buckets: list[EmbeddingKeys]
+    table: pa.Table
+    keep_rows: np.ndarray | None = None
+    exclude: frozenset[str] = frozenset()
+    removal_version: str = ""
+
+
+def crawl_inputs(store: Storage, embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[str, FilteredBucket],
+                 release: ReleaseSettings | None = None) -> IndexInputs:
+    """A crawl's index inputs: every bucket's embeddings, and the rows its filtered metadata keeps."""
     table, keep = index_rows(embeddings, filtered, store, release)
-    buckets = [embeddings[b].files for b in sorted(embeddings)]
-    version = max((f.removal_version for f in filtered.values()), default="")
-    key = paths.knn_index(crawl)
-    with store.output_folder(key, last=REPORT) as folder:
-        report = build_index(store, buckets, table, folder, settings, log=log, keep_rows=keep)
-        record = _record(crawl, key, folder, report, version)
-    return record
+    return IndexInputs([embeddings[b].files for b in sorted(embeddings)], table, keep,
+                       removal_version=max((f.removal_version for f in filtered.values()), default=""))
+
+
+def run(store: Storage, inputs: IndexInputs, out: Storage, key: str, name: str, settings: IndexSettings,
+        log: Log | None = None) -> IndexRecord:
+    """The index stage's entry point: the image and text indices of the embeddings in `store` (and their metadata)
+    built into `key` of `out` (on S3 built locally and uploaded, the report last), and the record of what was made.
+    The knn_index asset and `laion-assets index` call it."""
+    with out.output_folder(key, last=REPORT) as folder:
+        report = build_index(store, inputs.buckets, inputs.table, folder, settings, exclude=inputs.exclude, log=log,
+                             keep_rows=inputs.keep_rows)
+        return _record(name, key, folder, report, inputs.removal_version)
 
 
 def below_recall_floor(store: Storage, crawls: list[str], floor: float) -> dict[str, float]:
@@ -98,7 +117,7 @@ def below_recall_floor(store: Storage, crawls: list[str], floor: float) -> dict[
     without measuring (eval_queries 0) is not held back."""
     low: dict[str, float] = {}
     for crawl in crawls:
-        report = IndexReport.from_dict(store.read_json(paths.join(paths.knn_index(crawl), "_report.json")))
+        report = IndexReport.from_json(store.read_bytes(paths.index_files(paths.knn_index(crawl)).report))
         measured = [float(r.quality["recall_at_10"]) for r in (report.image, report.text)
                     if "recall_at_10" in r.quality]
         if measured and min(measured) < floor:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from laion_assets.core import paths
 from laion_assets.core.index import metadata as meta
-from laion_assets.core.index.build import IndexReport, read_report, tune, write_json
+from laion_assets.core.index.build import IndexReport, read_report, tune, write_json, write_report
 from laion_assets.core.index.evaluate import ExactTopK, measure
 from laion_assets.core.index.search import MODALITIES, load_faiss
 from laion_assets.core.progress import Log
@@ -166,5 +166,5 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
 
     meta.write_arrow(tagged(), meta.complete(meta.empty()).schema, files.metadata)
     report.seconds = time.perf_counter() - start
-    write_json(files.report, report.as_dict())
+    write_report(files.report, report)
     return report

@@ -26,7 +26,7 @@ def load_faiss(index_path: str, infos_path: str | None = None) -> Any:
     .ivfdata file), with the search parameters autofaiss tuned (recorded in its infos) applied."""
     import faiss
 
-    ivfdata = index_path[: -len(".index")] + ".ivfdata"
+    ivfdata = paths.ivfdata_of(index_path)
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if os.path.exists(ivfdata) else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
     index = faiss.read_index(index_path, flags)
     if infos_path and os.path.exists(infos_path):
