@@ -24,8 +24,9 @@ import dagster as dg
 from laion_assets.core import paths
 from laion_assets.core.download.report import STATUSES
 from laion_assets.core.paths import Layout
-from laion_assets.core.settings import DEFAULT_IMAGE_BASE, OperationsSettings
+from laion_assets.core.settings import DEFAULT_IMAGE_BASE, ModelSettings, OperationsSettings
 from laion_assets.definitions import resources_from_env
+from laion_assets.offline.small_models import build_small_models
 from laion_assets.operations import register_new_crawls
 
 SAMPLE_PORT = urlsplit(DEFAULT_IMAGE_BASE).port  # where the sample crawl's image links point
@@ -69,8 +70,47 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+# What the line of each step shows: (label, metadata entry).
+FIGURES: dict[str, list[tuple[str, str]]] = {
+    "sample_crawl": [("pages", "pages"), ("images", "images")],
+    "wat_manifest": [("WAT files", "wat_files")],
+    "candidate_pairs": [("pairs", "pairs")],
+    "unique_pairs": [("pairs", "rows_in"), ("unique", "rows_out")],
+    "image_shards": [("images", "success"), ("failed", "failed_to_download"), ("not resized", "failed_to_resize"),
+                     ("refused by policy", "skipped_by_policy")],
+    "clip_scores": [("scored", "samples"), ("kept", "kept")],
+    "image_embeddings": [("embedded", "dagster/row_count")],
+    "watermark_scores": [("watermarked", "watermarked")],
+    "safety_scores": [("unsafe", "unsafe")],
+    "image_dedup": [("exact duplicates", "exact_duplicates"), ("near duplicates", "near_duplicates")],
+    "filtered_metadata": [("rows", "rows")],
+    "release": [("released", "rows")],
+    "dataset_statistics": [],
+    "knn_index": [("rows", "rows"), ("recall@10", "recall_at_10")],
+    "knn_index_all": [("rows", "rows"), ("recall@10", "recall_at_10")],
+}
+
+
+def _partition_label(partition: str | dg.MultiPartitionKey | None) -> str:
+    if isinstance(partition, dg.MultiPartitionKey):
+        dims = partition.keys_by_dimension
+        return "/".join([dims["crawl"], *(v for d, v in sorted(dims.items()) if d != "crawl")])
+    return partition or "-"
+
+
+def _figures(name: str, meta: dict[str, Any]) -> str:
+    shown = []
+    for label, key in FIGURES.get(name, []):
+        value = meta.get(key)
+        if value is None or (value == 0 and label in ("failed", "not resized", "refused by policy")):
+            continue
+        shown.append(f"{label} {value:.3f}" if isinstance(value, float) else f"{label} {value}")
+    return ", ".join(shown)
+
+
 class _Demo:
-    """Materializes assets one partition at a time in the demo's Dagster instance, and adds up their metadata."""
+    """Materializes assets one partition at a time in the demo's Dagster instance, prints a line per step and adds
+    up their metadata. The runs' logs go to the instance (`dagster dev` shows them), not to the terminal."""
 
     def __init__(self, resources: dict[str, Any], layout: Layout) -> None:
         from laion_assets.definitions import build_assets
@@ -85,11 +125,17 @@ class _Demo:
     def run_together(self, names: tuple[str, ...], partition: str | dg.MultiPartitionKey | None = None
                      ) -> dict[str, dict[str, Any]]:
         """Assets of one run (the CLIP pass's three) for one partition: each one's metadata."""
+        start = time.perf_counter()
         result = dg.materialize(self.assets, selection=dg.AssetSelection.assets(*names), partition_key=partition,
                                 instance=self.instance, resources=self.resources, raise_on_error=True,
-                                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
-        print(f"  materialized {', '.join(names)}" + (f" [{partition}]" if partition else ""), flush=True)
-        return {name: _meta(result, name) for name in names}
+                                run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
+        seconds = time.perf_counter() - start
+        metas = {name: _meta(result, name) for name in names}
+        for i, name in enumerate(names):
+            took = f"{seconds:5.1f} s" if i == 0 else "(same run)"
+            print(f"  {name:<19} {_partition_label(partition):<22} {_figures(name, metas[name]):<52} {took}",
+                  flush=True)
+        return metas
 
     def per_bucket(self, name: str, crawl: str) -> list[dict[str, Any]]:
         return [self.run(name, dg.MultiPartitionKey({"crawl": crawl, "bucket": b})) for b in self.layout.bucket_keys()]
@@ -108,8 +154,10 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     if storage:
         env["LAION_ASSETS_STORAGE"] = storage
     env.setdefault("LAION_ASSETS_ALLOW_NETWORKS", "127.0.0.1/32")  # the demo's image server
+    build_small_models(ModelSettings.from_env(env).models_dir, log=lambda m: print(f"  {m}", flush=True))
     demo = _Demo(resources_from_env(env), Layout.from_env())
-    print("laion_assets demo: the sample crawl through the asset graph")
+    print("laion_assets demo: the sample crawl through the asset graph, a line per step (asset, partition, figures, "
+          "seconds)")
     sample = demo.run("sample_crawl")
     crawl = sample["crawl"]
     # What the new_crawls sensor does under the daemon: the mirror's new crawl becomes a `crawls` partition.
@@ -190,24 +238,28 @@ def _print_made(summary: dict[str, Any], sample: dict[str, Any], store: Any, lay
     def where(key: str) -> str:  # the folder of the first bucket's file: where all buckets' files are
         return store.uri(key.rsplit("/", 1)[0])
 
+    def output(asset: str, bucket: str | None = None) -> str:
+        dims = {"crawl": crawl, **({"bucket": bucket} if bucket else {})}
+        return paths.output_key([asset], dims, layout, ".parquet")
+
     others = ", ".join(f"{s} {statuses[s]}" for s in STATUSES[1:])
     print()
     print(f"Made, in {seconds:.0f} s:")
     print(f"  sample crawl mirror  {sample['mirror']}  ({sample['wat_files']} WAT files, {sample['pages']} pages,"
           f" {sample['images']} images)")
-    print(f"  wat_manifest         {store.uri(paths.wat_manifest(crawl))}  ({summary['wat_files']} WAT files in"
+    print(f"  wat_manifest         {store.uri(output('wat_manifest'))}  ({summary['wat_files']} WAT files in"
           f" {layout.chunks} chunks)")
     print(f"  candidate_pairs      {store.uri(paths.candidates(crawl, layout))}  ({summary['pairs']} pairs)")
-    print(f"  unique_pairs         {where(paths.unique_pairs(crawl, bucket, layout))}  ({summary['unique_pairs']}"
+    print(f"  unique_pairs         {where(output('unique_pairs', bucket))}  ({summary['unique_pairs']}"
           f" unique URLs in {layout.buckets} buckets)")
     print(f"  image_shards         {where(paths.image_shards(crawl, bucket, layout))}  ({summary['images']} images in"
           f" webdataset shards; {others})")
-    print(f"  clip_scores          {where(paths.clip_scores(crawl, bucket, layout))}  ({summary['scored']} scored,"
+    print(f"  clip_scores          {where(output('clip_scores', bucket))}  ({summary['scored']} scored,"
           f" {summary['kept']} kept)")
     print(f"  image_embeddings     {store.uri(paths.embeddings(crawl, layout))}  ({summary['embedded']} image and"
           " text embeddings, clip-retrieval layout)")
-    print(f"  safety_scores        {where(paths.safety_scores(crawl, bucket, layout))}  ({summary['unsafe']} unsafe)")
-    print(f"  watermark_scores     {where(paths.watermark_scores(crawl, bucket, layout))}  ({summary['watermarked']}"
+    print(f"  safety_scores        {where(output('safety_scores', bucket))}  ({summary['unsafe']} unsafe)")
+    print(f"  watermark_scores     {where(output('watermark_scores', bucket))}  ({summary['watermarked']}"
           " watermarked)")
     print("  (small offline models, trained on the synthetic world, cached in data/models/)")
     home = os.environ["DAGSTER_HOME"]

@@ -10,11 +10,14 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Collection
@@ -100,10 +103,18 @@ def _autofaiss(folder: str, modality: str, settings: IndexSettings, work: str) -
     from autofaiss import build_index
 
     out = os.path.join(work, f"{modality}.index")
-    index, infos = build_index(
-        embeddings=folder, save_on_disk=False, metric_type="ip", index_key=settings.index_key or None,
-        max_index_memory_usage=settings.query_memory, current_memory_available=settings.build_memory,
-        max_index_query_time_ms=settings.max_query_ms, nb_cores=settings.cores or None, verbose=logging.WARNING)
+    # embedding_reader draws tqdm bars on sys.stderr that verbose= does not reach: kept aside, shown only on failure.
+    bars = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(bars):
+            index, infos = build_index(
+                embeddings=folder, save_on_disk=False, metric_type="ip", index_key=settings.index_key or None,
+                max_index_memory_usage=settings.query_memory, current_memory_available=settings.build_memory,
+                max_index_query_time_ms=settings.max_query_ms, nb_cores=settings.cores or None,
+                verbose=logging.WARNING)
+    except BaseException:
+        sys.stderr.write(bars.getvalue())
+        raise
     if index is None:
         raise RuntimeError(f"autofaiss built no {modality} index from {folder} (its log says why: usually "
                            f"build_memory {settings.build_memory} is too small to train the index it chose)")

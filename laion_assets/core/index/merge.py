@@ -26,7 +26,7 @@ from laion_assets.core import paths
 from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.build import IndexReport, read_report, tune, write_json, write_report
 from laion_assets.core.index.evaluate import ExactTopK, measure
-from laion_assets.core.index.search import MODALITIES, load_faiss
+from laion_assets.core.index.search import MODALITIES, faiss_quiet, load_faiss
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import IndexSettings
 from laion_assets.core.storage import atomic_path
@@ -132,7 +132,8 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
                 faiss.write_index(shard, shards[-1])
             del shard
             merged = faiss.read_index(trained_path)
-            merge_ondisk(merged, shards, files.ivfdata(modality))
+            with faiss_quiet():
+                merge_ondisk(merged, shards, files.ivfdata(modality))
             faiss.extract_index_ivf(merged).nprobe = settings.merged_nprobe or max(16, nlist // 8)
             with atomic_path(files.index(modality)) as tmp:
                 faiss.write_index(merged, tmp)

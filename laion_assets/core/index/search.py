@@ -4,9 +4,11 @@ filters (dedup by embedding, safety by punsafe)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Collection
+import sys
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,14 +23,37 @@ from laion_assets.core.storage import atomic_path
 MODALITIES = ("image", "text")
 
 
+@contextlib.contextmanager
+def faiss_quiet() -> Iterator[None]:
+    """faiss reports work on on-disk inverted lists ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ...",
+    "resizing ...") with C printf, past Python's sys.stdout: this sends the process's stdout to /dev/null around such
+    a call, C's buffer flushed before it comes back. (The whole process's: for the short calls that load or merge an
+    index, never around a query.)"""
+    import ctypes
+
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_faiss(index_path: str, infos_path: str | None = None) -> Any:
     """A faiss index read without loading its vectors (memory-mapped; a merged index's inverted lists stay in their
     .ivfdata file), with the search parameters autofaiss tuned (recorded in its infos) applied."""
     import faiss
 
-    ivfdata = paths.ivfdata_of(index_path)
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if os.path.exists(ivfdata) else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-    index = faiss.read_index(index_path, flags)
+    if os.path.exists(paths.ivfdata_of(index_path)):
+        with faiss_quiet():
+            index = faiss.read_index(index_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    else:
+        index = faiss.read_index(index_path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     if infos_path and os.path.exists(infos_path):
         with open(infos_path) as f:
             params = json.load(f).get("index_param")
