@@ -127,8 +127,20 @@ class ShardKeys:
         return self.tar, self.rows, self.stats
 
 
+SHARD_SUFFIXES = (".tar", ".parquet", "_stats.json")
+
+
 def shard(prefix: str, name: str) -> ShardKeys:
-    return ShardKeys(join(prefix, f"{name}.tar"), join(prefix, f"{name}.parquet"), join(prefix, f"{name}_stats.json"))
+    return ShardKeys(*(join(prefix, f"{name}{suffix}") for suffix in SHARD_SUFFIXES))
+
+
+def shard_of(prefix: str, key: str) -> str | None:
+    """The shard name (digits) a key directly under prefix belongs to, or None when it is no shard file."""
+    name = key[len(join(prefix, "")):]
+    for suffix in SHARD_SUFFIXES:
+        if name.endswith(suffix) and name[: -len(suffix)].isdigit():
+            return name[: -len(suffix)]
+    return None
 
 
 def shards_manifest(prefix: str) -> str:
@@ -205,6 +217,12 @@ def release(crawl: str) -> str:
 def release_part_name(subset: str, index: int) -> str:
     """A part's name relative to the release folder."""
     return f"{subset}/part-{index:05d}.parquet"
+
+
+def is_release_part(key: str) -> bool:
+    """Whether a key under a release folder is one of its parts (what a rewrite removes when no longer written)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("part-") and name.endswith(".parquet")
 
 
 def release_manifest(crawl: str) -> str:

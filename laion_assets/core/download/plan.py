@@ -10,7 +10,6 @@ never sees an orphan or half-written shard.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from laion_assets.core import paths
@@ -19,8 +18,6 @@ from laion_assets.core.download.report import STATUSES, ShardStats
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.settings import DownloadSettings, settings_hash
 from laion_assets.core.storage import Storage
-
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
 
 
 @dataclass(frozen=True)
@@ -80,12 +77,13 @@ def resume(store: Storage, prefix: str, plan: Plan) -> ResumeState:
     planned = {s.name: s for s in plan.shards}
     files: dict[str, list[str]] = {}
     for key in store.list(prefix):
-        match = _SHARD_FILE.match(key[len(paths.join(prefix, "")):])
-        if match:
-            files.setdefault(match.group(1), []).append(key)
+        name = paths.shard_of(prefix, key)
+        if name is not None:
+            files.setdefault(name, []).append(key)
     for name, keys in sorted(files.items()):
         if name not in planned:
-            for key in sorted(keys, key=lambda k: not k.endswith("_stats.json")):  # the marker first
+            marker = paths.shard(prefix, name).stats
+            for key in sorted(keys, key=lambda k: k != marker):  # the marker first
                 store.delete(key)
             state.removed.append(name)
             continue

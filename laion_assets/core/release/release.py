@@ -129,7 +129,7 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
             parts += writer.parts
             counts[subset] = sum(p.rows for p in writer.parts)
     for key in sorted(old - {paths.join(root, p.file) for p in parts}):
-        if key.endswith(".parquet") and "/part-" in key:
+        if paths.is_release_part(key):
             store.delete(key)
     released = sum(counts.values())
     exact = sum(b.exact_duplicates for b in ordered)
