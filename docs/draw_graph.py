@@ -41,8 +41,8 @@ def spread(y: float, i: int, n: int) -> float:
 
 
 def main(out: Path) -> None:
-    specs = {s.key: s for s in defs.resolve_all_asset_specs()}
-    parents = {k: [d.asset_key for d in s.deps if d.asset_key in specs] for k, s in specs.items()}
+    specs = {s.key: s for s in sorted(defs.resolve_all_asset_specs(), key=lambda s: s.key.to_user_string())}
+    parents = {k: sorted(d.asset_key for d in s.deps if d.asset_key in specs) for k, s in specs.items()}
     graph = defs.resolve_asset_graph()
     observable = {k for k in specs if graph.get(k).is_observable}
     group = {k: s.group_name for k, s in specs.items()}
@@ -93,8 +93,8 @@ def main(out: Path) -> None:
 
     # Edges between columns leave a box's right side and enter the next box's left side, spread out along them.
     across = [(p, k) for k in specs for p in parents[k] if pos[p][0] != pos[k][0]]
-    outs = {p: sorted((e for e in across if e[0] == p), key=lambda e: pos[e[1]][1]) for p in specs}
-    ins = {k: sorted((e for e in across if e[1] == k), key=lambda e: pos[e[0]][1]) for k in specs}
+    outs = {p: sorted((e for e in across if e[0] == p), key=lambda e: pos[e[1]][::-1]) for p in specs}
+    ins = {k: sorted((e for e in across if e[1] == k), key=lambda e: pos[e[0]][::-1]) for k in specs}
     for p, k in [(p, child) for child in specs for p in parents[child]]:
         (x0, y0), (x1, y1) = pos[p], pos[k]
         if (p, k) in across:
