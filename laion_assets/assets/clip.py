@@ -19,6 +19,7 @@ from laion_assets.automation import REPROCESS, versioned_sources
 from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.clip.manifests import EmbeddingsManifest
+from laion_assets.core.clip.parts import Part
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
 from laion_assets.core.progress import throttled
@@ -110,8 +111,6 @@ def clip_pass_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
     """clip_scores, image_embeddings and watermark_scores as one op that reads each shard once and decodes each
     image once for all three; any subset of them can be materialized (a new watermark model re-runs
     watermark_scores alone, a new threshold re-filters clip_scores, and its dependants follow)."""
-    from laion_assets.core.clip.stage import Part
-
     common = {"group_name": "clip", "code_version": CODE_VERSION, "automation_condition": REPROCESS,
               "tags": tags.stage("clip")}
 

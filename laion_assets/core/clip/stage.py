@@ -10,7 +10,6 @@ says (they are bulk files); the two tables are returned.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from laion_assets.core.clip.embeddings import embedding_arrays, read_embeddings,
 from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.clip.models import load_clip, pick_device
 from laion_assets.core.clip.onepass import Models, StageReport, decode_path, one_pass
+from laion_assets.core.clip.parts import Part
 from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.clip.watermark import load_watermark, watermark_table
 from laion_assets.core.download.plan import ShardsManifest
@@ -30,14 +30,6 @@ from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import ModelSettings
 from laion_assets.core.storage import Storage
-
-
-class Part(enum.StrEnum):
-    """What the pass can compute."""
-
-    SCORES = "scores"
-    EMBEDDINGS = "embeddings"
-    WATERMARK = "watermark"
 
 
 class MissingScoresError(RuntimeError):
