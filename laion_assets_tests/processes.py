@@ -1,13 +1,15 @@
 """What the suite starts, and the proof that it ends it.
 
 Servers are started in a session of their own (`start`), so that one signal to the process group reaches the
-server and every process it spawned (Dagster's code servers and run workers, Postgres's backends); `stop` sends
-SIGTERM, waits for the whole group and what the server had spawned, and SIGKILLs what is left.
+server and every process it spawned (Dagster's code servers, run workers and step processes); `stop` signals the
+group and every descendant (one that left the group too), waits for all of them, and SIGKILLs what is left.
 
 The session-end check (`left_behind`) finds what outlived its test, orphans reparented to init included: the
 conftest marks the pytest process's environment with a token of its own (`mark_session`), every process the suite
-starts inherits it, and /proc/<pid>/environ still shows it after its parent is gone. A pytest process's
-descendants are looked at too, for a child that was started with an environment of its own.
+starts inherits it, and /proc/<pid>/environ still shows it after its parent is gone. The descendants of marked
+processes and of pytest count too: a process that rewrote its environment (Postgres's backends write their titles
+over it) or was given one of its own is found below its parent. What the check cannot see is a process that both
+dropped the mark and lost its parent.
 """
 
 from __future__ import annotations
@@ -79,10 +81,10 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _signal(procs: Iterable[subprocess.Popen], tree: list[psutil.Process], sig: signal.Signals) -> None:
-    for proc in procs:
+def _signal(groups: Iterable[int], tree: list[psutil.Process], sig: signal.Signals) -> None:
+    for pgid in groups:
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
     for p in tree:  # psutil checks that the pid is still the process it was
@@ -92,10 +94,10 @@ def _signal(procs: Iterable[subprocess.Popen], tree: list[psutil.Process], sig: 
             pass
 
 
-def _remaining(procs: Iterable[subprocess.Popen], tree: list[psutil.Process]) -> list[int]:
+def _remaining(procs: Iterable[subprocess.Popen], groups: Iterable[int], tree: list[psutil.Process]) -> list[int]:
     for proc in procs:
         proc.poll()  # reap our own children
-    left = {p for proc in procs for p in _group(proc.pid)}
+    left = {p for pgid in groups for p in _group(pgid)}
     for p in tree:
         try:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
@@ -105,37 +107,28 @@ def _remaining(procs: Iterable[subprocess.Popen], tree: list[psutil.Process]) ->
     return sorted(left)
 
 
-def stop(*procs: subprocess.Popen, timeout: float = 15.0) -> list[int]:
-    """End processes started by `start`, their process groups, and every descendant they have when called (one that
-    left the group too): SIGTERM, up to `timeout` seconds for all of them to exit, then SIGKILL. Returns the pids
-    that had to be killed."""
-    tree = [p for proc in procs for p in _tree(proc.pid)]
-    _signal(procs, tree, signal.SIGTERM)
+def stop(*targets: subprocess.Popen | int, timeout: float = 15.0, sig: signal.Signals = signal.SIGTERM) -> list[int]:
+    """End processes, each a Popen from `start` or the pid of one (a server that a daemonizing command left):
+    their process groups, and every descendant they have when called (one in a session of its own too). `sig`
+    (SIGTERM), up to `timeout` seconds for all of them to exit, then SIGKILL. Returns the pids that had to be
+    killed."""
+    procs = [t for t in targets if isinstance(t, subprocess.Popen)]
+    pids = [t.pid if isinstance(t, subprocess.Popen) else t for t in targets]
+    # A Popen from `start` leads its group even once it has exited; a pid, only if it still does.
+    groups = [p.pid for p in procs] + [pid for pid in pids if (s := _stat(pid)) is not None and s.pgid == pid]
+    tree = [p for pid in pids for p in _tree(pid)]
+    _signal(groups, tree, sig)
     deadline = time.monotonic() + timeout
-    while (left := _remaining(procs, tree)) and time.monotonic() < deadline:
+    while (left := _remaining(procs, groups, tree)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if not left:
         return []
     tree += [p for pid in left for p in _tree(pid)]  # what they spawned meanwhile
-    _signal(procs, tree, signal.SIGKILL)
+    _signal(groups, tree, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _remaining(procs, tree) and time.monotonic() < deadline:
+    while _remaining(procs, groups, tree) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
-
-
-def stop_group(pgid: int, timeout: float = 15.0) -> None:
-    """End a process group that a daemonizing command left (its leader called setsid): SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + timeout
-        while _group(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _group(pgid):
-            return
 
 
 def _marked(pid: int, mark: bytes) -> bool:
@@ -157,8 +150,10 @@ def _own_helper(pid: int, me: int) -> bool:
 def _left(token: str) -> list[int]:
     me = os.getpid()
     mark = f"{MARK}={token}".encode()
-    found = {pid for pid in _pids() if pid != me and _marked(pid, mark)}
-    found |= {p.pid for p in _tree(me)[1:]}
+    marked = [pid for pid in _pids() if pid != me and _marked(pid, mark)]
+    # With their descendants: a process that rewrites its title over its environment (Postgres's backends) or
+    # was given an environment of its own is still found below a marked parent, or below pytest.
+    found = {p.pid for pid in [*marked, me] for p in _tree(pid)} - {me}
     return sorted(pid for pid in found if _alive(_stat(pid)) and not _own_helper(pid, me))
 
 
