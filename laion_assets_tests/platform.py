@@ -145,10 +145,20 @@ class Dagster:
             self.processes.append(processes.start([str(BIN / name), *args], env=self._environ, stdout=log,
                                                   stderr=log, cwd=ROOT))
 
-    def start(self) -> Dagster:
+    def create_storage(self) -> None:
+        """`dagster instance migrate`: the instance's tables, before a daemon and its code server (or a webserver)
+        could both create them at once and leave two alembic heads (dagster issue #27390)."""
+        result = subprocess.run([str(BIN / "dagster"), "instance", "migrate"], env=self._environ, cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    def start(self, webserver: bool = True) -> Dagster:
+        """The instance's storage, then `dagster-daemon run`, and `dagster-webserver` unless told not to."""
+        self.create_storage()
         self._start("dagster-daemon", "run", "-w", str(self.home / "workspace.yaml"))
-        self._start("dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), "-w",
-                    str(self.home / "workspace.yaml"))
+        if webserver:
+            self._start("dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), "-w",
+                        str(self.home / "workspace.yaml"))
         return self
 
     def logs(self) -> str:
