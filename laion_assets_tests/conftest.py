@@ -1,4 +1,5 @@
-"""Shared fixtures: the real WAT excerpts, the sample crawl, loopback servers."""
+"""Shared fixtures: the real WAT excerpts, the sample crawl, loopback servers; and the check, at the end of the
+session, that no process the suite started is still running."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from laion_assets.core.settings import SampleSettings
 from laion_assets.offline.sample import build_sample_crawl
+from laion_assets_tests import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
@@ -24,6 +26,20 @@ MODELS_DIR = ROOT / "data" / "models"
 # Set by .ci/run: on CI a missing ../shared/realdata fails the real-data tests instead of skipping them, so a
 # green CI always ran them.
 REQUIRE_REALDATA = os.environ.get("LAION_ASSETS_REQUIRE_REALDATA") == "1"
+# Every process the session starts inherits this mark in its environment, orphans included (processes.py).
+SESSION = processes.mark_session()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """Fails the run when a process that the suite started is alive at the end of the session (after a few seconds
+    for those still ending), naming each; then kills them. Set up first, so torn down after every other fixture."""
+    yield
+    left = processes.left_behind(SESSION)
+    if left:
+        processes.kill(p.pid for p in left)
+        pytest.fail("still running at the end of the test session, started by it (now killed):\n"
+                    + "\n".join(f"  {p}" for p in left), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +142,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail("port 8333 is already taken; the S3 test needs it for `weed mini`")
     data = tmp_path_factory.mktemp("weed")
     log = open(data / "weed.log", "wb")  # noqa: SIM115 (kept open for the server's life)
-    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    proc = processes.start([weed, "mini", f"-dir={data}", "-ip=127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
     try:
         import boto3
 
@@ -143,9 +159,5 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.5)
         yield "http://127.0.0.1:8333"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        processes.stop(proc, timeout=10)
         log.close()

@@ -21,6 +21,8 @@ import dagster as dg
 import psutil
 import yaml
 
+from laion_assets_tests import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -81,9 +83,23 @@ class Postgres:
                           "dagster")
         return self
 
+    def _postmaster(self) -> int | None:
+        """The server's pid (the first line of postmaster.pid) while it runs this data directory."""
+        with contextlib.suppress(OSError, ValueError, IndexError, psutil.Error):
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            if str(self.data) in psutil.Process(pid).cmdline():
+                return pid
+        return None
+
     def stop(self) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
-                        "immediate", "stop"], capture_output=True)
+        """pg_ctl's immediate stop; should the server still run, SIGQUIT (Postgres's immediate shutdown) to it and
+        its backends, then SIGKILL: pg_ctl started it outside the test's process tree, each backend in a session of
+        its own. Then its folder goes."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
+                            "immediate", "-t", "30", "stop"], capture_output=True, timeout=40)
+        if (postmaster := self._postmaster()) is not None:
+            processes.stop(postmaster, sig=signal.SIGQUIT, timeout=10)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -120,16 +136,29 @@ class Dagster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _start(self, name: str, *args: str) -> None:
-        log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, **self.env, "DAGSTER_HOME": str(self.home)}
-        self.processes.append(subprocess.Popen([str(BIN / name), *args], env=env, stdout=log, stderr=log,
-                                               cwd=ROOT, start_new_session=True))
+    @property
+    def _environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env, "DAGSTER_HOME": str(self.home)}
 
-    def start(self) -> Dagster:
+    def _start(self, name: str, *args: str) -> None:
+        with open(self.home / f"{name}.log", "wb") as log:  # the child has its own copy of the descriptor
+            self.processes.append(processes.start([str(BIN / name), *args], env=self._environ, stdout=log,
+                                                  stderr=log, cwd=ROOT))
+
+    def create_storage(self) -> None:
+        """`dagster instance migrate`: the instance's tables, before a daemon and its code server (or a webserver)
+        could both create them at once and leave two alembic heads (dagster issue #27390)."""
+        result = subprocess.run([str(BIN / "dagster"), "instance", "migrate"], env=self._environ, cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    def start(self, webserver: bool = True) -> Dagster:
+        """The instance's storage, then `dagster-daemon run`, and `dagster-webserver` unless told not to."""
+        self.create_storage()
         self._start("dagster-daemon", "run", "-w", str(self.home / "workspace.yaml"))
-        self._start("dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), "-w",
-                    str(self.home / "workspace.yaml"))
+        if webserver:
+            self._start("dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), "-w",
+                        str(self.home / "workspace.yaml"))
         return self
 
     def logs(self) -> str:
@@ -137,15 +166,10 @@ class Dagster:
                          for n in ("dagster-daemon", "dagster-webserver") if (self.home / f"{n}.log").exists())
 
     def stop(self) -> None:
-        for proc in self.processes:
-            with _quiet():
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with _quiet():
-                    os.killpg(proc.pid, signal.SIGKILL)
+        """The daemon and the webserver, and everything under them: code servers (a `--heartbeat` one outlives its
+        parent while it waits for a run process), run workers, step processes."""
+        processes.stop(*self.processes)
+        self.processes.clear()
 
 
 class _quiet:  # noqa: N801 - a tiny context manager, named as a statement
@@ -193,17 +217,17 @@ def running_platform(tmp_path: Path, **extra_env: str) -> Iterator[tuple[Path, d
     from laion_assets_tests.conftest import MODELS_DIR
     from laion_assets_tests.graph import LAYOUT
 
-    pg = Postgres().start()
     env = {"LAION_ASSETS_STORAGE": str(tmp_path / "data"), "LAION_ASSETS_SOURCE": str(tmp_path / "mirror"),
            "LAION_ASSETS_CHUNKS": str(LAYOUT.chunks), "LAION_ASSETS_BUCKETS": str(LAYOUT.buckets),
            "LAION_ASSETS_ALLOW_NETWORKS": "127.0.0.1/32", "LAION_ASSETS_MODELS_DIR": str(MODELS_DIR),
            "LAION_ASSETS_SENSOR_INTERVAL_S": "3", "LAION_ASSETS_CRAWL_PATTERN": r"CC-MAIN-2099-\d\d", **extra_env}
-    dagster = Dagster(tmp_path / "home", env, pg)
-    try:
+    with contextlib.ExitStack() as stack:  # what started is stopped, also when a later start fails
+        pg = Postgres()
+        stack.callback(pg.stop)
+        pg.start()
+        dagster = Dagster(tmp_path / "home", env, pg)
+        stack.callback(dagster.stop)
         yield tmp_path, env, dagster
-    finally:
-        dagster.stop()
-        pg.stop()
 
 
 def crawled(dagster: Dagster, env: dict[str, str], crawl: str, sample: dict[str, int]) -> tuple[Any, Any]:

@@ -54,7 +54,7 @@ def test_removals_reprocess_the_release_under_the_daemon(platform):
     before = _released(store)
     stats_before = store.read_json(paths.statistics_json(SAMPLE_CRAWL))
 
-    dagster._start("dagster-daemon", "run", "-w", str(dagster.home / "workspace.yaml"))  # the daemon only
+    dagster.start(webserver=False)  # the daemon only
     time.sleep(15)  # its first sensor ticks see the list unchanged
     changed = time.time()
     folder, name = before.row(3, named=True)["URL"].rsplit("/", 1)
