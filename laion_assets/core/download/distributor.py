@@ -5,8 +5,11 @@ With at least as many shards as processes, each process takes whole shards. With
 into contiguous pieces so that all processes work (`--processes 16` on 20,000 URLs uses 16 cores); the pieces
 come back to this process, which joins them into the same bytes one process would have written.
 
-Workers are forked from a fork server: the parent may run threads (Dagster, boto3) that a plain fork would
-copy mid-lock, and spawn re-imports everything per worker, the CLI's `__main__` included.
+The processes are a `concurrent.futures.ProcessPoolExecutor`, one task per process (its work items, run as one
+stream). Workers are forked from a fork server: the parent may run threads (Dagster, boto3) that a plain fork
+would copy mid-lock, and spawn re-imports everything per worker, the CLI's `__main__` included. A worker that
+dies (killed, out of memory) breaks the pool, which stops the others: the download fails with
+BrokenProcessPool. An exception in a worker fails it with the worker's traceback, once the others are done.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import asyncio
 import math
 import multiprocessing
 import os
-import queue
+import signal
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,19 +114,33 @@ class _Job:
     aws_env: dict[str, str] = field(default_factory=dict)
 
 
-def _worker(job: _Job, work: list[WorkItem], messages: Any) -> None:
-    """A worker process: downloads its work items and reports progress, shards and pieces on the queue."""
+class WorkerError(RuntimeError):
+    """An exception in a worker process, with its traceback as text (the exception itself may not pickle)."""
+
+
+_progress_queue: Any = None  # in a worker process: where its progress goes to the parent, if anywhere
+
+
+def _start_worker(messages: Any) -> None:
+    global _progress_queue
+    _progress_queue = messages
+
+
+def _worker(job: _Job, work: list[WorkItem]) -> tuple[list[ShardStats], list[str]]:
+    """A worker process's one task: downloads its work items; returns the shards it wrote whole and the files
+    of the pieces it made (for the parent to join)."""
     try:
         for name in [k for k in os.environ if k.startswith("AWS_") and k not in job.aws_env]:
             del os.environ[name]
         os.environ.update(job.aws_env)
         inputs = Inputs.load(job.inputs_file)
-        runner = ShardRunner(inputs, job.plan, job.settings, job.store, job.prefix, job.staging,
-                             lambda n, k: messages.put(("progress", n, k)))
+        messages = _progress_queue
+        report = None if messages is None else lambda n, k: messages.put((n, k))
+        runner = ShardRunner(inputs, job.plan, job.settings, job.store, job.prefix, job.staging, report)
         result = asyncio.run(runner.run(work))
-        messages.put(("done", [s.to_json() for s in result.shards], [p.save() for p in result.pieces]))
+        return result.shards, [p.save() for p in result.pieces]
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the run
-        messages.put(("error", traceback.format_exc()))
+        raise WorkerError(traceback.format_exc()) from None
 
 
 class _Joiner:
@@ -153,42 +171,64 @@ class _Joiner:
 
 
 def _run_processes(job: _Job, work: list[list[WorkItem]], progress: ProgressFn | None) -> list[ShardStats]:
+    """One task per process (its work items as a single stream); progress comes back on a queue drained while
+    the tasks run. A worker that dies breaks the pool: the others are stopped and BrokenProcessPool raised."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(WORKER_MODULES))
-    messages = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(job, items, messages), daemon=True) for items in work]
-    for proc in workers:
-        proc.start()
+    # A SimpleQueue's put writes to the pipe at once (no feeder thread), so a task's progress is all readable
+    # by the time its result is.
+    messages = ctx.SimpleQueue() if progress else None
+    pool = ProcessPoolExecutor(len(work), mp_context=ctx, initializer=_start_worker, initargs=(messages,))
     joiner = _Joiner(job, work)
     stats: list[ShardStats] = []
     errors: list[str] = []
-    finished = 0
     try:
-        while finished < len(workers):
-            try:
-                msg = messages.get(timeout=1.0)
-            except queue.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead and messages.empty():
-                    raise RuntimeError(f"download worker died with exit code {dead[0].exitcode}") from None
-                continue
-            if msg[0] == "progress":
-                if progress:
-                    progress(msg[1], msg[2])
-            elif msg[0] == "done":
-                stats.extend(ShardStats.from_json(s) for s in msg[1])
-                joiner.add(msg[2])
-                finished += 1
-            else:
-                errors.append(msg[1])
-                finished += 1
+        pending = {pool.submit(_worker, job, items) for items in work}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while progress and messages is not None and not messages.empty():
+                progress(*messages.get())
+            for future in done:
+                try:
+                    shards, pieces = future.result()
+                except WorkerError as err:
+                    errors.append(str(err))
+                    continue
+                stats.extend(shards)
+                joiner.add(pieces)
         stats.extend(joiner.results())
+    except BrokenProcessPool as err:
+        raise BrokenProcessPool(f"a download worker process died{_exit_status(pool)}; the others were stopped,"
+                                " and the shards they had not finished are redone by the next run") from err
+    except BaseException:
+        _stop_workers(pool)
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         joiner.pool.shutdown(wait=True, cancel_futures=True)
-        for w in workers:
-            w.join(timeout=5)
-            if w.is_alive():
-                w.terminate()
     if errors:
         raise RuntimeError(f"{len(errors)} download worker(s) failed:\n{errors[0]}")
     return sorted(stats, key=lambda s: s.shard)
+
+
+def _processes(pool: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    # The executor lists its processes only in a private attribute (Python 3.14 adds terminate_workers()).
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _exit_status(pool: ProcessPoolExecutor) -> str:
+    """How the dead worker ended, as far as can be told: the pool stops the others with SIGTERM itself."""
+    codes = sorted({p.exitcode for p in _processes(pool) if p.exitcode not in (None, 0)},
+                   key=lambda c: c == -signal.SIGTERM)
+    if not codes:
+        return ""
+    if codes[0] < 0:
+        return f" (killed by {signal.Signals(-codes[0]).name})"
+    return f" (exit code {codes[0]})"
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """The parent is failing (an interrupt, a shard that would not join): stop the workers rather than wait."""
+    for proc in _processes(pool):
+        if proc.is_alive():
+            proc.terminate()

@@ -1,0 +1,117 @@
+"""Download worker processes that fail: one that dies (killed, or exiting without a word) fails the download
+with an error saying so, one that raises fails it with its traceback, and no worker is left running."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets.core.download.distributor import download
+from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
+from laion_assets.core.storage import LocalStorage, Storage
+from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
+
+SETTINGS = DownloadSettings(samples_per_shard=2, processes=2, resize=ResizeSettings(image_size=64),
+                            fetch=FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0))
+
+
+class FailingStorage(LocalStorage):
+    """Local storage that fails in a worker process when it commits a shard file; the parent's calls work.
+    Pickled to the workers by reference to this module, which they import."""
+
+    def __new__(cls, root: str, how: str, parent: int | None = None) -> FailingStorage:
+        return object.__new__(cls)  # Storage.__new__ picks a backend from the root alone
+
+    def __init__(self, root: str, how: str, parent: int | None = None) -> None:
+        super().__init__(root)
+        self.how, self.parent = how, parent or os.getpid()
+
+    def __reduce__(self):
+        return FailingStorage, (self.root, self.how, self.parent)
+
+    def put_file(self, local_path: str, key: str) -> None:
+        if os.getpid() != self.parent:
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "exit":
+                os._exit(3)
+            raise OSError("no space left on the test's device")
+        super().put_file(local_path, key)
+
+
+def url_list(loopback, path, count: int = 8) -> str:
+    for i in range(count):
+        loopback.static(f"/{i}.jpg", jpeg_bytes(render(Scene("star", "red", "white", "top"), (200, 150), seed=i)))
+    pq.write_table(pa.table({"url": [f"{loopback.base}/{i}.jpg" for i in range(count)]}), path)
+    return str(path)
+
+
+def descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.parametrize(("how", "message"), [("sigkill", r"killed by SIGKILL"), ("exit", r"exit code 3")])
+def test_a_worker_that_dies_fails_the_download_and_leaves_no_process(loopback, tmp_path, how, message):
+    urls = url_list(loopback, tmp_path / "urls.parquet")
+    # A download that works first, so that the fork server and the resource tracker (which outlive a download
+    # by design) are already running and only the workers themselves are new.
+    assert download(urls, Storage(str(tmp_path / "ok")), "", SETTINGS).statuses["success"] == 8
+    before = descendants()
+    with pytest.raises(BrokenProcessPool, match=rf"a download worker process died \({message}\)"):
+        download(urls, FailingStorage(str(tmp_path / "dies"), how), "", SETTINGS)
+    assert descendants() <= before
+    assert not (tmp_path / "dies" / "_manifest.json").exists()
+
+
+def after(seconds: float, body: bytes):
+    def handler(h) -> None:
+        time.sleep(seconds)
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        with contextlib.suppress(OSError):
+            h.wfile.write(body)
+    return handler
+
+
+def test_a_parent_that_fails_stops_its_workers_at_once(loopback, tmp_path):
+    # Each shard: an image that takes a second (its progress reaches the parent, whose callback raises), then
+    # one that takes a minute; the download must not wait for it.
+    image = jpeg_bytes(render(Scene("star", "red", "white", "top"), (200, 150), seed=0))
+    loopback.routes["/soon.jpg"] = after(1.0, image)
+    loopback.routes["/late.jpg"] = after(60.0, image)
+    urls = tmp_path / "slow.parquet"
+    pq.write_table(pa.table({"url": [f"{loopback.base}/soon.jpg?{i}" if i % 2 == 0 else f"{loopback.base}/late.jpg?{i}"
+                                     for i in range(8)]}), urls)
+    warm_up = url_list(loopback, tmp_path / "urls.parquet", 2)  # the fork server running, as above
+    assert download(warm_up, Storage(str(tmp_path / "ok")), "", SETTINGS).statuses["success"] == 2
+    before = descendants()
+
+    def progress(done: int, ok: int) -> None:
+        raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        download(str(urls), Storage(str(tmp_path / "stopped")), "", dataclasses.replace(
+            SETTINGS, fetch=dataclasses.replace(SETTINGS.fetch, deadline_s=120.0)), progress=progress)
+    assert time.monotonic() - start < 30
+    assert descendants() <= before
+
+
+def test_an_exception_in_a_worker_fails_the_download_with_its_traceback(loopback, tmp_path):
+    urls = url_list(loopback, tmp_path / "urls.parquet")
+    with pytest.raises(RuntimeError, match=r"download worker\(s\) failed") as failed:
+        download(urls, FailingStorage(str(tmp_path / "raises"), "raise"), "", SETTINGS)
+    text = str(failed.value)
+    assert "Traceback (most recent call last)" in text and "in put_file" in text
+    assert "OSError: no space left on the test's device" in text
+    assert not (tmp_path / "raises" / "_manifest.json").exists()
