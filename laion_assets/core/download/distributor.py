@@ -220,18 +220,25 @@ def _processes(pool: ProcessPoolExecutor) -> list[multiprocessing.process.BasePr
 
 
 def _exit_status(pool: ProcessPoolExecutor) -> str:
-    """How the dead worker ended, as far as can be told: the pool stops the others with SIGTERM itself."""
-    codes = sorted({p.exitcode for p in _processes(pool) if p.exitcode not in (None, 0)},
+    """How the dead worker ended, as far as can be told: the pool stops the others with SIGTERM itself.
+
+    Only once the pool has joined them: a fork server's child reports its exit status once, to whichever
+    thread reads it first, and the pool's own thread is reading it while it stops the others."""
+    processes = _processes(pool)
+    pool.shutdown(wait=True)
+    codes = sorted({p.exitcode for p in processes if p.exitcode not in (None, 0)},
                    key=lambda c: c == -signal.SIGTERM)
     if not codes:
         return ""
-    if codes[0] < 0:
+    if codes[0] >= 0:
+        return f" (exit code {codes[0]})"
+    try:
         return f" (killed by {signal.Signals(-codes[0]).name})"
-    return f" (exit code {codes[0]})"
+    except ValueError:
+        return f" (killed by signal {-codes[0]})"
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """The parent is failing (an interrupt, a shard that would not join): stop the workers rather than wait."""
     for proc in _processes(pool):
-        if proc.is_alive():
-            proc.terminate()
+        proc.terminate()  # not is_alive(): that would read the exit status the pool's thread waits for
