@@ -10,9 +10,10 @@ stream). Workers are forked from a fork server: the parent may run threads (Dags
 would copy mid-lock, and spawn re-imports everything per worker, the CLI's `__main__` included. A worker that
 dies (killed, out of memory) breaks the pool, which stops the others: the download fails with
 BrokenProcessPool. An exception in a worker fails it with the worker's traceback, once the others are done.
-The executor replaced a hand-written pool (worker processes and a message queue) as fast as it within noise:
-benchmarks/bench_pool.py, 1,000 LAION-size images, 2 processes, medians of 10 alternating runs, 0.98x its time
-at 100 samples per shard and 0.93x at 10, the same CPU seconds (0.95-1.01x).
+The executor replaced a hand-written pool (worker processes and a message queue) that was no faster:
+benchmarks/bench_pool.py, 1,000 LAION-size images, 2 processes, three runs of 5 alternating pairs at load 0.5-2.7,
+took 0.99x, 0.99x and 1.00x its median time at 100 samples per shard, 1.01x, 1.00x and 1.03x at 10 (runs of
+2.3-3.2 s, each side within about 0.2 s of its median), and 0.98-1.03x its CPU seconds.
 """
 
 from __future__ import annotations
