@@ -47,7 +47,8 @@ def one_download(module: str, urls: str, out: str, processes: int, per_shard: in
     from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
     from laion_assets.core.storage import Storage
 
-    download = importlib.import_module(module).download
+    loaded = importlib.import_module(module)
+    download = getattr(loaded, "run", None) or loaded.download  # the entry point was `download` before issue 16
     settings = DownloadSettings(samples_per_shard=per_shard, processes=processes,
                                 resize=ResizeSettings(image_size=256, resize_mode="border", encode_format="jpg"),
                                 fetch=FetchSettings(allow_networks=("127.0.0.1/32",)))

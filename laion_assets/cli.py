@@ -146,7 +146,7 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
 def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, quiet: bool,
              **kwargs: Any) -> None:
     """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
-    from laion_assets.core.download.distributor import download as run_download
+    from laion_assets.core.download.distributor import run as run_download
     from laion_assets.core.download.reader import InputColumns
 
     try:

@@ -100,7 +100,7 @@ def test_the_cli_builds_the_settings_it_is_given(tmp_path, monkeypatch):
         seen["settings"] = settings
         raise ValueError("stop here")
 
-    monkeypatch.setattr("laion_assets.core.download.distributor.download", fake_download)
+    monkeypatch.setattr("laion_assets.core.download.distributor.run", fake_download)
     from click.testing import CliRunner
 
     result = CliRunner().invoke(main, ["download", "u.parquet", "-o", str(tmp_path), "--deadline", "7",

@@ -48,7 +48,7 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         """Every URL of the bucket downloaded, resized and written as webdataset tar shards with a Parquet row per
         URL (success or not) and a `_stats.json` marker per shard; reruns skip complete shards whose input rows and
         settings are unchanged; `_manifest.json` lists the complete shards, written last."""
-        from laion_assets.core.download.distributor import download
+        from laion_assets.core.download import distributor
         from laion_assets.core.download.reader import InputColumns, inputs_of
 
         crawl, bucket = crawl_and_bucket(context)
@@ -64,7 +64,7 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
             log(f"{seen['done']} of {inputs.num_rows} URLs done, {seen['ok']} images")
 
         prefix = paths.image_shards(crawl, bucket, layout)
-        report = download(inputs, store, prefix, download_settings(config, image_fetch), columns, progress,
+        report = distributor.run(inputs, store, prefix, download_settings(config, image_fetch), columns, progress,
                           context.log.info)
         context.log.info(f"{crawl} bucket {bucket}: {report.summary()}")
         manifest = report.manifest

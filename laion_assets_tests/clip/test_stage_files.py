@@ -17,7 +17,7 @@ from laion_assets.core import paths
 from laion_assets.core.clip import embeddings, scores
 from laion_assets.core.clip.models import ClipSpec
 from laion_assets.core.clip.registry import ModelSet
-from laion_assets.core.download.distributor import download
+from laion_assets.core.download.distributor import run as download
 from laion_assets.core.settings import DownloadSettings, FetchSettings
 from laion_assets.core.storage import Storage
 from laion_assets.offline.synthetic import LANGUAGES, jpeg_bytes, random_scene, render

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laion_assets.core.download.distributor import download
+from laion_assets.core.download.distributor import run as download
 from laion_assets.core.download.plan import read_manifest
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import Storage

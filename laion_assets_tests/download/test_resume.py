@@ -15,7 +15,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.download.distributor import download, split_work
+from laion_assets.core.download.distributor import run as download
+from laion_assets.core.download.distributor import split_work
 from laion_assets.core.download.plan import make_plan, read_manifest
 from laion_assets.core.download.reader import Inputs
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings

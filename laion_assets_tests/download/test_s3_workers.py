@@ -8,7 +8,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.download.distributor import download
+from laion_assets.core.download.distributor import run as download
 from laion_assets.core.download.plan import read_manifest
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import S3Options, Storage

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.core.download.distributor import download
+from laion_assets.core.download.distributor import run as download
 from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSettings
 from laion_assets.core.storage import LocalStorage, Storage
 from laion_assets.offline.synthetic import Scene, jpeg_bytes, render

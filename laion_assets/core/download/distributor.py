@@ -61,11 +61,11 @@ def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
     return [items[p::n] for p in range(n)]
 
 
-def download(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSettings,
-             columns: InputColumns | None = None, progress: ProgressFn | None = None,
-             log: Callable[[str], None] | None = None) -> DownloadReport:
-    """Download every URL of a URL list (a local Parquet file, or its input columns) into shards under `prefix`
-    of `store`; resumable."""
+def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSettings,
+        columns: InputColumns | None = None, progress: ProgressFn | None = None,
+        log: Callable[[str], None] | None = None) -> DownloadReport:
+    """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
+    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable."""
     start = time.perf_counter()
     inputs = source if isinstance(source, Inputs) else read_inputs(source, columns)
     plan = make_plan(inputs, settings)
