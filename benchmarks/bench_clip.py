@@ -285,7 +285,7 @@ def main() -> None:
     # End to end: B/32 scoring of every image.
     with GpuBusy(device) as busy:
         start = time.perf_counter()
-        table, _ = scores.score_shards(paths, b32, b32, args.batch_size, args.workers, path=path)
+        table = scores.score_table(one_pass(paths, Models(b32, b32), None, args.batch_size, args.workers, path))
         sync(device)
         ends["B/32 scoring"] = table.num_rows / (time.perf_counter() - start)
     print(f"B/32 scoring end to end: {ends['B/32 scoring']:,.1f} images/s over {table.num_rows} | {busy.text()}",
@@ -293,7 +293,7 @@ def main() -> None:
     sims = np.array([s for s in table["similarity"].to_pylist() if s is not None], np.float32)
     # Device vs PIL decoding: the same similarities and keeps (threshold at the median).
     other = "pil" if path == "device" else "device"
-    other_table, _ = scores.score_shards(paths, b32, b32, args.batch_size, args.workers, path=other)
+    other_table = scores.score_table(one_pass(paths, Models(b32, b32), None, args.batch_size, args.workers, other))
     a, b = np.array(table["similarity"].to_pylist(), float), np.array(other_table["similarity"].to_pylist(), float)
     median = float(np.median(sims))
     agree = np.mean((a >= median) == (b >= median))
@@ -305,7 +305,8 @@ def main() -> None:
         keys = frozenset(k for p in paths for k in (s.key for s in shards.iter_shard_samples(p)))
         with GpuBusy(device) as busy:
             start = time.perf_counter()
-            img, _, _, _ = embeddings.embed_shards(paths, keys, l14, args.batch_size, args.workers, path=path)
+            img, _, _, _ = embeddings.embedding_arrays(
+                one_pass(paths, Models(embed=l14), keys, args.batch_size, args.workers, path), l14)
             sync(device)
             ends["L/14 embedding"] = img.shape[0] / (time.perf_counter() - start)
         print(f"L/14 embedding (image and text) end to end: {ends['L/14 embedding']:,.1f} images/s over "

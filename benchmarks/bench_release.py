@@ -74,10 +74,7 @@ def measure(root: str, buckets: int) -> dict:
     from laion_assets.core import paths
     from laion_assets.core.download.plan import read_manifest
     from laion_assets.core.paths import Layout
-    from laion_assets.core.release.filtered import filter_bucket
-    from laion_assets.core.release.images import dedup_crawl
-    from laion_assets.core.release.release import write_release
-    from laion_assets.core.release.statistics import release_statistics
+    from laion_assets.core.release import filtered, images, release, statistics
     from laion_assets.core.settings import ReleaseSettings
     from laion_assets.core.storage import Storage
 
@@ -85,13 +82,17 @@ def measure(root: str, buckets: int) -> dict:
     pa.set_cpu_count(1)
     store, layout, settings = Storage(root), Layout(chunks=1, buckets=buckets), ReleaseSettings()
     keys = layout.bucket_keys()
+
+    def output(asset: str, bucket: str | None = None) -> str:  # where the IO manager keeps an asset's table
+        return paths.output_key([asset], {"crawl": CRAWL, **({"bucket": bucket} if bucket else {})}, layout,
+                                ".parquet")
     manifests = {b: read_manifest(store, paths.image_shards(CRAWL, b, layout)) for b in keys}
     out: dict = {"baseline_mb": step_peak_mb()}  # the interpreter and libraries, before any step
     start, cpu = time.perf_counter(), time.process_time()
-    scores = {b: pl.scan_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))) for b in keys}
-    table, report = dedup_crawl(store, CRAWL, manifests, scores, {}, settings.near_radius,
-                                partition_rows=settings.dedup_partition_rows)
-    store.put_file(table.path, paths.image_dedup(CRAWL))  # as the IO manager stores it
+    scores = {b: pl.scan_parquet(store.uri(output("clip_scores", b))) for b in keys}
+    table, report = images.run(store, CRAWL, manifests, scores, {}, settings.near_radius,
+                               partition_rows=settings.dedup_partition_rows)
+    store.put_file(table.path, output("image_dedup"))  # as the IO manager stores it
     out["dedup_mb"] = step_peak_mb()
     out["dedup_s"], out["dedup_cpu"], out["kept"] = time.perf_counter() - start, time.process_time() - cpu, \
         report.samples
@@ -99,26 +100,26 @@ def measure(root: str, buckets: int) -> dict:
     del table
     start, cpu = time.perf_counter(), time.process_time()
     records, rows_in = {}, 0
-    dedup = pl.scan_parquet(store.uri(paths.image_dedup(CRAWL)))
+    dedup = pl.scan_parquet(store.uri(output("image_dedup")))
     for b in keys:
         manifest = manifests[b]
         rows_in += manifest.rows
         # Inputs as the IO manager hands them to the asset: lazy scans (language scores collected by the asset).
-        records[b], _ = filter_bucket(
-            store, CRAWL, b, layout, manifest, pl.scan_parquet(store.uri(paths.clip_scores(CRAWL, b, layout))),
-            pl.scan_parquet(store.uri(paths.safety_scores(CRAWL, b, layout))),
-            pl.scan_parquet(store.uri(paths.watermark_scores(CRAWL, b, layout))),
-            pl.read_parquet(store.uri(paths.unique_pairs(CRAWL, b, layout)), columns=["url", "language_score"]),
+        records[b], _ = filtered.run(
+            store, CRAWL, b, layout, manifest, pl.scan_parquet(store.uri(output("clip_scores", b))),
+            pl.scan_parquet(store.uri(output("safety_scores", b))),
+            pl.scan_parquet(store.uri(output("watermark_scores", b))),
+            pl.read_parquet(store.uri(output("unique_pairs", b)), columns=["url", "language_score"]),
             dedup.filter(pl.col("bucket") == b))
     out["join_mb"] = step_peak_mb()
     out["join_s"], out["join_cpu"], out["rows_in"] = time.perf_counter() - start, time.process_time() - cpu, rows_in
     start, cpu = time.perf_counter(), time.process_time()
-    manifest = write_release(store, CRAWL, records, keys, settings, {}, "bench")
+    manifest = release.run(store, CRAWL, records, keys, settings, {}, "bench")
     out["split_mb"] = step_peak_mb()
     out["split_s"], out["split_cpu"], out["released"] = (time.perf_counter() - start, time.process_time() - cpu,
                                                          manifest.rows)
     start, cpu = time.perf_counter(), time.process_time()
-    release_statistics(store, CRAWL, manifest.part_keys())
+    statistics.run(store, CRAWL, manifest.part_keys())
     out["stats_s"], out["stats_cpu"] = time.perf_counter() - start, time.process_time() - cpu
     out["stats_mb"] = step_peak_mb()
     out["peak_rss_mb"] = max(out[f"{s}_mb"] for s in ("dedup", "join", "split", "stats"))
