@@ -3,8 +3,8 @@
 Each command calls its stage's entry point (`run`), the same function its asset calls. Options come from the
 stages' settings dataclasses (`core/settings.py`), as the Dagster config does, so a default is the same in both.
 Heavy modules are imported inside the commands, and the demo's commands (`demo`, `sample-crawl`, `small-models`,
-in `offline/commands.py`) are loaded only when named: `--help` stays fast and production code never loads the
-offline package.
+in `offline/commands.py`, which imports only click and the settings) are imported only to run or list them, so
+production code never loads the rest of the offline package.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from laion_assets.cli_options import options
+from laion_assets.core.paths import Layout
 from laion_assets.core.settings import (
     ClipSettings,
     DownloadSettings,
@@ -109,17 +110,25 @@ def extract(wat_files: tuple[str, ...], output: str, crawl: str, quiet: bool, **
 @click.option("--output", "-o", required=True, help="Parquet file of unique pairs.")
 def dedup(inputs: tuple[str, ...], output: str) -> None:
     """Exact dedup of pair files on the normalized URL (first occurrence in crawl order wins)."""
+    import glob
+
     from laion_assets.core.crawl import dedup as stage
 
     start = time.perf_counter()
-    located = [_locate(i) for i in inputs]
+    # Local patterns expanded here (the stage reads storage keys, not globs); S3 inputs are named one by one.
+    files = [f for i in inputs for f in (sorted(glob.glob(i)) or [i] if not i.startswith("s3://") else [i])]
+    missing = [f for f in files if not f.startswith("s3://") and not os.path.isfile(f)]
+    if missing:
+        raise click.ClickException(f"no such pair file: {', '.join(missing[:5])}")
+    located = [_locate(f) for f in files]
     roots = {store.root for store, _ in located}
     if len(roots) > 1 and any(r.startswith("s3://") for r in roots):
         raise click.ClickException("pair files on S3 must share one bucket")
+    # Files in several local folders are keys under the filesystem's root.
+    store = _folder("/") if len(roots) > 1 else located[0][0]
+    keys = [os.path.abspath(f).lstrip("/") for f in files] if len(roots) > 1 else [k for _, k in located]
     try:
-        unique, report = stage.run(_folder("/") if len(roots) > 1 else located[0][0],
-                                   [os.path.abspath(i).lstrip("/") if len(roots) > 1 else key
-                                    for i, (_, key) in zip(inputs, located, strict=True)])
+        unique, report = stage.run(store, keys)
     except stage.IncompleteChunksError as err:
         raise click.ClickException(str(err)) from err
     out, key = _locate(output)
@@ -494,6 +503,20 @@ def removals_list(storage: str) -> None:
                    + "  " + ",".join(r["dates"]))
 
 
+@main.command("upgrade-storage")
+@_storage_option
+@click.option("--chunks", type=int, default=lambda: Layout.from_env().chunks, show_default="LAION_ASSETS_CHUNKS",
+              help="The layout's chunks (as the code location has them).")
+@click.option("--buckets", type=int, default=lambda: Layout.from_env().buckets, show_default="LAION_ASSETS_BUCKETS",
+              help="The layout's buckets.")
+def upgrade_storage(storage: str, chunks: int, buckets: int) -> None:
+    """Give a storage root written before the IO manager's keys came from the asset key and partition (issue 16) its
+    records' new keys: nothing is recomputed; a root already up to date is left as it is."""
+    from laion_assets.core import upgrade
+
+    click.echo(f"{storage}: {upgrade.run(_folder(storage), Layout(chunks, buckets)).summary()}")
+
+
 @main.command("purge")
 @_storage_option
 @click.option("--crawl", "crawls", multiple=True, help="Crawl to purge (repeatable; default: every crawl stored).")
@@ -525,7 +548,8 @@ def purge_command(storage: str, crawls: tuple[str, ...], version: int | None) ->
 @click.argument("embeddings")
 @click.option("--metadata", "metadata_path", required=True,
               help="Parquet file of the index metadata, row-aligned with the embeddings (bucket after bucket).")
-@click.option("--output-dir", "-o", required=True, help="Local folder of the index (image.index, text.index, ...).")
+@click.option("--output-dir", "-o", required=True,
+              help="Folder or s3:// prefix of the index (image.index, text.index, ...).")
 @click.option("--exclude", "exclude_path", default=None, help="Parquet file with a `key` column: rows left out.")
 @options(IndexSettings, exclude=("min_recall",))  # the floor of the assets' recall check
 def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_path: str | None,

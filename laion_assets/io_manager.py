@@ -22,11 +22,9 @@ import pyarrow as pa
 
 from laion_assets.core import paths
 from laion_assets.core.paths import Layout
-from laion_assets.core.records import JsonRecord
+from laion_assets.core.records import POINTER, JsonRecord
 from laion_assets.core.storage import LocalParquet, Storage
 from laion_assets.resources import StorageResource
-
-POINTER = "committed_at"
 
 
 def partition_dims(key: str | dg.MultiPartitionKey | None, partitions_def: Any) -> dict[str, str]:
@@ -57,7 +55,21 @@ class CommittedRecordMismatch(RuntimeError):
 
 def _suffix(obj_or_type: Any) -> str:
     kind = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
-    return ".json" if issubclass(kind, JsonRecord) else ".parquet"
+    return ".json" if isinstance(kind, type) and issubclass(kind, JsonRecord) else ".parquet"
+
+
+def stored_key(asset: dg.AssetKey, dims: dict[str, str], layout: Layout, kind: type = pa.Table) -> str:
+    """Where this IO manager keeps an asset's output of `kind` (a table or a record class) for a partition: for the
+    cross-crawl dedups, which read their own earlier crawls' outputs, and for an op rereading its own."""
+    return paths.output_key(asset.path, dims, layout, _suffix(kind))
+
+
+def _target(store: Storage, key: str) -> str:
+    """The key that holds a record: itself, or the committed record a pointer names."""
+    if not key.endswith(".json") or not store.exists(key):
+        return key
+    doc = orjson.loads(store.read_bytes(key))
+    return doc[POINTER] if isinstance(doc, dict) and set(doc) == {POINTER} else key
 
 
 class StorageIOManager(dg.ConfigurableIOManager):
@@ -141,8 +153,12 @@ class StorageIOManager(dg.ConfigurableIOManager):
                 dims = partition_dims(p, partitions_def)
                 # Every fan-in of the graph stays within one crawl: the chunk or bucket names the part.
                 name = "/".join(v for d, v in sorted(dims.items()) if d != "crawl") or dims.get("crawl", str(p))
+                if name in keys:
+                    raise ValueError(f"{context.asset_key.to_user_string()}: partitions {p} and another are both "
+                                     f"{name!r}: a dict input spans one crawl")
                 keys[name] = self.key(context.asset_key, dims, _suffix(inner))
-            missing = sorted(p for p, key in keys.items() if not store.exists(key))
+            # A pointer whose record a failed rerun removed (it deletes its marker first) is missing too.
+            missing = sorted(p for p, key in keys.items() if not store.exists(_target(store, key)))
             if missing:
                 raise MissingPartitionsError(f"{context.asset_key.to_user_string()}: {len(missing)} upstream "
                                              f"partition(s) not materialized: {', '.join(missing[:10])}")
@@ -155,11 +171,7 @@ class StorageIOManager(dg.ConfigurableIOManager):
         import polars as pl
 
         if isinstance(wanted, type) and issubclass(wanted, JsonRecord):
-            data = store.read_bytes(key)
-            doc = orjson.loads(data)
-            if isinstance(doc, dict) and set(doc) == {POINTER}:
-                data = store.read_bytes(doc[POINTER])
-            return wanted.from_json(data)
+            return wanted.from_json(store.read_bytes(_target(store, key)))
         if wanted is pl.LazyFrame:
             return pl.scan_parquet(store.scratch_copies([key])[0])
         table = store.read_parquet(key)

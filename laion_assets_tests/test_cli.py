@@ -54,3 +54,25 @@ def test_every_benchmark_starts(tmp_path):
     for script in sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py")):
         result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage" in result.stdout.lower(), (script.name, result.stderr[-2000:])
+
+
+def test_every_import_of_the_project_in_benchmarks_and_tests_resolves():
+    """Imports inside functions run only when a benchmark runs: each `from laion_assets... import name` names a module
+    or an attribute that exists."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    unresolved = []
+    for path in sorted([*(root / "benchmarks").glob("*.py"), *(root / "laion_assets_tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("laion_assets"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ModuleNotFoundError:
+                            unresolved.append(f"{path.name}: from {node.module} import {alias.name}")
+    assert unresolved == []

@@ -32,6 +32,7 @@ COMMANDS = {
     ("extract",): [ExtractSettings, (SourceSettings, ("base",))],
     ("sample-crawl",): [SampleSettings],
     ("download",): [DownloadSettings, ResizeSettings, FetchSettings],
+    ("clip", "run"): [ClipSettings, ModelSettings],
     ("clip", "score"): [ClipSettings, ModelSettings],
     ("clip", "embed"): [ModelSettings],
     ("clip", "safety"): [ModelSettings],
@@ -126,3 +127,30 @@ def test_settings_hash_changes_with_what_changes_the_output():
     for change in ({"image_size": 128}, {"resize_mode": "center_crop"}, {"encode_format": "webp"},
                    {"encode_quality": 90}):
         assert settings_hash(dataclasses.replace(ResizeSettings(), **change)) != base
+
+
+def test_from_env_reads_each_field_type_and_names_a_bad_variable():
+    from laion_assets.core.paths import Layout
+    from laion_assets.core.settings import OperationsSettings, StorageSettings, from_env
+
+    env = {"LAION_ASSETS_CHUNKS": "512", "LAION_ASSETS_ALLOW_NETWORKS": " 10.0.0.0/8, 127.0.0.1/32 ,",
+           "LAION_ASSETS_RETRY_DELAY_S": "2.5", "LAION_ASSETS_MODELS": "laion", "AWS_REGION": "",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    assert from_env(Layout, env) == Layout(chunks=512)
+    assert from_env(FetchSettings, env).allow_networks == ("10.0.0.0/8", "127.0.0.1/32")
+    assert from_env(OperationsSettings, env).retry_delay_s == 2.5
+    assert from_env(ModelSettings, env).preset == "laion"
+    # An empty variable is an unset one: the next name in line, or the default.
+    assert from_env(StorageSettings, env).region == "us-east-1"
+    assert from_env(FetchSettings, {"LAION_ASSETS_ALLOW_NETWORKS": ""}).allow_networks == ()
+    with pytest.raises(ValueError, match="LAION_ASSETS_BUCKETS='many'"):
+        from_env(Layout, {"LAION_ASSETS_BUCKETS": "many"})
+    with pytest.raises(ValueError, match="deployment must be one of"):
+        from_env(OperationsSettings, {"LAION_ASSETS_DEPLOYMENT": "staging"})
+
+
+def test_every_operations_setting_is_read_from_its_variable():
+    from laion_assets.core.settings import OperationsSettings
+
+    for field in scalar_fields(OperationsSettings):
+        assert field.metadata.get("env") == (f"LAION_ASSETS_{field.name.upper()}",), field.name

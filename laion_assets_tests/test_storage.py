@@ -183,3 +183,24 @@ def test_output_and_input_folders_on_s3(s3_server, monkeypatch):
         assert sorted(os.listdir(local)) == ["_report.json", "a.index", "z.index"]
         with open(os.path.join(local, "z.index")) as fh:
             assert fh.read() == "z.index"
+
+
+def test_a_root_written_before_the_generic_keys_is_upgraded_without_recomputing(tmp_path):
+    from laion_assets.core import paths, upgrade
+    from laion_assets.core.download.plan import ShardsManifest
+    from laion_assets.core.paths import Layout
+    from laion_assets.core.records import POINTER
+
+    store, layout, crawl = Storage(str(tmp_path)), Layout(chunks=1, buckets=2), "CC-MAIN-2099-01"
+    marker = paths.candidates_marker(crawl, "0000", layout)
+    store.write_bytes(marker, b'{"chunk": "0000"}')
+    prefix = paths.image_shards(crawl, "0001", layout)
+    store.write_bytes(paths.shards_manifest(prefix), ShardsManifest(prefix, 0, "s", {}, []).to_json())
+    store.write_bytes(f"{paths.embeddings(crawl, layout)}/manifests/bucket=0000.json", b'{"rows": 3}')
+    store.write_bytes(f"{paths.crawl_root(crawl)}/knn_index_record.json", b'{"rows": 3}')
+    report = upgrade.run(store, layout)
+    assert (report.pointers, report.copies, report.already) == (2, 2, 0)
+    pointer = store.read_json(paths.output_key(["candidate_pairs"], {"crawl": crawl, "chunk": "0000"}, layout, ".json"))
+    assert pointer == {POINTER: marker}
+    assert store.read_bytes(paths.output_key(["knn_index"], {"crawl": crawl}, layout, ".json")) == b'{"rows": 3}'
+    assert upgrade.run(store, layout).already == 4  # the second time, nothing to do

@@ -24,6 +24,7 @@ from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
 from laion_assets.core.progress import throttled
 from laion_assets.core.settings import ClipSettings, OperationsSettings
+from laion_assets.io_manager import stored_key
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket
 from laion_assets.resources import ChecksResource, ModelRegistryResource, StorageResource
 
@@ -158,7 +159,7 @@ def clip_pass_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         want = {parts[k] for k in context.selected_asset_keys}
         store = storage.get()
         # This op's own stored scores: re-filtered, or the kept samples of a run that does not rescore.
-        own = paths.output_key(CLIP_SCORES.path, {"crawl": crawl, "bucket": bucket}, layout, ".parquet")
+        own = stored_key(CLIP_SCORES, {"crawl": crawl, "bucket": bucket}, layout)
         chosen = models.model_set()
         try:
             out = stage.run(store, image_shards, chosen, models.settings(), want,

@@ -16,12 +16,12 @@ from laion_assets.assets import checks
 from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class
-from laion_assets.core import paths
 from laion_assets.core.crawl import dedup, extract, manifest
 from laion_assets.core.crawl.candidates import SCHEMA as PAIR_SCHEMA
 from laion_assets.core.crawl.extract import ChunkOutput
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import ExtractSettings, OperationsSettings, build
+from laion_assets.io_manager import stored_key
 from laion_assets.partitions import (
     bucket_partitions,
     chunk_partitions,
@@ -120,8 +120,7 @@ def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
                              f"({', '.join(missing[:5])}); cross-crawl dedup needs them first: backfill in order")
         files = [output.files[bucket] for _, output in sorted(candidate_pairs.items())]
         # Earlier crawls' partitions of this very asset, where the IO manager stored them.
-        own = [(c, paths.output_key(context.assets_def.key.path, {"crawl": c, "bucket": bucket}, layout, ".parquet"))
-               for c in earlier]
+        own = [(c, stored_key(context.assets_def.key, {"crawl": c, "bucket": bucket}, layout)) for c in earlier]
         unique, report = dedup.run(storage.get(), files, own)
         context.log.info(f"{crawl} bucket {bucket}: {report.rows_in} pairs in, {report.rows_out} out")
         metadata = to_metadata(report.metadata())

@@ -18,7 +18,10 @@ from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
+from laion_assets.core.release.filtered import FilteredBucket
+from laion_assets.core.release.release import ReleaseManifest
 from laion_assets.core.settings import OperationsSettings, ReleaseSettings, build
+from laion_assets.io_manager import stored_key
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions, to_crawl
 from laion_assets.resources import RemovalListResource, StorageResource
 
@@ -66,8 +69,7 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
         store = storage.get()
         settings = build(ReleaseSettings, config)
         # Earlier crawls' partitions of this very asset, where the IO manager stored them.
-        own = {c: paths.output_key(context.assets_def.key.path, {"crawl": c}, layout, ".parquet")
-               for c in earlier_crawls(context, crawl)}
+        own = {c: stored_key(context.assets_def.key, {"crawl": c}, layout) for c in earlier_crawls(context, crawl)}
         earlier = {c: pl.scan_parquet(store.scratch_copies([key])[0]) for c, key in own.items()}
         removal_list = removals.load()
         table, report = images.run(store, crawl, image_shards, clip_scores, earlier, settings.near_radius,
@@ -131,8 +133,6 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
 
 
 def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    from laion_assets.core.release.filtered import FilteredBucket
-
     @dg.asset(partitions_def=crawl_partitions, kinds={"parquet"}, group_name="release", tags=tags.stage("release"),
               op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"), code_version=CODE_VERSION, automation_condition=REPROCESS,
               ins={"filtered_metadata": dg.AssetIn(FILTERED_METADATA, partition_mapping=to_crawl)},
@@ -171,8 +171,6 @@ def release_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinitio
 
 
 def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
-    from laion_assets.core.release.release import ReleaseManifest
-
     @dg.asset(partitions_def=crawl_partitions, kinds={"json", "markdown"}, group_name="release",
               tags=tags.stage("release"), code_version=CODE_VERSION, automation_condition=REPROCESS,
               ins={"release": dg.AssetIn(RELEASE)})

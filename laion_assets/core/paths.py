@@ -20,7 +20,7 @@ What the IO manager stores, at keys from the asset key and partition alone (`out
 record as JSON (or a pointer to the record its stage committed above), e.g.
 
     crawls/<crawl>/wat_manifest.parquet
-    crawls/<crawl>/candidate_pairs/chunks=<n>/chunk=<c>.json
+    crawls/<crawl>/candidate_pairs/chunks=<n>/buckets=<m>/chunk=<c>.json
     crawls/<crawl>/unique_pairs/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/clip_scores/buckets=<m>/bucket=<b>.parquet
     crawls/<crawl>/image_dedup.parquet
@@ -183,16 +183,17 @@ def bucket_embeddings(crawl: str, bucket: str, layout: Layout) -> EmbeddingKeys:
 
 def output_key(asset: Sequence[str], dims: Mapping[str, str], layout: Layout, suffix: str) -> str:
     """Where the IO manager keeps an asset's output for a partition ({dimension: key}), from the asset key and the
-    partition alone: `crawls/<crawl>/<asset>`, then `/chunks=<n>/chunk=<c>` or `/buckets=<m>/bucket=<b>` (the
-    counts in the path, as for every split), then the suffix (`.parquet` for a table, `.json` for a record);
+    partition alone: `crawls/<crawl>/<asset>`, then `/chunks=<n>/buckets=<m>/chunk=<c>` or `/buckets=<m>/bucket=<b>`
+    (the counts in the path, as for every split), then the suffix (`.parquet` for a table, `.json` for a record);
     `outputs/<asset><suffix>` for an asset no crawl partitions."""
     name = "/".join(asset)
     if "crawl" not in dims:
         return f"outputs/{name}{suffix}"
     key = f"{crawl_root(dims['crawl'])}/{name}"
-    counts = {"chunk": layout.chunks, "bucket": layout.buckets}
+    # A chunk's output describes its bucket files, so the bucket count is part of its key too.
+    split = {"chunk": f"chunks={layout.chunks}/buckets={layout.buckets}", "bucket": f"buckets={layout.buckets}"}
     for dim in sorted(d for d in dims if d != "crawl"):
-        key += f"/{dim}s={counts[dim]}/{dim}={dims[dim]}" if dim in counts else f"/{dim}={dims[dim]}"
+        key += f"/{split[dim]}/{dim}={dims[dim]}" if dim in split else f"/{dim}={dims[dim]}"
     return key + suffix
 
 

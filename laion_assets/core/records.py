@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import orjson
 
 R = TypeVar("R", bound="JsonRecord")
+# What a pointer to a committed record holds (the IO manager keeps one where it would have kept the record).
+POINTER = "committed_at"
 
 
 class JsonRecord:

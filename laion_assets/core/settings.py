@@ -79,9 +79,10 @@ def build(cls: type[S], values: Mapping[str, Any] | Any, **nested: Any) -> S:
 def _parse(text: str, hint: Any) -> Any:
     hint = _plain(hint)
     if typing.get_origin(hint) is tuple:
-        return tuple(v.strip() for v in text.split(",") if v.strip())
+        inner = typing.get_args(hint)[0]
+        return tuple(_parse(v.strip(), inner) for v in text.split(",") if v.strip())
     if hint is bool:
-        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ValueError(f"not a boolean: {text!r}")
         return text.strip().lower() in ("1", "true", "yes", "on")
     return hint(text)
@@ -89,13 +90,13 @@ def _parse(text: str, hint: Any) -> Any:
 
 def from_env(cls: type[S], env: Mapping[str, str] | None = None, **nested: Any) -> S:
     """The settings of the deployment: each field with `env` metadata from the first of its variables that is set
-    (comma-separated for lists), the others at their defaults. A value that does not parse is an error naming the
-    variable."""
+    and not empty (comma-separated for lists), the others at their defaults: an empty variable is an unset one, as a
+    Helm value left blank is. A value that does not parse is an error naming the variable."""
     env = os.environ if env is None else env
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        name = next((n for n in f.metadata.get("env", ()) if n in env), None)
+        name = next((n for n in f.metadata.get("env", ()) if env.get(n, "").strip()), None)
         if name is None:
             continue
         try:

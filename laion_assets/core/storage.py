@@ -490,14 +490,18 @@ class S3Storage(Storage):
     def _output_folder(self, key: str, last: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="laion-assets-") as tmp:
             yield tmp
+
+            def under(name: str) -> str:  # the folder may be the root itself (key "")
+                return f"{key}/{name}" if key else name
+
             # Through the public methods: what patches Storage's writes sees these too.
-            self.delete(f"{key}/{last}")
+            self.delete(under(last))
             names = _committed_names(tmp)
             for old in self.list(key):
-                if old[len(key) + 1 :] not in names:
+                if (old[len(key) + 1 :] if key else old) not in names:
                     self.delete(old)
             for name in sorted(names, key=lambda n: n == last):
-                self.put_file(os.path.join(tmp, name), f"{key}/{name}")
+                self.put_file(os.path.join(tmp, name), under(name))
 
     def _remove_stale_temporaries(self, prefix: str) -> int:
         return 0  # S3 uploads are atomic; staging lives in the local temp dir

@@ -25,7 +25,7 @@ from laion_assets.core import paths
 from laion_assets.core.download.report import STATUSES
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import DEFAULT_IMAGE_BASE, ModelSettings, OperationsSettings
-from laion_assets.definitions import resources_from_env
+from laion_assets.definitions import build_assets, resources_from_env
 from laion_assets.offline.small_models import build_small_models
 from laion_assets.operations import register_new_crawls
 
@@ -113,8 +113,6 @@ class _Demo:
     up their metadata. The runs' logs go to the instance (`dagster dev` shows them), not to the terminal."""
 
     def __init__(self, resources: dict[str, Any], layout: Layout) -> None:
-        from laion_assets.definitions import build_assets
-
         self.resources, self.layout = resources, layout
         self.instance = _instance()
         self.assets = build_assets(layout)

@@ -246,7 +246,7 @@ def build_sample_crawl(mirror: str | os.PathLike, settings: SampleSettings | Non
             fh.write(data)
         listing.append(rel)
     report.wat_files = listing
-    listing_path = root / paths.wat_listing(settings.crawl)
-    listing_path.parent.mkdir(parents=True, exist_ok=True)
-    listing_path.write_bytes(gzip.compress(("\n".join(listing) + "\n").encode(), mtime=0))
+    # Last, and atomically: the listing is what makes the crawl exist for list_crawls and the new_crawls sensor.
+    with atomic_path(root / paths.wat_listing(settings.crawl)) as tmp, open(tmp, "wb") as fh:
+        fh.write(gzip.compress(("\n".join(listing) + "\n").encode(), mtime=0))
     return report

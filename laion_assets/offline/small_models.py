@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import json
 import os
 import random
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from laion_assets.core.clip import checkpoints
 from laion_assets.core.clip.models import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -41,7 +41,6 @@ from laion_assets.core.clip.watermark import (
 )
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import DEFAULT_MODELS_DIR
-from laion_assets.core.storage import atomic_path
 from laion_assets.offline.synthetic import LANGUAGES
 
 SMALL_WATERMARK_ARCH = "mobilenetv3_small_050"
@@ -222,13 +221,8 @@ def held_out_similarities(model: LoadedClip, n: int, seed: int, languages: tuple
 
 
 def save_clip(model: Any, spec: ClipSpec, card: dict[str, Any]) -> None:
-    path = Path(spec.pretrained)
-    # Into an open file: torch names the archive inside after a path it is given, and a temporary's random name
-    # would change the checkpoint's bytes (its sha256 is the model's data version) at every build.
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save({"state_dict": model.state_dict()}, fh)
-    with atomic_path(str(path) + ".json") as tmp, open(tmp, "w") as fh:
-        fh.write(json.dumps({"name": spec.name, "arch": spec.arch, "threshold": spec.threshold, **card}, indent=2))
+    checkpoints.save(spec.pretrained, {"state_dict": model.state_dict()},
+                     {"name": spec.name, "arch": spec.arch, "threshold": spec.threshold, **card})
 
 
 # --- the small heads ---------------------------------------------------------------------------------

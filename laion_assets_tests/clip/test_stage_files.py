@@ -157,6 +157,24 @@ def test_clip_commands_on_a_finished_download(finished_download, tmp_path):
     assert pq.read_table(tmp_path / "wm.parquet").num_rows == kept
 
 
+def test_clip_run_makes_every_part_in_one_pass_and_refuses_what_it_cannot_do(finished_download, tmp_path):
+    run = CliRunner().invoke
+    models = ["--models-dir", str(MODELS_DIR)]
+    scores_out, emb, marks = tmp_path / "s.parquet", tmp_path / "emb", tmp_path / "w.parquet"
+    result = run(main, ["clip", "run", str(finished_download), "--scores", str(scores_out), "--embeddings-dir",
+                        str(emb), "--watermark", str(marks), *models])
+    assert result.exit_code == 0, result.output
+    kept = sum(pq.read_table(scores_out)["keep"].to_pylist())
+    assert "24 samples" in result.output and 0 < kept < 24
+    assert embeddings.read_embeddings(Storage(str(emb)), paths.embedding_files("", 0))[2].num_rows == kept
+    assert pq.read_table(marks).num_rows == kept
+    result = run(main, ["clip", "run", str(finished_download), "--scores", str(scores_out), "--no-score", *models])
+    assert result.exit_code == 1 and "nothing to compute" in result.output
+    result = run(main, ["clip", "run", str(finished_download), "--scores", str(tmp_path / "none.parquet"),
+                        "--no-score", "--watermark", str(marks), *models])
+    assert result.exit_code == 1 and "no scores at" in result.output
+
+
 def test_clip_commands_refuse_an_unfinished_download(finished_download, tmp_path):
     (finished_download / "_manifest.json").unlink()
     result = CliRunner().invoke(main, ["clip", "score", str(finished_download), "-o", str(tmp_path / "s.parquet"),
