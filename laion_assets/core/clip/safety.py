@@ -29,6 +29,13 @@ SAFETY_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("punsa
 CONCEPT_SCHEMA = pa.schema([("nsfw_concept", pa.string()), ("nsfw_similarity", pa.float32()),
                             ("special_concept", pa.string()), ("special_similarity", pa.float32()),
                             ("concept_filtered", pa.bool_())])
+
+
+def safety_schema(concepts: bool) -> pa.Schema:
+    """The safety scores' columns: with the concept filter's when a concept file is set."""
+    return pa.schema(list(SAFETY_SCHEMA) + (list(CONCEPT_SCHEMA) if concepts else []))
+
+
 SafetyDimensionError = HeadDimensionError  # the name the CLI and the asset catch
 __all__ = ["SafetyHead", "SafetyDimensionError", "NoSafetyHead", "run", "punsafe", "train_safety_head"]
 
