@@ -32,7 +32,7 @@ class NoAestheticHead(ValueError):
 
 
 def train_aesthetic_head(embeddings: np.ndarray, scores: np.ndarray, epochs: int = 60, seed: int = 0,
-                         log: Log | None = None) -> AestheticMLP:
+                         lr: float = 1e-3, log: Log | None = None) -> AestheticMLP:
     """Mean squared error of V2's MLP on (L2-normalised embedding, score) pairs, as LAION trained V2."""
     torch.manual_seed(seed)
     x = nn.functional.normalize(torch.from_numpy(np.asarray(embeddings, np.float32)), dim=-1)
@@ -40,7 +40,7 @@ def train_aesthetic_head(embeddings: np.ndarray, scores: np.ndarray, epochs: int
     if len(x) != len(y) or not len(x):
         raise ValueError(f"{len(x)} embeddings but {len(y)} scores")
     head = AestheticMLP(x.shape[1])
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     head.train()
     for epoch in range(epochs):
