@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from laion_assets.core.clip.aesthetic import save_aesthetic_head, train_aesthetic_head
+from laion_assets.core.clip.heads import load_head
 from laion_assets.core.clip.models import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -30,8 +32,6 @@ from laion_assets.core.clip.models import (
     load_clip,
     register_small_arch,
 )
-from laion_assets.core.clip.aesthetic import save_aesthetic_head, train_aesthetic_head
-from laion_assets.core.clip.heads import load_head
 from laion_assets.core.clip.registry import ModelSet, small_files, small_model_set
 from laion_assets.core.clip.safety import load_safety_head, punsafe, save_safety_head, train_safety_head
 from laion_assets.core.clip.watermark import (
