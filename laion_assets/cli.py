@@ -213,7 +213,8 @@ def _clip_run(shards: str, scores: str, embeddings_dir: str | None, index: int, 
 
     models = build(ModelSettings, kwargs)
     settings = build(ClipSettings, kwargs, models=models)
-    chosen = resolve(models)  # a missing or wrong model file fails here, before any work
+    needs = {"scores": (), "embeddings": (), "watermark": ("watermark",)}
+    chosen = resolve(models, [f for p in parts for f in needs[p]])  # a missing or wrong file fails here, first
     store = _folder(shards)
     score_store, score_key = _locate(scores)
     stored = score_store.read_parquet(score_key) if score_store.exists(score_key) else None
@@ -307,8 +308,9 @@ def clip_safety(embeddings: str, index: int, output: str, **kwargs: Any) -> None
     from laion_assets.core.clip import safety
     from laion_assets.core.clip.registry import resolve
 
-    table, report = safety.run(_folder(embeddings), paths.embedding_files("", index),
-                               resolve(build(ModelSettings, kwargs)), log=lambda m: click.echo(m, err=True))
+    chosen = resolve(build(ModelSettings, kwargs), ("safety_head", "concepts"))
+    table, report = safety.run(_folder(embeddings), paths.embedding_files("", index), chosen,
+                               log=lambda m: click.echo(m, err=True))
     store, key = _locate(output)
     store.write_parquet(key, table)
     filtered = f", {report['concept_filtered']} concept-filtered" if "concept_filtered" in report else ""
@@ -328,7 +330,7 @@ def clip_aesthetic(embeddings: str, index: int, output: str, **kwargs: Any) -> N
     from laion_assets.core.clip.registry import resolve
 
     table, report = aesthetic.run(_folder(embeddings), paths.embedding_files("", index),
-                                  resolve(build(ModelSettings, kwargs)))
+                                  resolve(build(ModelSettings, kwargs), ("aesthetic_head",)))
     store, key = _locate(output)
     store.write_parquet(key, table)
     counts = ", ".join(f">= {t:g}: {report[f'at_least_{t:g}']}" for t in aesthetic.SUBSET_THRESHOLDS)

@@ -162,7 +162,7 @@ def clip_pass_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         store = storage.get()
         # This op's own stored scores: re-filtered, or the kept samples of a run that does not rescore.
         own = paths.output_key(CLIP_SCORES.path, {"crawl": crawl, "bucket": bucket}, layout, ".parquet")
-        chosen = models.model_set()
+        chosen = models.model_set(["watermark"] if Part.WATERMARK in want else [])
         try:
             out = stage.run(store, image_shards, chosen, models.settings(), want,
                             store.read_parquet(own) if store.exists(own) else None,
@@ -197,7 +197,7 @@ def safety_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDef
         from laion_assets.core.clip import safety
         from laion_assets.core.clip.heads import HeadError
 
-        chosen = models.model_set()
+        chosen = models.model_set(("safety_head", "concepts"))
         try:
             table, report = safety.run(storage.get(), image_embeddings.files, chosen, image_embeddings.dim,
                                        context.log.info)
@@ -226,7 +226,7 @@ def aesthetic_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.Assets
         from laion_assets.core.clip.heads import HeadDimensionError, HeadError
 
         try:
-            table, report = aesthetic.run(storage.get(), image_embeddings.files, models.model_set(),
+            table, report = aesthetic.run(storage.get(), image_embeddings.files, models.model_set(("aesthetic_head",)),
                                           image_embeddings.dim)
         except (aesthetic.NoAestheticHead, HeadDimensionError, HeadError) as err:
             raise dg.Failure(str(err)) from err

@@ -254,7 +254,8 @@ class ModelSettings(FromEnv):
                                    "wrote (recognised from the file).")
     aesthetic_head: str = setting("", "The aesthetic head: LAION-Aesthetics V2 or V1, or one of ours (recognised from "
                                       "the file).")
-    concepts: str = setting("", "The concept filter's file (LAION's safety_settings.yml layout).")
+    concepts: str = setting("", "The concept filter's file (LAION's safety_settings.yml layout); none: no concept "
+                                "filter.")
     rating_embeddings: str = setting("", "Folder of rating0..9.npy: the search's aesthetic_score embeddings.")
     violence_prompts: str = setting("", "The search's violence prompts (.npy, 2 x dim).")
     watermark_arch: str = setting("", "timm architecture of the watermark classifier.")

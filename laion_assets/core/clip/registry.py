@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,8 +143,9 @@ def laion_model_set(models_dir: str | os.PathLike[str] = DEFAULT_MODELS_DIR) -> 
                     violence_prompts=at("violence_prompts"))
 
 
-def preset_files(settings: ModelSettings, chosen: ModelSet) -> list[ModelFile]:
-    """The laion preset's files that `chosen` still uses (an override replaces its file); [] for the small set."""
+def preset_files(settings: ModelSettings, chosen: ModelSet, fields: Collection[str] | None = None) -> list[ModelFile]:
+    """The laion preset's files that `chosen` still uses (an override replaces its file), of the ModelSet `fields`
+    given (None: all); [] for the small set."""
     if settings.preset != "laion":
         return []
     base = laion_model_set(settings.models_dir)
@@ -153,13 +155,18 @@ def preset_files(settings: ModelSettings, chosen: ModelSet) -> list[ModelFile]:
             "aesthetic_head": chosen.aesthetic_head == base.aesthetic_head,
             "rating_embeddings": chosen.rating_embeddings == base.rating_embeddings,
             "watermark": chosen.watermark.checkpoint == base.watermark.checkpoint}
-    return [f for field, files in LAION_FILES.items() if used[field] for f in files]
+    return [f for field, files in LAION_FILES.items() if used[field] and (fields is None or field in fields)
+            for f in files]
 
 
-def resolve(settings: ModelSettings, check: bool = True) -> ModelSet:
+OFF = "none"  # a file setting that turns its model off (the concept filter: --concepts none)
+
+
+def resolve(settings: ModelSettings, check: bool | Collection[str] = True) -> ModelSet:
     """The preset's models with the settings' overrides applied. FileNotFoundError when the small set is not
-    built, or (`check`) when a laion file in use is missing (naming `laion-assets models fetch`); ModelFileError
-    when one's sha256 is not the published one."""
+    built, or when a laion file in use is missing (naming `laion-assets models fetch`); ModelFileError when one's
+    sha256 is not the published one. `check`: every file in use (True), none (False), or those of the ModelSet
+    fields named (what one command needs, e.g. ("aesthetic_head",))."""
     base = small_model_set(settings.models_dir) if settings.preset == "small" else laion_model_set(settings.models_dir)
     watermark = base.watermark
     if settings.watermark_arch or settings.watermark_checkpoint or settings.watermark_image_size:
@@ -175,13 +182,13 @@ def resolve(settings: ModelSettings, check: bool = True) -> ModelSet:
         safety_head=s.safety_head or base.safety_head,
         watermark=watermark,
         aesthetic_head=s.aesthetic_head or base.aesthetic_head,
-        concepts=s.concepts or base.concepts,
+        concepts="" if s.concepts == OFF else s.concepts or base.concepts,
         rating_embeddings=s.rating_embeddings or base.rating_embeddings,
         violence_prompts=s.violence_prompts or base.violence_prompts,
     )
     if check:
-        verify_all(laion_root(settings.models_dir), preset_files(settings, chosen), settings.preset,
-                   settings.models_dir)
+        verify_all(laion_root(settings.models_dir), preset_files(settings, chosen, None if check is True else check),
+                   settings.preset, settings.models_dir)
     return chosen
 
 
@@ -256,7 +263,7 @@ def versions(settings: ModelSettings) -> dict[str, str]:
     from laion_assets.core.clip.model_files import ModelFileError
 
     try:
-        doc = identity(resolve(settings))
+        doc = identity(resolve(settings, check=False))  # a file not fetched yet: its path stands for it
     except (FileNotFoundError, ModelFileError):
         return {part: f"{settings.preset}:unbuilt" for part in PARTS}
     return {part: hashlib.sha256(json.dumps({k: doc[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
