@@ -131,8 +131,8 @@ class SubsetAccumulator:
         """The score's quantiles, mean and the LAION-Aesthetics counts (scored: the rows that have a score)."""
         scored = int(self.aesthetic.sum())
         values = np.arange(len(self.aesthetic)) * AESTHETIC_STEP + AESTHETIC_LOW
-        quantiles = [round(v * AESTHETIC_STEP + AESTHETIC_LOW, 4) if v == v else v
-                     for v in quantiles_of(self.aesthetic)]
+        quantiles = ([round(v * AESTHETIC_STEP + AESTHETIC_LOW, 4) for v in quantiles_of(self.aesthetic)]
+                     if scored else [])
         # 0.1-wide bins from 0 to 10 (the predictor's range), for the plot
         bins = np.histogram(values, bins=100, range=(0.0, 10.0), weights=self.aesthetic)[0] if scored else []
         return {"scored": scored, "mean": float((values * self.aesthetic).sum() / scored) if scored else 0.0,
