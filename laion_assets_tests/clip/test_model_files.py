@@ -85,7 +85,8 @@ def test_fetch_checks_every_digest_resumes_and_refuses_wrong_bytes(mirror, tmp_p
     mirror.cut.add("aesthetic/v2/sac+logos+ava1-l14-linearMSE.pth")
     done = fetch(root, FILES, FAST, mirror.url)
     assert {d.action for d in done} == {"downloaded"} and len(done) == len(FILES) == 15
-    assert any(p == "aesthetic/v2/sac+logos+ava1-l14-linearMSE.pth" and r.startswith("bytes=") for p, r in mirror.ranges)
+    v2 = "aesthetic/v2/sac+logos+ava1-l14-linearMSE.pth"
+    assert any(p == v2 and r.startswith("bytes=") for p, r in mirror.ranges)
     assert [d.file.path for d in done if d.pinned_now] == ["watermark/watermark_model_v1.pt"]  # no published digest
     assert not list(root.rglob("*.part"))
     chosen = resolve(settings)  # every file present and right
