@@ -217,3 +217,20 @@ def test_laions_watermark_model_as_published_scores_as_its_recipe(tmp_path):
     ours = np.array(table["pwatermark"].to_pylist())
     assert np.abs(ours - water).max() < 1e-4, (ours, water)
     assert np.abs(water - 0.5).min() > 0.1  # softmax index 1 (ours) would be far from these
+
+
+def test_the_index_command_builds_from_clip_retrievals_own_embeddings(tmp_path):
+    from laion_assets.core.index.search import open_index
+
+    x = clip_retrieval_folder(tmp_path / "emb", 32, 120, seed=2)
+    (tmp_path / "emb" / "text_emb").mkdir()
+    np.save(tmp_path / "emb" / "text_emb" / "text_emb_0.npy", x.astype(np.float16))
+    keys = [f"{i:09d}" for i in range(120)]  # clip-retrieval's image_path names the rows
+    pq.write_table(pa.table({"URL": [f"http://x/{k}.jpg" for k in keys], "caption": keys, "key": keys,
+                             "shard": ["00000"] * 120, "WIDTH": [256] * 120, "HEIGHT": [256] * 120,
+                             "similarity": [0.3] * 120, "punsafe": [0.1] * 120, "pwatermark": [0.1] * 120,
+                             "LANGUAGE": ["en"] * 120}), tmp_path / "meta.parquet")
+    result = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--metadata", str(tmp_path / "meta.parquet"),
+                                       "-o", str(tmp_path / "index"), "--index-key", "Flat", "--eval-queries", "0"])
+    assert result.exit_code == 0 and "rows=120" in result.output, result.output
+    assert open_index("cli", str(tmp_path / "index")).metadata.num_rows == 120
