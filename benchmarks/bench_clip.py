@@ -1,10 +1,11 @@
 """CLIP stage speed: images per second end to end from tar shards (decode included) for ViT-B/32 scoring, ViT-L/14
-embedding and the one pass (B/32 on every image, L/14 and the watermark classifier on a kept 10%), with GPU
+embedding and the one pass (B/32 on every image, L/14 and LAION's watermark model on a kept 10%), with GPU
 utilisation sampled during each, and issue 12's table re-measured beside them: decode alone (PIL workers; the
 device path), towers alone (fp16 weights vs bf16 autocast; L/14 fp8 and its cosine to fp16), the tokenizer, and
-host-to-device copies (pageable vs pinned float32, pinned uint8). Goals on one H100: B/32 >= 10,000 images/s,
-L/14 (image and text) >= 2,500 images/s, GPU busy >= 80%; device-decoded vs PIL-decoded similarities within 0.01
-with >= 99.5% of keep decisions agreeing.
+host-to-device copies (pageable vs pinned float32, pinned uint8), and the heads on embeddings on the CPU (LAION's
+NSFW detector, as its PyTorch port and as its AutoKeras SavedModel, and the aesthetic predictor). Goals on one H100:
+B/32 >= 10,000 images/s, L/14 (image and text) >= 2,500 images/s, GPU busy >= 80%; device-decoded vs PIL-decoded
+similarities within 0.01 with >= 99.5% of keep decisions agreeing.
 
 The architectures are open_clip's ViT-B-32 and ViT-L-14 and timm's efficientnet_b3a with random weights (nothing
 can be downloaded there; speed does not depend on the values). The shards hold synthetic 256 px JPEGs as the
@@ -36,6 +37,7 @@ runs. The output names the device, the load average and every goal's verdict.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import subprocess
@@ -255,6 +257,35 @@ def tokenizer_rate(n: int = 4096) -> float:
     return n / (time.perf_counter() - start)
 
 
+def heads_line(rows: int = 65_536) -> str:
+    """The heads on embeddings, on the CPU (where the safety and aesthetic assets run): LAION's NSFW detector (the
+    PyTorch port's shape; the AutoKeras SavedModel evaluated in numpy when ../shared/realmodels has it) and the
+    LAION-Aesthetics V2 predictor, with random weights of their shapes."""
+    import numpy as np
+    import torch
+
+    from laion_assets.core.clip import heads
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 768)).astype(np.float32)
+    state = {"norm.mean": torch.zeros(768), "norm.variance": torch.ones(768)}
+    for i, (a, b) in enumerate(((768, 64), (64, 512), (512, 256), (256, 1)), start=1):
+        state[f"linear_{i}.weight"], state[f"linear_{i}.bias"] = torch.randn(b, a) / a ** 0.5, torch.zeros(b)
+    made = {"safety (NSFW port)": heads.Head("safety", "laion-nsfw-pytorch", 768, "port", "",
+                                             heads._torch_scorer(heads.LaionNsfwHead(state))),
+            "aesthetic (V2)": heads.Head("aesthetic", "laion-aesthetic-v2", 768, "v2", "",
+                                         heads._torch_scorer(heads.AestheticMLP(768)))}
+    zip_path = Path(__file__).resolve().parents[2] / "shared/realmodels/nsfw/clip_autokeras_binary_nsfw.zip"
+    if zip_path.exists():
+        made["safety (AutoKeras, numpy)"] = heads.load_head(zip_path, "safety")
+    out = []
+    for name, head in made.items():
+        start = time.perf_counter()
+        head.predict(x)
+        out.append(f"{name} {rows / (time.perf_counter() - start):,.0f}")
+    return f"heads on the CPU ({torch.get_num_threads()} threads), embeddings/s: " + ", ".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -271,7 +302,7 @@ def main() -> None:
 
     from laion_assets.core.clip import embeddings, models, scores, shards, watermark
     from laion_assets.core.clip.onepass import Models, one_pass
-    from laion_assets.core.clip.specs import WatermarkSpec
+    from laion_assets.core.clip.specs import LAION_WATERMARK
 
     device = models.pick_device(args.device)
     path = args.decode if args.decode != "auto" else ("device" if device.type == "cuda" else "pil")
@@ -315,8 +346,11 @@ def main() -> None:
         kept_b32 = models.LoadedClip(models.ClipSpec("ViT-B-32/random", "ViT-B-32", "",
                                                      float(np.quantile(sims, 0.9))), b32.model, b32.preprocess,
                                      b32.tokenizer, device)
-        mark = watermark.create_watermark_model("efficientnet_b3a").to(device).eval()
-        mark_spec = WatermarkSpec("efficientnet_b3a/random", "efficientnet_b3a", "", 256, 0.8)
+        # LAION's watermark model's shape (efficientnet_b3a with its 1536-625-256-2 head), as the laion preset runs it
+        mark = watermark.create_laion_watermark_model().to(device).eval()
+        if device.type == "cuda":
+            mark = mark.half().to(memory_format=torch.channels_last)
+        mark_spec = dataclasses.replace(LAION_WATERMARK, name="efficientnet_b3a/random")
         with GpuBusy(device) as busy:
             result = one_pass(paths, Models(kept_b32, kept_b32, l14, mark, mark_spec), None, args.batch_size,
                               args.workers, path)
@@ -339,6 +373,7 @@ def main() -> None:
     if not args.skip_l14:
         print(fp8_cosine(device, min(batch, 256)), flush=True)
     print(copies(device, batch), flush=True)
+    print(heads_line(), flush=True)
     for name, value in ends.items():
         goal = GOALS.get(name)
         if goal:

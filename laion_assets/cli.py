@@ -187,15 +187,21 @@ class _ClipGroup(click.Group):
     checkpoint or head) into a one-line message instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from laion_assets.core.clip.aesthetic import NoAestheticHead
+        from laion_assets.core.clip.concepts import ConceptFileError
         from laion_assets.core.clip.embeddings import IncompleteEmbeddingsError
-        from laion_assets.core.clip.safety import NoSafetyHead, SafetyDimensionError
+        from laion_assets.core.clip.heads import HeadDimensionError, HeadError
+        from laion_assets.core.clip.model_files import ModelFileError
+        from laion_assets.core.clip.safety import NoSafetyHead
         from laion_assets.core.clip.stage import MissingScoresError
+        from laion_assets.core.clip.watermark import WatermarkCheckpointError
         from laion_assets.core.download.plan import IncompleteDownloadError
 
         try:
             return super().invoke(ctx)
-        except (IncompleteDownloadError, IncompleteEmbeddingsError, MissingScoresError, NoSafetyHead,
-                SafetyDimensionError, FileNotFoundError) as err:
+        except (IncompleteDownloadError, IncompleteEmbeddingsError, MissingScoresError, NoSafetyHead, NoAestheticHead,
+                HeadDimensionError, HeadError, ModelFileError, ConceptFileError, WatermarkCheckpointError,
+                FileNotFoundError) as err:
             raise click.ClickException(str(err)) from err
 
 
@@ -216,13 +222,15 @@ def _clip_run(shards: str, scores: str, embeddings_dir: str | None, index: int, 
 
     models = build(ModelSettings, kwargs)
     settings = build(ClipSettings, kwargs, models=models)
+    needs = {"scores": (), "embeddings": (), "watermark": ("watermark",)}
+    chosen = resolve(models, [f for p in parts for f in needs[p]])  # a missing or wrong file fails here, first
     store = _folder(shards)
     score_store, score_key = _locate(scores)
     stored = score_store.read_parquet(score_key) if score_store.exists(score_key) else None
     if stored is None and stage.Part.SCORES not in parts:
         raise click.ClickException(f"no scores at {scores}: run `laion-assets clip score` (or `run`) first")
     embeddings_at = (_folder(embeddings_dir), paths.embedding_files("", index)) if embeddings_dir else None
-    out = stage.run(store, read_manifest(store, ""), resolve(models), models, parts, stored, embeddings_at,
+    out = stage.run(store, read_manifest(store, ""), chosen, models, parts, stored, embeddings_at,
                     settings.reuse_similarities, lambda m: click.echo(m, err=True))
     if out.scores is not None:
         score_store.write_parquet(score_key, out.scores)
@@ -302,16 +310,40 @@ def clip_watermark(shards: str, scores: str, output: str, **kwargs: Any) -> None
 @click.option("--output", "-o", required=True, help="Parquet file of punsafe per sample.")
 @options(ModelSettings)
 def clip_safety(embeddings: str, index: int, output: str, **kwargs: Any) -> None:
-    """punsafe of every embedded sample from the safety head."""
+    """punsafe of every embedded sample from the safety head (LAION's AutoKeras zip or PyTorch port, or one of
+    ours), and the concept filter's similarities when a concept file is set. EMBEDDINGS: a folder in
+    clip-retrieval's layout, ours or clip-retrieval's own."""
     from laion_assets.core import paths
     from laion_assets.core.clip import safety
     from laion_assets.core.clip.registry import resolve
 
-    table, report = safety.run(_folder(embeddings), paths.embedding_files("", index),
-                               resolve(build(ModelSettings, kwargs)))
+    chosen = resolve(build(ModelSettings, kwargs), ("safety_head", "concepts"))
+    table, report = safety.run(_folder(embeddings), paths.embedding_files("", index), chosen,
+                               log=lambda m: click.echo(m, err=True))
     store, key = _locate(output)
     store.write_parquet(key, table)
-    click.echo(f"{output}: {report['samples']} samples, {report['unsafe']} unsafe")
+    filtered = f", {report['concept_filtered']} concept-filtered" if "concept_filtered" in report else ""
+    click.echo(f"{output}: {report['samples']} samples, {report['unsafe']} unsafe{filtered} ({report['model']})")
+
+
+@clip.command("aesthetic")
+@click.argument("embeddings")
+@click.option("--index", default=0, show_default=True, help="Which img_emb_<index>.npy to score.")
+@click.option("--output", "-o", required=True, help="Parquet file of the aesthetic score per sample.")
+@options(ModelSettings)
+def clip_aesthetic(embeddings: str, index: int, output: str, **kwargs: Any) -> None:
+    """The aesthetic score of every embedded sample (LAION-Aesthetics V2 or V1, or one of ours). EMBEDDINGS: a
+    folder in clip-retrieval's layout, ours or clip-retrieval's own."""
+    from laion_assets.core import paths
+    from laion_assets.core.clip import aesthetic
+    from laion_assets.core.clip.registry import resolve
+
+    table, report = aesthetic.run(_folder(embeddings), paths.embedding_files("", index),
+                                  resolve(build(ModelSettings, kwargs), ("aesthetic_head",)))
+    store, key = _locate(output)
+    store.write_parquet(key, table)
+    counts = ", ".join(f">= {t:g}: {report[f'at_least_{t:g}']}" for t in aesthetic.SUBSET_THRESHOLDS)
+    click.echo(f"{output}: {report['samples']} samples, mean {report['mean']:.2f} ({counts}; {report['model']})")
 
 
 # --- models ----------------------------------------------------------------------------------------------------
@@ -341,6 +373,33 @@ def models_show(storage: str) -> None:
     overrides = load_overrides(store)
     effective = apply_overrides(ModelSettings.from_env(), overrides)
     click.echo(json.dumps({"overrides": overrides, "versions": versions(effective)}, indent=2, sort_keys=True))
+
+
+@models.command("fetch")
+@click.option("--preset", default="laion", show_default=True, type=click.Choice(["laion"]),
+              help="The preset whose files to fetch.")
+@click.option("--models-dir", default=lambda: ModelSettings.from_env().models_dir,
+              show_default=ModelSettings.models_dir, help="Where the files go (in <models-dir>/laion/).")
+@click.option("--mirror", default="", help="Fetch from this URL + each file's path instead of its published place "
+                                           "(an internal copy for a cluster without internet); sha256 still checked.")
+@options(SourceSettings, exclude=("base",))
+def models_fetch(preset: str, models_dir: str, mirror: str, **kwargs: Any) -> None:
+    """Download every file the preset needs (heads, watermark model, concept file, the search's embeddings) from its
+    published location, check its sha256, write it atomically; a rerun resumes a broken download and skips what is
+    there. open_clip's weights are open_clip's to fetch (docs/clip.md: pre-fetching them for an offline cluster)."""
+    from laion_assets.core.clip.model_files import ModelFileError, fetch
+    from laion_assets.core.clip.registry import LAION_FILES, laion_root
+
+    files = [f for group in LAION_FILES.values() for f in group]
+    try:
+        done = fetch(laion_root(models_dir), files, build(SourceSettings, kwargs), mirror,
+                     log=lambda m: click.echo(m, err=True))
+    except ModelFileError as err:
+        raise click.ClickException(str(err)) from err
+    for f in done:
+        pin = " (no published digest: pinned now in .sha256)" if f.pinned_now else ""
+        click.echo(f"{f.local}: {f.action}, sha256 {f.sha256}{pin}")
+    click.echo(f"{preset}: {len(done)} files in {laion_root(models_dir)}")
 
 
 @models.command("set")
@@ -574,8 +633,9 @@ def index_command(embeddings: str, metadata_path: str, output_dir: str, exclude_
                                                "LAION_ASSETS_STORAGE or ./data).")
 @options(ServeSettings)
 @options(ModelSettings, exclude=("clip_en_arch", "clip_en_pretrained", "clip_multi_arch", "clip_multi_pretrained",
-                                 "threshold_en", "threshold_multi", "safety_head", "watermark_arch",
-                                 "watermark_checkpoint", "watermark_image_size", "batch_size", "decode_workers"))
+                                 "threshold_en", "threshold_multi", "safety_head", "aesthetic_head", "concepts",
+                                 "watermark_arch", "watermark_checkpoint", "watermark_image_size", "batch_size",
+                                 "decode_workers"))
 def serve_command(storage: str | None, **kwargs: Any) -> None:
     """Serve the storage root's kNN indices: clip-retrieval's API (/knn-service, /metadata, /indices-list) and the
     search page at /."""

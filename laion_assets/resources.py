@@ -87,10 +87,12 @@ class _ModelRegistry(dg.ConfigurableResource):
 
         return apply_overrides(build(ModelSettings, self), load_overrides(self.storage.get()))
 
-    def model_set(self) -> Any:
+    def model_set(self, needs: Any = True) -> Any:
+        """The model set; a file of the laion preset that `needs` names (ModelSet fields; True: all) missing or
+        wrong is an error naming `laion-assets models fetch`, before the asset does any work."""
         from laion_assets.core.clip.registry import resolve
 
-        return resolve(self.settings())
+        return resolve(self.settings(), needs)
 
     def versions(self) -> dict[str, str]:
         from laion_assets.core.clip.registry import versions

@@ -22,6 +22,7 @@ from laion_assets_tests import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
+REALMODELS = ROOT.parent / "shared" / "realmodels"
 MODELS_DIR = ROOT / "data" / "models"
 # Set by .ci/run: on CI a missing ../shared/realdata fails the real-data tests instead of skipping them, so a
 # green CI always ran them.
@@ -50,6 +51,18 @@ def realdata() -> Path:
             pytest.fail(message + " (LAION_ASSETS_REQUIRE_REALDATA=1)")
         pytest.skip(message)
     return REALDATA
+
+
+@pytest.fixture(scope="session")
+def realmodels() -> Path:
+    """LAION's published heads, byte for byte (../shared/realmodels/README.md); skipped where absent, a failure
+    under LAION_ASSETS_REQUIRE_REALDATA=1."""
+    if not REALMODELS.is_dir():
+        message = f"LAION's models not found at {REALMODELS}"
+        if REQUIRE_REALDATA:
+            pytest.fail(message + " (LAION_ASSETS_REQUIRE_REALDATA=1)")
+        pytest.skip(message)
+    return REALMODELS
 
 
 @pytest.fixture(scope="session")

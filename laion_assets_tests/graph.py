@@ -18,7 +18,7 @@ from laion_assets.resources import ImageFetchResource
 LAYOUT = Layout(chunks=2, buckets=2)
 # A failed network step is retried once, at once: tests wait for no backoff.
 OPS = OperationsSettings(retry_delay_s=0.05, max_retries=1)
-CLIP_STAGE = ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores")
+CLIP_STAGE = ("clip_scores", "image_embeddings", "safety_scores", "watermark_scores", "aesthetic_scores")
 CLIP_PASS = ("clip_scores", "image_embeddings", "watermark_scores")  # one op, one pass over the shards
 
 
@@ -90,6 +90,7 @@ class Graph:
             for bucket in LAYOUT.bucket_keys():  # the one-pass op's three assets in one run
                 self.run(CLIP_PASS[0], dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}), also=CLIP_PASS[1:])
             self.per_bucket("safety_scores", crawl)
+            self.per_bucket("aesthetic_scores", crawl)
 
 
 RELEASE_STAGE = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")

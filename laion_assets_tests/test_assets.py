@@ -20,7 +20,7 @@ from laion_assets.definitions import build_definitions
 from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources, output
 
 ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards", *CLIP_STAGE,
-              "clip_filter_models", "embedding_model", "safety_model", "watermark_model"}
+              "clip_filter_models", "embedding_model", "safety_model", "watermark_model", "aesthetic_model"}
 RELEASE_STAGE = {"removal_list", "image_dedup", "filtered_metadata", "release", "dataset_statistics"}
 INDEX_STAGE = {"knn_index", "knn_index_all"}
 
@@ -61,10 +61,12 @@ def check_graph(graph: Graph, store: Storage) -> None:
     # The sample crawl serves most images and plants 404s, robots.txt refusals and truncated JPEGs.
     assert total["success"] > 0.8 * sum(total.values())
     assert total["failed_to_download"] and total["failed_to_resize"] and total["skipped_by_policy"]
-    for shards, score, emb, safety, mark in zip(meta["image_shards"], meta["clip_scores"], meta["image_embeddings"],
-                                                meta["safety_scores"], meta["watermark_scores"], strict=False):
+    for shards, score, emb, safety, mark, aesthetic in zip(meta["image_shards"], meta["clip_scores"],
+                                                           meta["image_embeddings"], meta["safety_scores"],
+                                                           meta["watermark_scores"], meta["aesthetic_scores"],
+                                                           strict=False):
         assert score["samples"] == shards["success"] and 0 < score["kept"] <= score["samples"]
-        assert emb["dagster/row_count"] == score["kept"] == safety["samples"] == mark["samples"]
+        assert emb["dagster/row_count"] == score["kept"] == safety["samples"] == mark["samples"] == aesthetic["samples"]
     for bucket in LAYOUT.bucket_keys():
         img, txt, rows = read_embeddings(store, paths.bucket_embeddings(SAMPLE_CRAWL, bucket, LAYOUT))
         assert img.shape == txt.shape and img.shape[0] == rows.num_rows and rows["key"].to_pylist() == sorted(

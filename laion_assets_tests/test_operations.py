@@ -130,7 +130,7 @@ def test_model_registry_changes_are_observed_once_each(setup, tmp_path):
     instance, defs, resources = setup
     first = sensor_tick(defs, "observe_models", instance)
     assert {e.asset_key.to_user_string() for e in first.asset_events} == {
-        "clip_filter_models", "embedding_model", "safety_model", "watermark_model"}
+        "clip_filter_models", "embedding_model", "safety_model", "watermark_model", "aesthetic_model"}
     quiet = sensor_tick(defs, "observe_models", instance, cursor=first.cursor)
     assert not quiet.asset_events and quiet.skip_reason
     save_overrides(resources["storage"].get(), {"threshold_en": 0.31}, "stricter English filter")

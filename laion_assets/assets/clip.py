@@ -1,4 +1,5 @@
-"""The CLIP stage: similarity filtering, ViT-L/14 embeddings, safety and watermark scores per crawl x bucket.
+"""The CLIP stage: similarity filtering, ViT-L/14 embeddings, safety, aesthetic and watermark scores per crawl x
+bucket.
 
 clip_scores, image_embeddings and watermark_scores are one op (`clip_pass`) that reads each shard once and decodes
 each image once for all of them (`core/clip/stage.py`); it can run for any subset of the three.
@@ -36,13 +37,15 @@ MODEL_SOURCES = {
     "clip_filter_models": ("filter", "The English and multilingual CLIPs and their thresholds (data version: weights "
                                      "and thresholds)."),
     "embedding_model": ("embed", "The CLIP whose embeddings are stored (ViT-L/14 in LAION)."),
-    "safety_model": ("safety", "The safety head and its threshold."),
+    "safety_model": ("safety", "The safety head, its threshold and the concept filter's file."),
     "watermark_model": ("watermark", "The watermark classifier and its threshold."),
+    "aesthetic_model": ("aesthetic", "The aesthetic head (LAION-Aesthetics V2 in LAION)."),
 }
-FILTER_MODELS, EMBEDDING_MODEL, SAFETY_MODEL, WATERMARK_MODEL = (dg.AssetKey(n) for n in MODEL_SOURCES)
+FILTER_MODELS, EMBEDDING_MODEL, SAFETY_MODEL, WATERMARK_MODEL, AESTHETIC_MODEL = (dg.AssetKey(n)
+                                                                                 for n in MODEL_SOURCES)
 CLIP_SCORES, IMAGE_EMBEDDINGS, WATERMARK_SCORES = (dg.AssetKey(n) for n in
                                                    ("clip_scores", "image_embeddings", "watermark_scores"))
-SAFETY_SCORES = dg.AssetKey("safety_scores")
+SAFETY_SCORES, AESTHETIC_SCORES = dg.AssetKey("safety_scores"), dg.AssetKey("aesthetic_scores")
 
 
 def model_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]:
@@ -160,7 +163,7 @@ def clip_pass_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinit
         store = storage.get()
         # This op's own stored scores: re-filtered, or the kept samples of a run that does not rescore.
         own = stored_key(CLIP_SCORES, {"crawl": crawl, "bucket": bucket}, layout)
-        chosen = models.model_set()
+        chosen = models.model_set(["watermark"] if Part.WATERMARK in want else [])
         try:
             out = stage.run(store, image_shards, chosen, models.settings(), want,
                             store.read_parquet(own) if store.exists(own) else None,
@@ -185,24 +188,57 @@ def safety_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDef
               partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
               code_version=CODE_VERSION, automation_condition=REPROCESS, deps=[SAFETY_MODEL],
               ins={"image_embeddings": dg.AssetIn(IMAGE_EMBEDDINGS)},
-              check_specs=[checks.spec("safety_scores", "schema", "key, model, punsafe, unsafe"),
+              check_specs=[checks.spec("safety_scores", "schema",
+                                       "key, model, punsafe, unsafe (and the concept filter's columns)"),
                            checks.spec("safety_scores", "one_row_per_embedding", "a row for every embedded sample")])
-    def safety_scores(storage: StorageResource, models: ModelRegistryResource, image_embeddings: EmbeddingsManifest):
-        """punsafe of every embedded sample from the safety head on its image embedding (unsafe above 0.5)."""
+    def safety_scores(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelRegistryResource,
+                      image_embeddings: EmbeddingsManifest):
+        """punsafe of every embedded sample from the safety head on its image embedding (unsafe above 0.5), and
+        the concept filter's similarities and verdict (concept_filtered samples leave filtered_metadata)."""
         from laion_assets.core.clip import safety
+        from laion_assets.core.clip.heads import HeadError
 
+        chosen = models.model_set(("safety_head", "concepts"))
         try:
-            table, report = safety.run(storage.get(), image_embeddings.files, models.model_set())
-        except (safety.NoSafetyHead, safety.SafetyDimensionError) as err:
+            table, report = safety.run(storage.get(), image_embeddings.files, chosen, image_embeddings.dim,
+                                       context.log.info)
+        except (safety.NoSafetyHead, safety.SafetyDimensionError, HeadError) as err:
             raise dg.Failure(str(err)) from err
         return dg.MaterializeResult(value=table, metadata=report, check_results=[
-            checks.schema("safety_scores", table.schema, safety.SAFETY_SCHEMA),
+            checks.schema("safety_scores", table.schema, safety.safety_schema(bool(chosen.concepts))),
             checks.holds("safety_scores", "one_row_per_embedding", table.num_rows == image_embeddings.rows,
                          f"{table.num_rows} rows for {image_embeddings.rows} embeddings")])
 
     return safety_scores
 
 
+def aesthetic_scores_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(op_tags=k8s.cpu_pod(memory="8Gi"), tags=tags.stage("clip"),
+              partitions_def=bucket_partitions(layout), kinds={"pytorch", "parquet"}, group_name="clip",
+              code_version=CODE_VERSION, automation_condition=REPROCESS, deps=[AESTHETIC_MODEL],
+              ins={"image_embeddings": dg.AssetIn(IMAGE_EMBEDDINGS)},
+              check_specs=[checks.spec("aesthetic_scores", "schema", "key, model, aesthetic"),
+                           checks.spec("aesthetic_scores", "one_row_per_embedding", "a row for every embedded sample")])
+    def aesthetic_scores(storage: StorageResource, models: ModelRegistryResource,
+                         image_embeddings: EmbeddingsManifest):
+        """The aesthetic score of every embedded sample (LAION-Aesthetics V2 on the L2-normalised image embedding:
+        about 1..10; the LAION-Aesthetics subsets are >= 4.5, 5, 6 and 6.5)."""
+        from laion_assets.core.clip import aesthetic
+        from laion_assets.core.clip.heads import HeadDimensionError, HeadError
+
+        try:
+            table, report = aesthetic.run(storage.get(), image_embeddings.files, models.model_set(("aesthetic_head",)),
+                                          image_embeddings.dim)
+        except (aesthetic.NoAestheticHead, HeadDimensionError, HeadError) as err:
+            raise dg.Failure(str(err)) from err
+        return dg.MaterializeResult(value=table, metadata=report, check_results=[
+            checks.schema("aesthetic_scores", table.schema, aesthetic.AESTHETIC_SCHEMA),
+            checks.holds("aesthetic_scores", "one_row_per_embedding", table.num_rows == image_embeddings.rows,
+                         f"{table.num_rows} rows for {image_embeddings.rows} embeddings")])
+
+    return aesthetic_scores
+
+
 def build_clip_assets(layout: Layout, ops: OperationsSettings) -> list[dg.AssetsDefinition]:
-    return [clip_pass_asset(layout, ops), safety_scores_asset(layout, ops)]
+    return [clip_pass_asset(layout, ops), safety_scores_asset(layout, ops), aesthetic_scores_asset(layout, ops)]
 

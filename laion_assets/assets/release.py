@@ -9,7 +9,7 @@ import polars as pl
 
 from laion_assets import k8s, tags
 from laion_assets.assets import checks
-from laion_assets.assets.clip import CLIP_SCORES, SAFETY_SCORES, WATERMARK_SCORES
+from laion_assets.assets.clip import AESTHETIC_SCORES, CLIP_SCORES, SAFETY_SCORES, WATERMARK_SCORES
 from laion_assets.assets.crawl import UNIQUE_PAIRS
 from laion_assets.assets.download import IMAGE_SHARDS
 from laion_assets.assets.metadata import preview_table, to_metadata
@@ -27,7 +27,8 @@ from laion_assets.resources import RemovalListResource, StorageResource
 
 CODE_VERSION = "1"
 ReleaseConfig = config_class("ReleaseConfig", ReleaseSettings, doc="Image dedup and the release's layout.")
-PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "punsafe", "pwatermark", "subset"]
+PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "punsafe", "pwatermark", "aesthetic",
+                   "subset"]
 REMOVAL_SOURCES = {"removal_list": "The removal list under removals/ (data version: its latest version): a new "
                                    "version re-runs the image dedup, filtered metadata, release and statistics."}
 REMOVAL_LIST, IMAGE_DEDUP = dg.AssetKey("removal_list"), dg.AssetKey("image_dedup")
@@ -95,17 +96,18 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
               ins={"image_shards": dg.AssetIn(IMAGE_SHARDS), "clip_scores": dg.AssetIn(CLIP_SCORES),
                    "safety_scores": dg.AssetIn(SAFETY_SCORES), "watermark_scores": dg.AssetIn(WATERMARK_SCORES),
                    "unique_pairs": dg.AssetIn(UNIQUE_PAIRS),
-                   "image_dedup": dg.AssetIn(IMAGE_DEDUP, partition_mapping=to_crawl)},
+                   "image_dedup": dg.AssetIn(IMAGE_DEDUP, partition_mapping=to_crawl),
+                   "aesthetic_scores": dg.AssetIn(AESTHETIC_SCORES)},
               check_specs=[checks.spec("filtered_metadata", "schema", "LAION-5B's columns, then ours"),
                            checks.spec("filtered_metadata", "one_row_per_kept_sample",
                                        "every kept sample is a row or counted as removed")])
     def filtered_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
                           removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.LazyFrame,
                           safety_scores: pl.LazyFrame, watermark_scores: pl.LazyFrame, unique_pairs: pl.LazyFrame,
-                          image_dedup: pl.LazyFrame):
-        """One row per sample that downloaded, passed the CLIP threshold and is not removed: URL, TEXT, WIDTH,
-        HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, then key, shard, sha256, phash, language_score,
-        crawl, subset, duplicate_of, near_duplicate_of."""
+                          image_dedup: pl.LazyFrame, aesthetic_scores: pl.LazyFrame):
+        """One row per sample that downloaded, passed the CLIP threshold and is not removed (by the removal list or
+        the concept filter): URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, aesthetic,
+        then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of."""
         from laion_assets.core.release import filtered
         from laion_assets.core.release.columns import FILTERED_SCHEMA
 
@@ -117,7 +119,8 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         removal_list = removals.load()
         record, table = filtered.run(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
                                      watermark_scores, language, duplicates,
-                                     removal_list.reasons if len(removal_list) else None, removal_list.version)
+                                     removal_list.reasons if len(removal_list) else None, removal_list.version,
+                                     aesthetic_scores)
         metadata = to_metadata(record.metadata())
         metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
                          "preview": preview_table(table.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)})

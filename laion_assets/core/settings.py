@@ -240,7 +240,8 @@ class ModelSettings(FromEnv):
     models_dir) or laion (LAION-5B's); any other field set overrides the preset."""
 
     preset: str = setting("small", f"Model set: {' or '.join(MODEL_PRESETS)}.", env="LAION_ASSETS_MODELS")
-    models_dir: str = setting(DEFAULT_MODELS_DIR, "Where the small offline models are built and cached.",
+    models_dir: str = setting(DEFAULT_MODELS_DIR, "Where the small offline models are built and cached, and where "
+                                                  "`models fetch` puts the laion preset's files (in laion/).",
                               env="LAION_ASSETS_MODELS_DIR")
     clip_en_arch: str = setting("", "open_clip architecture of the English CLIP.")
     clip_en_pretrained: str = setting("", "Pretrained tag or checkpoint path of the English CLIP.")
@@ -250,7 +251,14 @@ class ModelSettings(FromEnv):
     embed_pretrained: str = setting("", "Pretrained tag or checkpoint path of the embedding CLIP.")
     threshold_en: float | None = setting(None, "Similarity threshold of English captions (default: the model's).")
     threshold_multi: float | None = setting(None, "Similarity threshold of other captions (default: the model's).")
-    safety_head: str = setting("", "Checkpoint of the safety head (train-safety writes one).")
+    safety_head: str = setting("", "The safety head: LAION's AutoKeras zip or PyTorch port, or one train-safety "
+                                   "wrote (recognised from the file).")
+    aesthetic_head: str = setting("", "The aesthetic head: LAION-Aesthetics V2 or V1, or one of ours (recognised from "
+                                      "the file).")
+    concepts: str = setting("", "The concept filter's file (LAION's safety_settings.yml layout); none: no concept "
+                                "filter.")
+    rating_embeddings: str = setting("", "Folder of rating0..9.npy: the search's aesthetic_score embeddings.")
+    violence_prompts: str = setting("", "The search's violence prompts (.npy, 2 x dim).")
     watermark_arch: str = setting("", "timm architecture of the watermark classifier.")
     watermark_checkpoint: str = setting("", "Checkpoint of the watermark classifier (train-watermark writes one).")
     watermark_image_size: int = setting(0, "Input size of the watermark classifier (0: the checkpoint's).")

@@ -81,7 +81,8 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
     "clip_scores": [("scored", "samples"), ("kept", "kept")],
     "image_embeddings": [("embedded", "dagster/row_count")],
     "watermark_scores": [("watermarked", "watermarked")],
-    "safety_scores": [("unsafe", "unsafe")],
+    "safety_scores": [("unsafe", "unsafe"), ("concept-filtered", "concept_filtered")],
+    "aesthetic_scores": [("mean", "mean"), (">= 4.5", "at_least_4.5"), (">= 6.5", "at_least_6.5")],
     "image_dedup": [("exact duplicates", "exact_duplicates"), ("near duplicates", "near_duplicates")],
     "filtered_metadata": [("rows", "rows")],
     "release": [("released", "rows")],
@@ -171,7 +172,9 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
     scores = [c["clip_scores"] for c in clip]
     totals = {"scored": _total(scores, "samples"), "kept": _total(scores, "kept"),
               "embedded": _total([c["image_embeddings"] for c in clip], "dagster/row_count"),
-              "unsafe": _total(demo.per_bucket("safety_scores", crawl), "unsafe"),
+              "unsafe": _total(safety := demo.per_bucket("safety_scores", crawl), "unsafe"),
+              "concept_filtered": _total(safety, "concept_filtered"),
+              "aesthetic_6_5": _total(demo.per_bucket("aesthetic_scores", crawl), "at_least_6.5"),
               "watermarked": _total([c["watermark_scores"] for c in clip], "watermarked")}
     summary = {"crawl": crawl, "wat_files": manifest["wat_files"], "pairs": pairs, "unique_pairs": unique,
                "images": statuses["success"], "statuses": dict(statuses), **totals}
@@ -256,7 +259,10 @@ def _print_made(summary: dict[str, Any], sample: dict[str, Any], store: Any, lay
           f" {summary['kept']} kept)")
     print(f"  image_embeddings     {store.uri(paths.embeddings(crawl, layout))}  ({summary['embedded']} image and"
           " text embeddings, clip-retrieval layout)")
-    print(f"  safety_scores        {where(output('safety_scores', bucket))}  ({summary['unsafe']} unsafe)")
+    print(f"  safety_scores        {where(output('safety_scores', bucket))}  ({summary['unsafe']} unsafe,"
+          f" {summary['concept_filtered']} concept-filtered)")
+    print(f"  aesthetic_scores     {where(output('aesthetic_scores', bucket))}  ({summary['aesthetic_6_5']} at"
+          " aesthetic >= 6.5)")
     print(f"  watermark_scores     {where(output('watermark_scores', bucket))}  ({summary['watermarked']}"
           " watermarked)")
     print("  (small offline models, trained on the synthetic world, cached in data/models/)")

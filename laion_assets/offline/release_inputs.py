@@ -1,7 +1,7 @@
 """Synthetic inputs of the release stage for tests and the benchmark: one bucket's download rows, CLIP scores,
-safety and watermark scores and unique pairs, in the stages' own schemas, with planted exact duplicates (the same
-sha256 at another URL) and near duplicates (a pHash a few bits away). Vectorised, so that millions of rows are
-made in seconds; everything is a pure function of the seed."""
+safety, watermark and aesthetic scores and unique pairs, in the stages' own schemas, with planted exact duplicates
+(the same sha256 at another URL) and near duplicates (a pHash a few bits away). Vectorised, so that millions of rows
+are made in seconds; everything is a pure function of the seed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from laion_assets.core.clip.aesthetic import AESTHETIC_SCHEMA
 from laion_assets.core.clip.safety import SAFETY_SCHEMA
 from laion_assets.core.clip.scores import SCORE_SCHEMA
 from laion_assets.core.clip.watermark import WATERMARK_SCHEMA
@@ -29,6 +30,7 @@ class BucketInputs:
     safety: pa.Table
     watermark: pa.Table
     pairs: pa.Table  # url, text, language, language_score
+    aesthetic: pa.Table | None = None  # AESTHETIC_SCHEMA
 
 
 def _decimal(values: np.ndarray, width: int, prefix: str = "", suffix: str = "") -> pl.Series:
@@ -107,5 +109,9 @@ def bucket_inputs(n: int, bucket: int, seed: int = 0, duplicate_rate: float = 0.
                                   pl.lit(None, pl.String).alias("error_message"))
     pairs = frame.select("url", pl.col("caption").alias("text"), "language",
                          pl.Series("language_score", rng.random(n).astype(np.float32)))
+    # Drawn last: the other columns stay what they were before aesthetic scores existed.
+    aesthetic = kept.with_columns(pl.lit("small-aesthetic").alias("model"),
+                                  pl.Series("aesthetic", (1 + 9 * rng.random(k)).astype(np.float32)))
     return BucketInputs(rows, scores.to_arrow().cast(SCORE_SCHEMA), safety.to_arrow().cast(SAFETY_SCHEMA),
-                        watermark.to_arrow().cast(WATERMARK_SCHEMA), pairs.to_arrow())
+                        watermark.to_arrow().cast(WATERMARK_SCHEMA), pairs.to_arrow(),
+                        aesthetic.to_arrow().cast(AESTHETIC_SCHEMA))

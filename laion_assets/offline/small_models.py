@@ -1,7 +1,7 @@
 """The small offline model set, kept apart from production inference: two small CLIPs (English; multilingual on
-en/de/fr/es captions), a safety head and a watermark classifier, trained deterministically on the synthetic world
-(shapes, colours, positions with matching captions) in about 2.5 minutes on 2 cores, then cached with a `.json`
-card each (calibrated threshold, held-out scores).
+en/de/fr/es captions), a safety head, an aesthetic head, a watermark classifier and a concept file, trained or
+calibrated deterministically on the synthetic world (shapes, colours, positions with matching captions) in about
+2.5 minutes on 2 cores, then cached with a `.json` card each (calibrated threshold, held-out scores).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from laion_assets.core.clip import checkpoints
+from laion_assets.core.clip.aesthetic import save_aesthetic_head, train_aesthetic_head
+from laion_assets.core.clip.heads import load_head
 from laion_assets.core.clip.models import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -41,6 +43,7 @@ from laion_assets.core.clip.watermark import (
 )
 from laion_assets.core.progress import Log
 from laion_assets.core.settings import DEFAULT_MODELS_DIR
+from laion_assets.core.storage import atomic_path
 from laion_assets.offline.synthetic import LANGUAGES
 
 SMALL_WATERMARK_ARCH = "mobilenetv3_small_050"
@@ -84,6 +87,12 @@ def build_small_models(models_dir: str | os.PathLike[str] = DEFAULT_MODELS_DIR, 
             if not paths["watermark"].exists():
                 say("building the small watermark classifier")
                 _build_watermark(paths["watermark"], say)
+            if not paths["aesthetic"].exists():
+                say("building the small aesthetic head")
+                _build_aesthetic(embed, paths["aesthetic"], say)
+            if not paths["concepts"].exists():
+                say("calibrating the small concept file")
+                _build_concepts(embed, paths["concepts"], say)
         finally:
             torch.set_num_threads(threads)
 
@@ -104,6 +113,73 @@ def _build_safety(embed: ClipSpec, out: Path, say: Callable) -> None:
                                  "concept": SAFETY_CONCEPT, "held_out_accuracy": accuracy})
     say(f"small safety head: held-out accuracy {accuracy:.3f}")
     load_safety_head(out)  # fail here, not in a later run, if it does not load
+
+
+WARM, DARK = ("red", "orange", "yellow"), ("black", "blue", "purple")
+
+
+def aesthetic_of(scene: Any) -> float:
+    """The synthetic world's aesthetic score: 1.5, 4 more for a warm shape, 3 more on a dark background (1.5, 4.5,
+    5.5 or 8.5). Additive in what a 32 px CLIP sees, since V2's predictor (our head's shape) has no activation: it
+    is linear in the embedding."""
+    return 1.5 + 4.0 * (scene.color in WARM) + 3.0 * (scene.background in DARK)
+
+
+def _aesthetic_set(embed: ClipSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    model = load_clip(embed)
+    images, scenes, _ = synthetic_pairs(n, seed, model.image_size, ("en",))
+    return model.encode_pixels(images), np.array([aesthetic_of(s) for s in scenes], np.float32)
+
+
+def _build_aesthetic(embed: ClipSpec, out: Path, say: Callable) -> None:
+    x, y = _aesthetic_set(embed, 3000, seed=41)
+    head = train_aesthetic_head(x, y, epochs=40, seed=0, lr=3e-3, log=say)
+    hx, hy = _aesthetic_set(embed, 600, seed=42)
+    with torch.inference_mode():
+        error = float(np.abs(head(torch.nn.functional.normalize(torch.from_numpy(hx), dim=-1)).numpy() - hy).mean())
+    save_aesthetic_head(head, out, {"name": "small-aesthetic", "embedding_model": embed.name,
+                                    "held_out_mean_abs_error": error})
+    say(f"small aesthetic head: held-out mean absolute error {error:.3f}")
+    load_head(out, "aesthetic")  # fail here, not in a later run, if it does not load
+
+
+# The small world's stand-ins for LAION's concept groups: `nsfw` is a red shape (the safety head's concept),
+# `special` a white background; the concepts are the world's own captions (a 32 px CLIP reads whole captions far
+# better than words), so the rule filters red shapes on white backgrounds.
+CONCEPT_NSFW_COLOR, CONCEPT_SPECIAL_BACKGROUND = "red", "white"
+
+
+def small_concepts() -> dict[str, list[str]]:
+    from laion_assets.offline.synthetic import COLORS, POSITIONS, SHAPES, Scene
+
+    return {
+        "nsfw": [Scene(s, CONCEPT_NSFW_COLOR, bg, p).caption("en") for s in SHAPES for bg in COLORS
+                 if bg != CONCEPT_NSFW_COLOR for p in POSITIONS],
+        "special": [Scene(s, c, CONCEPT_SPECIAL_BACKGROUND, p).caption("en") for s in SHAPES for c in COLORS
+                    if c != CONCEPT_SPECIAL_BACKGROUND for p in POSITIONS]}
+
+
+def _build_concepts(embed: ClipSpec, out: Path, say: Callable) -> None:
+    """One threshold per group (each concept gets its group's), at the best separation of the group's property by
+    the highest similarity over its concepts, on rendered scenes; written in LAION's safety_settings.yml layout."""
+    import yaml
+
+    model = load_clip(embed)
+    images, scenes, _ = synthetic_pairs(1500, 51, model.image_size, ("en",))
+    x = model.encode_pixels(images)
+    has = {"nsfw": np.array([s.color == CONCEPT_NSFW_COLOR for s in scenes]),
+           "special": np.array([s.background == CONCEPT_SPECIAL_BACKGROUND for s in scenes])}
+    doc: dict[str, Any] = {}
+    for group, texts in small_concepts().items():
+        best = (x @ model.encode_texts(texts).T).max(axis=1)
+        threshold = round(calibrate_threshold(best[has[group]], best[~has[group]]), 4)
+        doc[group] = {"concepts": dict.fromkeys(texts, threshold)}
+        say(f"small concepts: {group} threshold {threshold} over {len(texts)} captions")
+    doc["nsfw"]["action"] = "remove"
+    with atomic_path(out) as tmp, open(tmp, "w") as fh:
+        fh.write("# The small preset's concept filter, calibrated on the synthetic world (offline/small_models.py):\n"
+                 f"# nsfw = a {CONCEPT_NSFW_COLOR} shape, special = a {CONCEPT_SPECIAL_BACKGROUND} background.\n")
+        yaml.safe_dump(doc, fh, sort_keys=False, allow_unicode=True)
 
 
 def _build_watermark(out: Path, say: Callable) -> None:

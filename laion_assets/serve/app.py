@@ -1,6 +1,9 @@
 """The search service: clip-retrieval's back-end API (`POST /knn-service`, `POST /metadata`, `GET /indices-list`)
 so that `clip_retrieval.clip_client.ClipClient` works unchanged, plus `GET /image/<indice>/<id>` (the stored
 image from our shards), `GET /indices-status`, `POST /export` (an img2dataset-ready parquet) and the page at `/`.
+`aesthetic_score` / `aesthetic_weight` and `use_violence_detector` act as clip-retrieval's back end makes them act,
+on the indices whose embedding model their files belong to (`extras.py`); elsewhere they are ignored, and
+/indices-status says so.
 
 aiohttp (already the download stage's HTTP library): one event loop serves many concurrent clients, the request
 body limit is the server's own (`client_max_size`), and CLIP and slow faiss searches run in worker threads (both
@@ -45,6 +48,7 @@ from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.search import Hit, OpenIndex, RowFilter, search
 from laion_assets.core.settings import FetchSettings, ServeSettings
 from laion_assets.serve.encoder import BadQuery, QueryEncoder
+from laion_assets.serve.extras import SearchExtras, load_extras
 from laion_assets.serve.indices import Indices, load_indices
 
 LOG = logging.getLogger(__name__)
@@ -54,12 +58,13 @@ ENCODER = web.AppKey("encoder", QueryEncoder)
 ROOT = web.AppKey("root", str)
 FETCHER = web.AppKey("fetcher", object)
 SEARCH_MS = web.AppKey("search_ms", dict)  # CPU ms of recent searches
+EXTRAS = web.AppKey("extras", SearchExtras)
 INLINE_RESULTS = 100
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 # What an exported subset holds: img2dataset reads URL and TEXT; the rest are LAION's columns.
 EXPORT_COLUMNS = {"URL": "URL", "TEXT": "caption", "WIDTH": "WIDTH", "HEIGHT": "HEIGHT", "similarity": "similarity",
                   "punsafe": "punsafe", "pwatermark": "pwatermark", "LANGUAGE": "LANGUAGE", "key": "key",
-                  "shard": "shard"}
+                  "shard": "shard", "aesthetic": "aesthetic"}
 
 
 class BadRequest(Exception):
@@ -134,6 +139,9 @@ Results = Annotated[int, _within(1, "max_results")]  # ServeSettings.max_results
 # A number in 0..1, or unset: null or "" (clip-front sends "" for a number left unset).
 Fraction = Annotated[Annotated[float, Field(allow_inf_nan=False), _within(0, 1)] | None,
                      BeforeValidator(_blank_is_null)]
+# An aesthetic score in 0..10 (LAION-Aesthetics V2's range), or unset.
+Aesthetic = Annotated[Annotated[float, Field(allow_inf_nan=False), _within(0, 10)] | None,
+                      BeforeValidator(_blank_is_null)]
 
 
 class _Body(BaseModel):
@@ -160,10 +168,12 @@ class RowFilterBody(_Body):
     language: str | None = None
     min_width: Pixels = 0
     min_height: Pixels = 0
+    min_aesthetic: Aesthetic = None
 
     def row_filter(self) -> RowFilter:
         return RowFilter(max_punsafe=self.max_punsafe, max_pwatermark=self.max_pwatermark,
-                         language=self.language or "", min_width=self.min_width, min_height=self.min_height)
+                         language=self.language or "", min_width=self.min_width, min_height=self.min_height,
+                         min_aesthetic=self.min_aesthetic)
 
 
 class KnnBody(RowFilterBody):
@@ -176,8 +186,9 @@ class KnnBody(RowFilterBody):
     num_result_ids: Results | None = None  # None: num_images
     deduplicate: bool = False
     use_safety_model: bool = False
-    # Checked, then ignored (README): one CLIP reads every language, and there is no aesthetic or violence model.
+    # Checked, then ignored (docs/search.md): one CLIP reads every language.
     use_mclip: bool = False
+    # Applied where the index's embedding model is the files' (extras.py), else ignored (/indices-status).
     use_violence_detector: bool = False
     aesthetic_score: Annotated[Annotated[int, Field(ge=0, le=9)] | None, BeforeValidator(_blank_is_null)] = None
     aesthetic_weight: Fraction = None
@@ -315,12 +326,17 @@ async def knn_service(request: web.Request) -> web.Response:
     where = body.row_filter()
     if body.use_safety_model and where.max_punsafe is None:
         where = dataclasses.replace(where, max_punsafe=s.safety_threshold)
-    query = await _query_vector(request, body, index)
-    args = (index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold, where)
+    _check_filter(index, where)
+    extras = request.app[EXTRAS]
+    query = extras.query(await _query_vector(request, body, index), index, body.aesthetic_score,
+                         body.aesthetic_weight)
+    violence = extras.violence_prompts(index, body.use_violence_detector)
+    args = (index, query, modality, num_result_ids, num_images, index.removed, deduplicate, s.dedup_threshold, where,
+            None, violence)
     recent: dict[tuple[str, str], float] = request.app[SEARCH_MS]
     key = (index.name, modality)
     if (recent.get(key, 0.0) < s.inline_search_ms and not deduplicate and num_result_ids <= INLINE_RESULTS
-            and not index.on_disk):
+            and not index.on_disk and violence is None):
         hits, ms = _timed_search(*args)  # cheaper than the hop to a thread and back (see ServeSettings)
     else:
         hits, ms = await asyncio.to_thread(_timed_search, *args)
@@ -357,8 +373,19 @@ async def indices_list(request: web.Request) -> web.Response:
     return _json_response(sorted(request.app[INDICES].available))
 
 
+def _check_filter(index: OpenIndex, where: RowFilter) -> None:
+    if where.min_aesthetic is not None and "aesthetic" not in index.metadata.column_names:
+        raise BadRequest(f"indice {index.name!r} has no aesthetic scores: min_aesthetic cannot filter it")
+
+
 async def indices_status(request: web.Request) -> web.Response:
-    return _json_response(request.app[INDICES].status())
+    status = request.app[INDICES].status()
+    extras = request.app[EXTRAS]
+    for name, index in request.app[INDICES].available.items():
+        status[name]["model"] = index.report.get("model", "")
+        status[name]["aesthetic_scores"] = "aesthetic" in index.metadata.column_names
+        status[name].update(extras.verdict(index))
+    return _json_response(status)
 
 
 def _read_image(root: str, tar_key: str, key: str) -> tuple[bytes, str]:
@@ -404,6 +431,8 @@ def _filter_mask(batch: pa.RecordBatch, f: RowFilter) -> pa.Array:
         mask = pc.and_kleene(mask, pc.less_equal(pc.fill_null(batch["pwatermark"], 0.0), f.max_pwatermark))
     if f.language:
         mask = pc.and_kleene(mask, pc.equal(batch["LANGUAGE"], f.language))
+    if f.min_aesthetic is not None:
+        mask = pc.and_kleene(mask, pc.greater_equal(batch["aesthetic"], f.min_aesthetic))  # null: fails
     return pc.fill_null(mask, False)
 
 
@@ -427,7 +456,7 @@ def export_table(index: OpenIndex, ids: list[int] | None, f: RowFilter | None, l
             if rows > limit:
                 raise BadRequest(f"the filter matches more than {limit} rows: narrow it", 413)
         table = pa.Table.from_batches(parts, schema=index.metadata.schema)
-    return pa.table({out: table[col] for out, col in EXPORT_COLUMNS.items()})
+    return pa.table({out: table[col] for out, col in EXPORT_COLUMNS.items() if col in table.column_names})
 
 
 async def export(request: web.Request) -> web.Response:
@@ -445,6 +474,7 @@ async def export(request: web.Request) -> web.Response:
         if not isinstance(raw, dict):
             raise BadRequest("give ids (the current results) or a filter object")
         flt = _valid(RowFilterBody, raw).row_filter()
+        _check_filter(index, flt)
     table = await asyncio.to_thread(export_table, index, ids, flt, s.export_limit)
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -475,15 +505,17 @@ async def _fetcher(app: web.Application) -> Any:
         yield
 
 
-def make_app(root: str, settings: ServeSettings, encoder: QueryEncoder, indices: Indices | None = None
-             ) -> web.Application:
-    """The service over a local storage root's indices (loaded here unless given)."""
+def make_app(root: str, settings: ServeSettings, encoder: QueryEncoder, indices: Indices | None = None,
+             extras: SearchExtras | None = None) -> web.Application:
+    """The service over a local storage root's indices (loaded here unless given), with the encoder's model
+    settings' rating embeddings and violence prompts (loaded here unless given)."""
     app = web.Application(middlewares=[errors], client_max_size=settings.max_body_bytes)
     app[ROOT] = os.path.abspath(root)
     app[SETTINGS] = settings
     app[ENCODER] = encoder
     app[INDICES] = indices if indices is not None else load_indices(app[ROOT])
     app[SEARCH_MS] = {}  # moving average of search CPU ms per (indice, modality)
+    app[EXTRAS] = extras if extras is not None else load_extras(encoder.settings)
     app.cleanup_ctx.append(_fetcher)
     app.router.add_get("/", page)
     app.router.add_post("/knn-service", knn_service)
@@ -505,4 +537,8 @@ def serve(root: str, settings: ServeSettings, encoder: QueryEncoder, print_fn: A
     status = app[INDICES].status()
     for name, st in status.items():
         print_fn(f"indice {name}: " + (f"{st['rows']} rows" if st["available"] else f"unavailable ({st['reason']})"))
+    for name, index in app[INDICES].available.items():
+        for feature, verdict in app[EXTRAS].verdict(index).items():
+            if not verdict["applied"]:
+                print_fn(f"indice {name}: {feature} ignored ({verdict['reason']})")
     web.run_app(app, host=settings.host, port=settings.port, print=print_fn, access_log=None)

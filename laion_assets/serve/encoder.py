@@ -31,7 +31,7 @@ class QueryEncoder:
                 from laion_assets.core.clip.models import load_clip, pick_device
                 from laion_assets.core.clip.registry import resolve
 
-                spec = resolve(self.settings).embed
+                spec = resolve(self.settings, check=False).embed  # open_clip's weights: open_clip's cache
                 self._model = load_clip(spec, pick_device(self.settings.device))
             return self._model
 

@@ -43,6 +43,8 @@ PAGE = r"""<!doctype html>
   <label>language <input type="text" id="language" placeholder="any" style="width: 4em"></label>
   <label>min width <input type="number" id="min-width" value="0" min="0"></label>
   <label>min height <input type="number" id="min-height" value="0" min="0"></label>
+  <label>aesthetic &ge; <input type="number" id="min-aesthetic" placeholder="any" min="0" max="10" step="0.5"
+   style="width: 4em"></label>
   <label><input type="checkbox" id="dedup" checked> dedup</label>
  </fieldset>
  <fieldset>
@@ -66,6 +68,7 @@ function filters() {
   const wm = parseFloat($("pwatermark").value);
   if (wm < 1) f.max_pwatermark = wm;
   if ($("language").value.trim()) f.language = $("language").value.trim();
+  if ($("min-aesthetic").value.trim()) f.min_aesthetic = parseFloat($("min-aesthetic").value);
   return f;
 }
 
@@ -119,7 +122,8 @@ function render(results) {
     const caption = document.createElement("div"); caption.className = "caption"; caption.textContent = r.caption;
     const info = document.createElement("div"); info.className = "meta";
     info.textContent = `similarity ${r.similarity.toFixed(3)} · ${r.WIDTH}x${r.HEIGHT} · ${r.LANGUAGE}` +
-                       ` · punsafe ${Number(r.punsafe).toFixed(2)} · pwatermark ${Number(r.pwatermark).toFixed(2)}`;
+                       ` · punsafe ${Number(r.punsafe).toFixed(2)} · pwatermark ${Number(r.pwatermark).toFixed(2)}` +
+                       (r.aesthetic == null ? "" : ` · aesthetic ${Number(r.aesthetic).toFixed(2)}`);
     const link = document.createElement("a"); link.href = r.url; link.textContent = "link"; link.target = "_blank";
     link.rel = "noopener noreferrer";
     const more = document.createElement("button"); more.type = "button"; more.className = "more";
@@ -161,8 +165,8 @@ async function exportSubset(current) {
 $("query").addEventListener("submit", (event) => { event.preventDefault(); search(); });
 $("export-results").addEventListener("click", () => exportSubset(true));
 $("export-filter").addEventListener("click", () => exportSubset(false));
-const refilters = ["safe", "punsafe", "pwatermark", "language", "min-width", "min-height", "dedup", "indice",
-                   "modality"];
+const refilters = ["safe", "punsafe", "pwatermark", "language", "min-width", "min-height", "min-aesthetic", "dedup",
+                   "indice", "modality"];
 for (const id of refilters) {
   $(id).addEventListener("change", () => { if (lastQuery) search(lastQuery); });
 }

@@ -175,3 +175,13 @@ def test_train_clis_on_files(tmp_path):
     spec = watermark_spec_from_checkpoint(tmp_path / "w.pt")
     assert spec.image_size == 64 and spec.arch == "mobilenetv3_small_050"
     assert watermark.load_watermark(spec) is not None
+
+
+def test_small_aesthetic_head_scores_its_worlds_taste(models):
+    from laion_assets.core.clip.heads import load_head
+    from laion_assets.offline.small_models import _aesthetic_set
+
+    head = load_head(models.aesthetic_head, "aesthetic")
+    x, y = _aesthetic_set(models.embed, 400, seed=78)
+    predicted = head.predict(x)
+    assert np.corrcoef(predicted, y)[0, 1] > 0.8 and np.abs(predicted - y).mean() < 1.2

@@ -52,6 +52,7 @@ def write_embeddings_of(store: Storage, made: dict, seed: int = 0) -> dict[str, 
 def report_embeddings(graph: ReleaseGraph) -> None:
     """The instance learns that image_embeddings (and the CLIP stage before it) were made and passed their checks."""
     report_made(graph, CRAWL, ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores",
+                           "aesthetic_scores",
                                "image_embeddings"))
 
 

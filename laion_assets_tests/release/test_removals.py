@@ -132,7 +132,8 @@ def test_a_new_removal_version_requests_the_release_again_through_reprocess(tmp_
         return result
 
     graph.instance.add_dynamic_partitions("crawls", [CRAWL])
-    report_made(graph, CRAWL, ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores"))
+    report_made(graph, CRAWL, ("unique_pairs", "image_shards", "clip_scores", "safety_scores", "watermark_scores",
+                           "aesthetic_scores"))
     first = tick()
     assert first.asset_events[0].tags["dagster/data_version"] == "none"
     graph.release(CRAWL)

@@ -11,12 +11,37 @@ import polars as pl
 from laion_assets.core import paths
 from laion_assets.core.release import removals as rl
 from laion_assets.core.settings import SAMPLE_CRAWL
-from laion_assets_tests.graph import Graph, graph_resources, release_crawl
+from laion_assets_tests.graph import LAYOUT, Graph, graph_resources, output, release_crawl
 
 
 def _released(store) -> pl.DataFrame:
     manifest = json.loads(store.read_bytes(paths.release_manifest(SAMPLE_CRAWL)))
     return pl.read_parquet([store.uri(paths.join(paths.release(SAMPLE_CRAWL), p["file"])) for p in manifest["parts"]])
+
+
+def check_concept_filter(graph, store, models) -> set[str]:
+    """The concept filter's rule on the sample crawl with the small preset's concept file: a sample above a `nsfw`
+    threshold and above a `special` one is removed from the filtered metadata (reason concept-filter, counted);
+    every other sample keeps its highest similarity per group in its safety scores. Returns the removed URLs."""
+    from laion_assets.core.clip.concepts import load_concepts
+
+    concepts = load_concepts(models.concepts)
+    thresholds = {g: set(c.values()) for g, c in concepts.groups.items()}
+    assert all(len(t) == 1 for t in thresholds.values())  # the small file: one threshold per group
+    # (keys repeat across buckets: samples are named by URL)
+    safety = pl.concat([pl.read_parquet(store.uri(output("safety_scores", SAMPLE_CRAWL, b))).join(
+        pl.read_parquet(store.uri(output("clip_scores", SAMPLE_CRAWL, b)), columns=["key", "url"]), on="key")
+        for b in LAYOUT.bucket_keys()])
+    rule = ((pl.col("nsfw_similarity") > thresholds["nsfw"].pop())
+            & (pl.col("special_similarity") > thresholds["special"].pop()))
+    assert safety.select((rule == pl.col("concept_filtered")).all()).item()
+    assert safety["nsfw_similarity"].null_count() == safety["special_similarity"].null_count() == 0
+    flagged = set(safety.filter(pl.col("concept_filtered"))["url"])
+    filtered = pl.concat([pl.read_parquet(store.uri(paths.filtered_metadata(SAMPLE_CRAWL, b, LAYOUT)))
+                          for b in LAYOUT.bucket_keys()])
+    assert flagged and not flagged & set(filtered["URL"])  # the calibrated file does filter some of the sample
+    assert sum(m.get("removed/concept-filter", 0) for m in graph.meta["filtered_metadata"]) == len(flagged)
+    return flagged
 
 
 def test_sample_crawl_release_and_removals(tmp_path, models):
@@ -29,8 +54,10 @@ def test_sample_crawl_release_and_removals(tmp_path, models):
     assert not failed, failed
     store = graph.resources["storage"].get()
     kept = sum(m["kept"] for m in graph.meta["clip_scores"])
-    assert sum(m["rows"] for m in graph.meta["filtered_metadata"]) == kept
+    flagged = check_concept_filter(graph, store, models)
+    assert sum(m["rows"] for m in graph.meta["filtered_metadata"]) + len(flagged) == kept
     before = _released(store)
+    assert not set(before["URL"]) & flagged and before["aesthetic"].null_count() == 0
     assert before.height == graph.meta["release"][-1]["rows"] > 0
     assert before["URL"].is_unique().all() and before["punsafe"].null_count() == 0
     assert (before["WIDTH"] > 0).all() and set(before["subset"]) <= {"en", "multi", "nolang"}
@@ -53,7 +80,8 @@ def test_sample_crawl_release_and_removals(tmp_path, models):
     assert after.height and before.filter(pl.col("URL").str.starts_with(prefix)).height < before.height
     manifest = json.loads(store.read_bytes(paths.release_manifest(SAMPLE_CRAWL)))
     assert manifest["removal_version"] == "v000001" and set(manifest["removed"]) <= {"url", "sha256", "phash",
-                                                                                     "domain"}
+                                                                                     "domain", "concept-filter"}
+    assert manifest["removed"]["concept-filter"] == len(flagged)  # counted in the release too
     stats = store.read_json(paths.statistics_json(SAMPLE_CRAWL))
     assert stats["subsets"]["all"]["total"] == after.height < stats_before["subsets"]["all"]["total"]
 

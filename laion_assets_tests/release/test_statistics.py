@@ -90,3 +90,31 @@ def test_stats_command_on_laion_files_and_on_a_parquet_without_laion_columns(tmp
     assert "TEXT" in result.output and "HEIGHT" in result.output and "punsafe" in result.output
     with pytest.raises(MissingColumnsError, match="similarity"):
         compute_statistics([str(other)])
+
+
+def test_aesthetic_quantiles_and_the_laion_aesthetics_counts(tmp_path):
+    frame = _laion_like(4000, 3)
+    rng = np.random.default_rng(4)
+    scores = rng.normal(5.2, 1.1, frame.height).astype(np.float32)
+    frame = frame.with_columns(pl.Series("aesthetic", scores).set(pl.Series(rng.random(frame.height) < 0.05), None))
+    files = []
+    for i, part in enumerate(frame.iter_slices(1500)):
+        files.append(str(tmp_path / f"p{i}.parquet"))
+        part.write_parquet(files[-1])
+    stats = compute_statistics(files)
+    assert compute_statistics(files, batch_rows=333) == stats
+    got, scored = stats["subsets"]["all"]["aesthetic"], frame["aesthetic"].drop_nulls().to_numpy()
+    assert got["scored"] == len(scored)
+    for t in ("4.5", "5", "6", "6.5"):
+        assert got["at_least"][t] == int((scored >= float(t)).sum())
+    # Exact to the histogram's step (0.001), with pandas' interpolation.
+    expected = np.quantile(np.round(scored.astype(np.float64), 3), list(QUANTILES))
+    assert np.allclose(got["quantiles"], expected, atol=2e-3)
+    result = CliRunner().invoke(main, ["stats", *files, "--plots", str(tmp_path / "plots")])
+    assert result.exit_code == 0 and "Aesthetic >= 6.5" in result.output, result.output
+    assert (tmp_path / "plots" / "aesthetic.png").stat().st_size > 1000
+    # LAION's own files have no aesthetic column: no aesthetic figures, nothing else changes.
+    plain = compute_statistics([str(tmp_path / "p0.parquet")])  # (it has the column)
+    frame.drop("aesthetic").write_parquet(tmp_path / "laion.parquet")
+    assert compute_statistics([str(tmp_path / "laion.parquet")])["subsets"]["all"]["aesthetic"]["scored"] == 0
+    assert plain["subsets"]["all"]["aesthetic"]["scored"] > 0

@@ -31,6 +31,7 @@ def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, 
     store.write_parquet(output("clip_scores", crawl, bucket, layout=layout), inputs.scores)
     store.write_parquet(output("safety_scores", crawl, bucket, layout=layout), inputs.safety)
     store.write_parquet(output("watermark_scores", crawl, bucket, layout=layout), inputs.watermark)
+    store.write_parquet(output("aesthetic_scores", crawl, bucket, layout=layout), inputs.aesthetic)
     store.write_parquet(output("unique_pairs", crawl, bucket, layout=layout), inputs.pairs)
 
 

@@ -28,6 +28,7 @@ class View:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop: bool  # resize the short side and centre-crop (CLIP), else squash to a square (watermark)
+    interpolation: str = "bicubic"  # of the resize (LAION's watermark model: bilinear)
 
 
 def split_transform(transform: Any, size: int) -> View:
@@ -43,8 +44,10 @@ def split_transform(transform: Any, size: int) -> View:
     pil = [s for s in steps[:to_tensor] if type(s).__name__ not in ("MaybeConvertMode",)]
     norm = steps[-1]
     crop = any(isinstance(s, T.CenterCrop) for s in pil)
+    resize = next((s for s in pil if isinstance(s, T.Resize)), None)
+    interpolation = resize.interpolation.value if resize is not None else "bicubic"
     return View(repr(pil), T.Compose(pil), size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std),
-                crop)
+                crop, interpolation)
 
 
 # --- tokenizing in the workers ------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def clip_view(model: LoadedClip) -> View:
 
 
 def watermark_view(spec: WatermarkSpec) -> View:
-    return split_transform(watermark_transform(spec.image_size), spec.image_size)
+    return split_transform(watermark_transform(spec.image_size, spec.interpolation), spec.image_size)
 
 
 def normalize(pixels: torch.Tensor, view: View) -> torch.Tensor:
@@ -305,7 +305,8 @@ def _flush(pending: _Kept, batch_size: int, models: Models, views: dict[str, Vie
         scores = np.full(n, np.nan, np.float32)
         if ok:
             sel = torch.as_tensor(ok, device=px.device)
-            scores[ok] = pwatermark(models.watermark, normalize(px[sel], views["watermark"]), px.device)
+            scores[ok] = pwatermark(models.watermark, normalize(px[sel], views["watermark"]), px.device,
+                                    spec.watermark_index)
         for i, key in enumerate(keys):
             good = not errors[i]
             result.watermark_rows.append({

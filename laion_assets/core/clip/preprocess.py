@@ -58,14 +58,15 @@ def decode(datas: list[torch.Tensor], device: torch.device) -> tuple[list[torch.
 
 def resize_view(images: torch.Tensor, view: View) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> uint8 (N, 3, S, S): the short side to S and a centre crop (CLIP), or a squash to
-    S x S (watermark); bicubic with antialiasing, as the PIL path."""
+    S x S (watermark); with the view's interpolation (bicubic, or LAION's watermark model's bilinear) and
+    antialiasing, as the PIL path."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    bicubic = InterpolationMode.BICUBIC
+    mode = InterpolationMode(view.interpolation)
     if view.crop:
-        return F.center_crop(F.resize(images, [view.size], interpolation=bicubic, antialias=True), [view.size])
-    return F.resize(images, [view.size, view.size], interpolation=bicubic, antialias=True)
+        return F.center_crop(F.resize(images, [view.size], interpolation=mode, antialias=True), [view.size])
+    return F.resize(images, [view.size, view.size], interpolation=mode, antialias=True)
 
 
 def device_views(batch: Batch, views: list[View], device: torch.device) -> dict[str, torch.Tensor]:

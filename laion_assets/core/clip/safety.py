@@ -1,6 +1,7 @@
-"""`punsafe`: LAION's safety detector shape, an MLP on the normalized image embedding (768 -> 64 -> 512 -> 256 -> 1,
-sigmoid; unsafe above 0.5), with its training code (`laion-assets train-safety`) and the per-bucket scores (`run`,
-what the `safety_scores` asset and `laion-assets clip safety` call).
+"""`punsafe`: LAION's safety detector (an MLP on the image embedding; unsafe above 0.5) in any of its formats
+(`heads.py`: LAION's PyTorch ports, its original AutoKeras SavedModels, or a head trained here with `laion-assets
+train-safety`), the concept filter's similarities beside it (`concepts.py`), and the per-bucket scores (`run`, what
+the `safety_scores` asset and `laion-assets clip safety` call).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from laion_assets.core.clip import checkpoints
-from laion_assets.core.clip.embeddings import read_embeddings
+from laion_assets.core.clip.embeddings import embedding_model, read_image_embeddings, sample_keys
+from laion_assets.core.clip.heads import Head, HeadDimensionError, SafetyHead, check_dimension, load_head
 from laion_assets.core.clip.registry import ModelSet
 from laion_assets.core.clip.specs import card
 from laion_assets.core.paths import EmbeddingKeys
@@ -23,19 +25,19 @@ from laion_assets.core.storage import Storage
 
 SAFETY_SCHEMA = pa.schema([("key", pa.string()), ("model", pa.string()), ("punsafe", pa.float32()),
                            ("unsafe", pa.bool_())])
+# The concept filter's columns, appended when a concept file is set (concepts.py).
+CONCEPT_SCHEMA = pa.schema([("nsfw_concept", pa.string()), ("nsfw_similarity", pa.float32()),
+                            ("special_concept", pa.string()), ("special_similarity", pa.float32()),
+                            ("concept_filtered", pa.bool_())])
 
 
-class SafetyHead(nn.Module):
-    """LAION's safety MLP shape: dim -> 64 -> 512 -> 256 -> 1 (a logit; sigmoid gives punsafe)."""
+def safety_schema(concepts: bool) -> pa.Schema:
+    """The safety scores' columns: with the concept filter's when a concept file is set."""
+    return pa.schema(list(SAFETY_SCHEMA) + (list(CONCEPT_SCHEMA) if concepts else []))
 
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.net = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 512), nn.ReLU(),
-                                 nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+SafetyDimensionError = HeadDimensionError  # the name the CLI and the asset catch
+__all__ = ["SafetyHead", "SafetyDimensionError", "NoSafetyHead", "run", "punsafe", "train_safety_head"]
 
 
 def _normalized(embeddings: np.ndarray) -> torch.Tensor:
@@ -83,43 +85,64 @@ def save_safety_head(head: SafetyHead, path: str | os.PathLike[str], card: dict[
 
 
 def load_safety_head(path: str | os.PathLike[str]) -> tuple[SafetyHead, dict[str, Any]]:
+    """A head trained here, as its module (for training and tests); `heads.load_head` reads every format."""
     ckpt = checkpoints.load(path, "safety")
     head = SafetyHead(int(ckpt["dim"]))
     head.load_state_dict(ckpt["state_dict"])
     return head.eval(), card(path)
 
 
-class SafetyDimensionError(ValueError):
-    pass
+def safety_table(keys: pa.Array, embeddings: np.ndarray, head: Head, threshold: float, concepts: Any = None
+                 ) -> pa.Table:
+    """punsafe of every embedded sample, row-aligned with its keys; the concept filter's columns when `concepts`
+    (an `EncodedConcepts`) is given."""
+    scores = head.predict(embeddings)
+    table = pa.table({"key": keys, "model": pa.array([head.name] * len(scores), pa.string()),
+                      "punsafe": pa.array(scores, pa.float32()), "unsafe": pa.array(scores > threshold)},
+                     schema=SAFETY_SCHEMA)
+    if concepts is None:
+        return table
+    from laion_assets.core.clip.concepts import concept_columns
 
-
-def safety_table(keys: pa.Array, embeddings: np.ndarray, head: SafetyHead, name: str, threshold: float) -> pa.Table:
-    """punsafe of every embedded sample, row-aligned with its keys."""
-    if embeddings.shape[0] and head.dim != embeddings.shape[1]:
-        raise SafetyDimensionError(f"the safety head takes {head.dim}-d embeddings but these are "
-                                   f"{embeddings.shape[1]}-d")
-    scores = punsafe(head, embeddings)
-    return pa.table({"key": keys, "model": pa.array([name] * len(scores), pa.string()),
-                     "punsafe": pa.array(scores, pa.float32()), "unsafe": pa.array(scores > threshold)},
-                    schema=SAFETY_SCHEMA)
+    for name, values in concept_columns(embeddings, concepts).items():
+        field = CONCEPT_SCHEMA.field(name)
+        table = table.append_column(field, pa.array(values, field.type))
+    return table
 
 
 class NoSafetyHead(ValueError):
     """The model set names no safety head."""
 
 
-def run(store: Storage, files: EmbeddingKeys, chosen: ModelSet) -> tuple[pa.Table, dict[str, Any]]:
+def encoded_concepts(chosen: ModelSet, log: Log | None = None) -> Any:
+    """The model set's concept file encoded by the embedding CLIP's text tower (None when none is set)."""
+    if not chosen.concepts:
+        return None
+    from laion_assets.core.clip.concepts import encode_concepts, load_concepts
+    from laion_assets.core.clip.models import load_clip
+
+    concepts = load_concepts(chosen.concepts)
+    if log:
+        log(f"encoding {len(concepts.names())} concepts with the text tower of {chosen.embed.name}")
+    return encode_concepts(concepts, load_clip(chosen.embed, "cpu"))
+
+
+def run(store: Storage, files: EmbeddingKeys, chosen: ModelSet, dim: int = 0, log: Log | None = None
+        ) -> tuple[pa.Table, dict[str, Any]]:
     """The safety scores' entry point: punsafe of every sample of one bucket's embeddings from the model set's
-    head, and a report (samples, unsafe, model, unsafe fraction)."""
+    head, with the concept filter's columns when a concept file is set, and a report (samples, unsafe, model,
+    unsafe fraction, concept-filtered). `dim`, when known (the embeddings' manifest), is checked against the head
+    before the bucket is read; otherwise once its image array is."""
     if not chosen.safety_head:
         raise NoSafetyHead("no safety head configured (ModelSettings.safety_head, --safety-head)")
-    img, _, meta = read_embeddings(store, files)
-    head, doc = load_safety_head(chosen.safety_head)
-    name = doc.get("name", chosen.safety_head)
-    try:
-        table = safety_table(meta["key"], img, head, name, chosen.safety_threshold)
-    except SafetyDimensionError as err:
-        raise SafetyDimensionError(f"{err} (the embeddings of {chosen.embed.name}, the head {name})") from err
+    head = load_head(chosen.safety_head, "safety")
+    check_dimension(head, dim, chosen.embed.name)
+    img, meta = read_image_embeddings(store, files)
+    check_dimension(head, img.shape[1], embedding_model(meta) or chosen.embed.name)
+    table = safety_table(sample_keys(meta), img, head, chosen.safety_threshold, encoded_concepts(chosen, log))
     unsafe = sum(table["unsafe"].to_pylist())
-    return table, {"samples": table.num_rows, "unsafe": unsafe, "model": name,
-                   "unsafe_fraction": round(unsafe / table.num_rows, 4) if table.num_rows else 0.0}
+    report = {"samples": table.num_rows, "unsafe": unsafe, "model": head.name, "format": head.format,
+              "unsafe_fraction": round(unsafe / table.num_rows, 4) if table.num_rows else 0.0}
+    if "concept_filtered" in table.column_names:
+        report["concept_filtered"] = sum(table["concept_filtered"].to_pylist())
+    return table, report

@@ -35,9 +35,14 @@ class WatermarkSpec:
     checkpoint: str
     image_size: int = 256
     threshold: float = 0.8
+    watermark_index: int = 1  # which softmax output is pwatermark: 1 in ours, 0 in LAION's
+    interpolation: str = "bicubic"  # the resize to image_size: LAION's example uses torchvision's default, bilinear
 
 
-LAION_WATERMARK = WatermarkSpec("efficientnet_b3a/laion-watermark", "efficientnet_b3a", "", 256, 0.8)
+# LAION's detector (LAION-AI/LAION-5B-WatermarkDetection): efficientnet_b3a with its own classifier head, 256 x 256
+# bilinear, ImageNet mean and std, softmax index 0.
+LAION_WATERMARK = WatermarkSpec("efficientnet_b3a/laion-watermark", "efficientnet_b3a", "", 256, 0.8,
+                                watermark_index=0, interpolation="bilinear")
 
 
 def card(path: str | os.PathLike[str]) -> dict:

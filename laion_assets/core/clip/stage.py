@@ -24,7 +24,7 @@ from laion_assets.core.clip.models import load_clip, pick_device
 from laion_assets.core.clip.onepass import Models, StageReport, decode_path, one_pass
 from laion_assets.core.clip.parts import Part
 from laion_assets.core.clip.registry import ModelSet
-from laion_assets.core.clip.watermark import load_watermark, watermark_table
+from laion_assets.core.clip.watermark import load_watermark_model, watermark_table
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.progress import Log
@@ -94,7 +94,7 @@ def _pass(store: Storage, download: ShardsManifest, chosen: ModelSet, settings: 
     if embed:
         models.embed = load_clip(chosen.embed, device, settings.embed_precision)
     if mark:
-        models.watermark, models.watermark_spec = load_watermark(chosen.watermark, device), chosen.watermark
+        models.watermark, models.watermark_spec = load_watermark_model(chosen.watermark, device)
     keep = None if rescore else scores.kept_keys(out.scores if out.scores is not None else stored_scores)
     out.decode_path = decode_path(settings, device.type)
     with store.local_copies([s.tar for s in download.keys()]) as local:

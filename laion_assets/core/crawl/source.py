@@ -4,7 +4,7 @@ the files it lists (paths relative to the source's root).
 
 How often a remote file is tried, at most (`SourceSettings`: `retries`, 4 by default, and `backoff_s`):
 
-- over HTTP(S), `retries + 1` downloads per step attempt, all retried here in one place (`_download_http`, with
+- over HTTP(S), `retries + 1` downloads per step attempt, all retried here in one place (`download_http`, with
   tenacity): after a 408, 425, 429 or 5xx answer, a connection error, a timeout or a short read, with delays of
   `backoff_s`, `2 * backoff_s`, `4 * backoff_s`, ...; a download cut off resumes with a Range request where the
   last one stopped. Any other HTTP error (404, 403, ...) fails at once.
@@ -85,9 +85,9 @@ def _http_attempt(url: str, dest: str, settings: SourceSettings) -> None:
             raise ConnectionError(f"short read: {got} of {expected} bytes")
 
 
-def _download_http(url: str, dest: str, settings: SourceSettings) -> None:
+def download_http(url: str, dest: str, settings: SourceSettings) -> None:
     """Download with at most `retries + 1` attempts (transient errors only); a dropped connection resumes with a
-    Range request."""
+    Range request, and so does a call finding part of the file at `dest` already (the model files' fetch)."""
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(settings.retries + 1),
         wait=tenacity.wait_exponential(multiplier=settings.backoff_s),
@@ -132,7 +132,7 @@ def fetched(location: str, settings: SourceSettings, s3_client: Any = None) -> I
         if location.startswith("s3://"):
             _download_s3(location, tmp, s3_client or s3_client_for(settings))
         else:
-            _download_http(location, tmp, settings)
+            download_http(location, tmp, settings)
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):

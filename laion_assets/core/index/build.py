@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_assets.core import paths
-from laion_assets.core.clip.embeddings import read_embeddings
+from laion_assets.core.clip.embeddings import embedding_model, read_embeddings, sample_keys
 from laion_assets.core.index import metadata as meta
 from laion_assets.core.index.evaluate import ExactTopK, Quality, measure, tune_nprobe
 from laion_assets.core.index.search import MODALITIES, load_faiss
@@ -61,6 +61,7 @@ class IndexReport(JsonRecord):
     image: ModalityReport = field(default_factory=ModalityReport)
     text: ModalityReport = field(default_factory=ModalityReport)
     parts: list[str] = field(default_factory=list)
+    model: str = ""  # the embedding model, as the embeddings' metadata names it ("" when it does not)
 
     def modality(self, name: str) -> ModalityReport:
         return self.image if name == "image" else self.text
@@ -68,7 +69,7 @@ class IndexReport(JsonRecord):
     def metadata(self) -> dict[str, Any]:
         """Flat figures for asset metadata (part B) and the CLI's summary."""
         flat: dict[str, Any] = {"rows": self.rows, "excluded": self.excluded, "dim": self.dim,
-                                "seconds": round(self.seconds, 2)}
+                                "seconds": round(self.seconds, 2), "model": self.model}
         for m in MODALITIES:
             r = self.modality(m)
             flat.update({f"{m}_index_key": r.index_key, f"{m}_vectors": r.vectors, f"{m}_bytes": r.bytes,
@@ -155,8 +156,8 @@ def tune(index_path: str, infos_path: str, queries: np.ndarray, truth: np.ndarra
 
 
 def _stage(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, exclude: Collection[str], work: str,
-           sample: int, seed: int, log: Log | None, keep_rows: np.ndarray | None = None
-           ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+           sample: int, seed: int, log: Log | None, keep_rows: np.ndarray | None = None,
+           models: set[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """Write the kept vectors bucket by bucket under work/{img,text}_emb, checking row alignment by key; returns the
     kept mask and held-out queries per modality (the other modality's embeddings of sampled rows: a caption asking
     for images, an image asking for captions, as users query)."""
@@ -173,10 +174,12 @@ def _stage(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, exclud
     offset = kept_before = 0
     for i, keys in enumerate(buckets):
         img, txt, bucket_meta = read_embeddings(store, keys)
+        if models is not None:
+            models.add(embedding_model(bucket_meta))
         n = bucket_meta.num_rows
         if offset + n > table.num_rows:
             raise meta.MetadataError(f"index metadata has {table.num_rows} rows, the embeddings at least {offset + n}")
-        if not bucket_meta["key"].equals(table["key"].slice(offset, n)):
+        if not sample_keys(bucket_meta).equals(table["key"].slice(offset, n).combine_chunks()):
             raise meta.MetadataError(f"index metadata rows {offset}..{offset + n} are not the keys of "
                                      f"{store.uri(keys.metadata)}: pass the metadata row-aligned with the embeddings")
         mask = keep[offset : offset + n]
@@ -226,8 +229,11 @@ def build_index(store: Storage, buckets: list[EmbeddingKeys], table: pa.Table, o
     with tempfile.TemporaryDirectory(prefix="index-", dir=work_dir) as work:
         # Twice the held-out queries when nprobe is tuned: every other one tunes it, the rest measure the result.
         sample = settings.eval_queries * (2 if settings.target_recall else 1)
-        keep, queries, dim = _stage(store, buckets, table, exclude, work, sample, settings.seed, log, keep_rows)
+        models: set[str] = set()
+        keep, queries, dim = _stage(store, buckets, table, exclude, work, sample, settings.seed, log, keep_rows,
+                                    models)
         report.rows, report.excluded, report.dim = int(keep.sum()), int((~keep).sum()), int(dim)
+        report.model = models.pop() if len(models) == 1 else ""
         if report.rows == 0:
             raise ValueError(f"nothing to index in {out_dir}: {report.rows_in} rows, {report.excluded} excluded")
         meta.write_arrow([table.filter(pa.array(keep))], table.schema, files.metadata)

@@ -59,7 +59,7 @@ def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[s
         rows = rows.select(
             "URL", pl.col("TEXT").alias("caption"), "key", "shard", "WIDTH", "HEIGHT", "similarity", "punsafe",
             "pwatermark", "LANGUAGE", pl.col("shard").alias("tar"), "sha256", "phash",
-            (~drop).alias("_keep"))
+            *(["aesthetic"] if "aesthetic" in rows.columns else []), (~drop).alias("_keep"))
         # A left join in the embeddings' order: a sample embedded but not in the filtered metadata was removed.
         joined = keys.join(rows, on="key", how="left", maintain_order="left")
         masks.append(joined["_keep"].fill_null(False).to_numpy())

@@ -84,6 +84,8 @@ def merge_indices(parts: dict[str, str], out_dir: str, settings: IndexSettings |
     reports = {name: read_report(folder) for name, folder in parts.items()}  # FileNotFoundError: a part unfinished
     report = IndexReport(parts=list(parts), rows_in=sum(r.rows for r in reports.values()),
                          rows=sum(r.rows for r in reports.values()), dim=next(iter(reports.values())).dim)
+    names = {r.model for r in reports.values()}
+    report.model = names.pop() if len(names) == 1 else ""  # the crawls' common embedding model
     rng = np.random.default_rng(settings.seed)
     with tempfile.TemporaryDirectory(prefix="merge-", dir=work_dir) as work:
         for modality in MODALITIES:

@@ -13,14 +13,15 @@ from laion_assets.core.storage import atomic_path
 
 # What every index row carries (LAION's column names where it has one); `tar` (the storage key of the webdataset
 # shard holding the image) and `indice` (the crawl of a merged index's row) are added when known; `sha256` and
-# `phash` (of the image) let the service match a removal list newer than the index against its rows.
+# `phash` (of the image) let the service match a removal list newer than the index against its rows; `aesthetic`
+# (the LAION-Aesthetics score) lets it filter on min_aesthetic.
 COLUMNS: dict[str, pa.DataType] = {
     "URL": pa.string(), "caption": pa.string(), "key": pa.string(), "shard": pa.string(), "WIDTH": pa.int64(),
     "HEIGHT": pa.int64(), "similarity": pa.float64(), "punsafe": pa.float64(), "pwatermark": pa.float64(),
     "LANGUAGE": pa.string(),
 }
 OPTIONAL: dict[str, pa.DataType] = {"tar": pa.string(), "indice": pa.string(), "sha256": pa.string(),
-                                     "phash": pa.string()}
+                                     "phash": pa.string(), "aesthetic": pa.float64()}
 BATCH_ROWS = 65_536
 
 

@@ -148,30 +148,34 @@ class RowFilter:
     language: str = ""
     min_width: int = 0
     min_height: int = 0
+    min_aesthetic: float | None = None  # a row without an aesthetic score does not pass it
 
     @property
     def empty(self) -> bool:
         """True when every row passes (no condition set)."""
         return (self.max_punsafe is None and self.max_pwatermark is None and not self.language
-                and self.min_width <= 0 and self.min_height <= 0)
+                and self.min_width <= 0 and self.min_height <= 0 and self.min_aesthetic is None)
 
     def passes(self, row: dict[str, Any]) -> bool:
         return ((self.max_punsafe is None or (row["punsafe"] or 0.0) <= self.max_punsafe)
                 and (self.max_pwatermark is None or (row["pwatermark"] or 0.0) <= self.max_pwatermark)
                 and (not self.language or row["LANGUAGE"] == self.language)
-                and (row["WIDTH"] or 0) >= self.min_width and (row["HEIGHT"] or 0) >= self.min_height)
+                and (row["WIDTH"] or 0) >= self.min_width and (row["HEIGHT"] or 0) >= self.min_height
+                and (self.min_aesthetic is None or (row.get("aesthetic") is not None
+                                                    and row["aesthetic"] >= self.min_aesthetic)))
 
 
-FILTER_COLUMNS = ["punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT"]
+FILTER_COLUMNS = ["punsafe", "pwatermark", "LANGUAGE", "WIDTH", "HEIGHT", "aesthetic"]
 
 
 def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_result_ids: int = 100,
            num_images: int | None = None, removed: Collection[int] = frozenset(), deduplicate: bool = False,
-           dedup_threshold: float = 0.94, where: RowFilter | None = None, columns: list[str] | None = None
-           ) -> list[Hit]:
+           dedup_threshold: float = 0.94, where: RowFilter | None = None, columns: list[str] | None = None,
+           violence: np.ndarray | None = None) -> list[Hit]:
     """The nearest rows to one query vector, best first: the top num_result_ids from faiss, minus removed rows,
-    duplicates (when asked) and rows failing `where` (safety by punsafe, watermark, language, size); then at most
-    num_images of them."""
+    duplicates (when asked), rows whose embedding is nearer the second of the `violence` prompts (2 x dim, as
+    clip-retrieval's violence detector) and rows failing `where` (safety by punsafe, watermark, language, size,
+    aesthetic); then at most num_images of them."""
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     q /= max(float(np.linalg.norm(q)), 1e-12)
     fx = index.faiss(modality)
@@ -182,7 +186,7 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
     if k <= 0:
         return []
     embeddings = None
-    if deduplicate:
+    if deduplicate or violence is not None:
         try:
             sims, ids, rec = fx.search_and_reconstruct(q, k)
             embeddings = rec[0]
@@ -190,6 +194,8 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
             sims, ids = fx.search(q, k)
     else:
         sims, ids = fx.search(q, k)
+    if violence is not None and embeddings is None:  # the index cannot give the vectors: read them one by one
+        embeddings = _reconstruct(fx, ids[0])
     valid = ids[0] >= 0
     ids_l, sims_l = ids[0][valid].tolist(), sims[0][valid].tolist()
     if embeddings is not None:
@@ -198,18 +204,33 @@ def search(index: OpenIndex, query: np.ndarray, modality: str = "image", num_res
         where = None
     # The filter columns of every hit are read only when something filters on them: a plain query reads the
     # metadata of the rows it returns, once.
-    looked = index.rows.rows(ids_l, FILTER_COLUMNS) if where is not None else []
+    columns_there = [c for c in FILTER_COLUMNS if c in index.metadata.column_names]
+    looked = index.rows.rows(ids_l, columns_there) if where is not None else []
     keep = [i for i, row_id in enumerate(ids_l) if row_id not in removed][:num_result_ids]
     if embeddings is not None and keep:
         e = embeddings[keep]
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        dropped = _dedup(e, dedup_threshold)
+        dropped = _dedup(e, dedup_threshold) if deduplicate else set()
+        if violence is not None:
+            dropped |= set(np.flatnonzero(np.argmax(e @ np.asarray(violence, np.float32).T, axis=1) == 1).tolist())
         keep = [p for j, p in enumerate(keep) if j not in dropped]
     if where is not None:
         keep = [p for p in keep if where.passes(looked[p])]
     keep = keep[: num_images if num_images is not None else num_result_ids]
     rows = index.rows.rows([ids_l[p] for p in keep], columns)
     return [Hit(ids_l[p], float(sims_l[p]), row) for p, row in zip(keep, rows, strict=True)]
+
+
+def _reconstruct(fx: Any, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of search results (zeros where faiss keeps none it can give back)."""
+    out = np.zeros((len(ids), fx.d), np.float32)
+    for i, row in enumerate(ids.tolist()):
+        if row >= 0:
+            try:
+                out[i] = fx.reconstruct(int(row))
+            except RuntimeError:
+                pass
+    return out
 
 
 def write_removed(folder: str, ids: Collection[int]) -> None:

@@ -1,4 +1,5 @@
-"""The release's columns: LAION-5B's names first, then ours, and the 64-bit `hash` of URL and TEXT.
+"""The release's columns: LAION-5B's names first, then `aesthetic` (LAION-Aesthetics V2's score, which LAION
+published as a separate table), then ours, and the 64-bit `hash` of URL and TEXT.
 
 `hash` is xxHash64 (seed 0) of the UTF-8 bytes of `URL + "\\x00" + TEXT`, read as a signed int64 (the bit pattern
 of the unsigned digest), as LAION's collections store an int64 hash column for joins. The NUL separator keeps
@@ -28,6 +29,7 @@ FILTERED_SCHEMA = pa.schema([
     ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32()),
     ("LANGUAGE", pa.string()), ("similarity", pa.float32()), ("pwatermark", pa.float32()), ("punsafe", pa.float32()),
     ("hash", pa.int64()),
+    ("aesthetic", pa.float32()),
     ("key", pa.string()), ("shard", pa.string()), ("sha256", pa.string()), ("phash", pa.string()),
     ("language_score", pa.float32()), ("crawl", pa.string()), ("subset", pa.string()),
     ("duplicate_of", pa.string()), ("near_duplicate_of", pa.string()),
@@ -39,7 +41,7 @@ SEPARATOR = b"\x00"
 DICTIONARY_COLUMNS = ["LANGUAGE", "crawl", "subset", "shard"]
 # Min/max statistics only for the numeric columns, which readers filter on (similarity > x, punsafe < y): those of
 # URLs, captions and digests prune nothing and cost a fifth of the write.
-STATISTICS_COLUMNS = ["WIDTH", "HEIGHT", "similarity", "pwatermark", "punsafe", "hash", "language_score"]
+STATISTICS_COLUMNS = ["WIDTH", "HEIGHT", "similarity", "pwatermark", "punsafe", "hash", "language_score", "aesthetic"]
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS,
                    "write_statistics": STATISTICS_COLUMNS}
 

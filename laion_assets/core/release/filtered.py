@@ -1,10 +1,11 @@
 """The filtered metadata of one crawl x bucket: every sample that downloaded, passed the CLIP threshold and is not
-removed, in LAION-5B's columns (plus ours), joined from the download rows, the CLIP scores, the safety and
-watermark scores, the unique pairs' language score and the crawl's image dedup.
+removed, in LAION-5B's columns (plus ours), joined from the download rows, the CLIP scores, the safety, aesthetic
+and watermark scores, the unique pairs' language score and the crawl's image dedup.
 
-A kept sample with no safety or watermark score (its image failed to decode there) keeps its row with a null
-`punsafe` / `pwatermark`, as any row that is missing a score; a sample a removal list names is not written, and is
-counted under its reason.
+A kept sample with no safety, aesthetic or watermark score (its image failed to decode there) keeps its row with a
+null `punsafe` / `aesthetic` / `pwatermark`, as any row that is missing a score; a sample a removal list names is not
+written, and is counted under its reason, and so is one the concept filter flags (reason `concept-filter`: the
+safety scores' `concept_filtered`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.records import JsonRecord
 from laion_assets.core.release.columns import PARQUET_OPTIONS, filtered_dtypes, subset_expr, url_text_hash_expr
 from laion_assets.core.storage import Storage
+
+CONCEPT_FILTER = "concept-filter"  # the removal reason of a sample the concept filter flags (core/clip/concepts.py)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -119,35 +122,48 @@ def with_language_score(downloads: pl.DataFrame, language_scores: pl.DataFrame) 
 
 def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.DataFrame, safety: pl.DataFrame,
                    watermark: pl.DataFrame, language_scores: pl.DataFrame, duplicates: pl.DataFrame,
-                   removals: RemovalMatcher | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
+                   removals: RemovalMatcher | None = None, aesthetic: pl.DataFrame | None = None
+                   ) -> tuple[pl.DataFrame, dict[str, int]]:
     """The bucket's rows in FILTERED_SCHEMA order, sorted by key, and the samples removed per reason.
 
     `duplicates`: key, duplicate_of, near_duplicate_of of this bucket's samples (from the crawl's image dedup);
-    `language_scores`: url, language_score (from the unique pairs)."""
+    `language_scores`: url, language_score (from the unique pairs); `safety`: key, punsafe and, when the concept
+    filter ran, concept_filtered; `aesthetic`: key, aesthetic (None: no aesthetic scores, a null column)."""
     import polars as pl
+
+    if aesthetic is None:
+        aesthetic = pl.DataFrame(schema={"key": pl.String, "aesthetic": pl.Float32})
+    flagged = safety.filter(pl.col("concept_filtered").fill_null(False)).select("key") if (
+        "concept_filtered" in safety.columns) else safety.clear().select("key")
 
     marks = duplicates.select("key", "duplicate_of", "near_duplicate_of",
                               (pl.col("removed") if "removed" in duplicates.columns else pl.lit(None, pl.String))
                               .alias("_dedup_removed"))
-    downloads, scores, safety, watermark, marks = join_keys(
+    downloads, scores, safety, watermark, marks, aesthetic, flagged = join_keys(
         with_language_score(downloads, language_scores), scores, safety.select("key", "punsafe"),
-        watermark.select("key", "pwatermark"), marks)
+        watermark.select("key", "pwatermark"), marks, aesthetic.select("key", "aesthetic"),
+        flagged.with_columns(pl.lit(CONCEPT_FILTER).alias("_concept")))
     rows = kept_samples(downloads, scores).join(marks.drop("key"), on="_k", how="left", maintain_order="left")
     # Removed: what the list applied by the image dedup named, or what the list applied now names (the newer
     # one, when a version came since: a rebuild never brings a removed sample back).
     now = removals(rows.select("url", "sha256", "phash")) if removals is not None and rows.height else None
     rows = rows.with_columns(now.alias("_removed") if now is not None else pl.lit(None, pl.String).alias("_removed"))
     rows = rows.with_columns(pl.col("_removed").fill_null(pl.col("_dedup_removed")))
+    # The concept filter's verdict (after a removal list's, which names its own reason).
+    rows = (rows.join(flagged.drop("key"), on="_k", how="left", maintain_order="left")
+            .with_columns(pl.col("_removed").fill_null(pl.col("_concept"))).drop("_concept"))
     removed = {r: int(n) for r, n in rows.filter(pl.col("_removed").is_not_null())
                .group_by("_removed").len().sort("_removed").iter_rows()}
     rows = (rows.filter(pl.col("_removed").is_null())
             .join(safety.drop("key"), on="_k", how="left", maintain_order="left")
-            .join(watermark.drop("key"), on="_k", how="left", maintain_order="left"))
+            .join(watermark.drop("key"), on="_k", how="left", maintain_order="left")
+            .join(aesthetic.drop("key"), on="_k", how="left", maintain_order="left"))
     out = rows.lazy().select(
         pl.col("url").alias("URL"), pl.col("caption").alias("TEXT"),
         pl.col("original_width").alias("WIDTH"), pl.col("original_height").alias("HEIGHT"),
         pl.col("language").fill_null("").alias("LANGUAGE"), "similarity", "pwatermark", "punsafe",
-        url_text_hash_expr(pl.col("url"), pl.col("caption")).alias("hash"), "key", "shard", "sha256", "phash",
+        url_text_hash_expr(pl.col("url"), pl.col("caption")).alias("hash"), "aesthetic", "key", "shard", "sha256",
+        "phash",
         "language_score", pl.lit(crawl).alias("crawl"),
         subset_expr(pl.col("language")).alias("subset"),
         "duplicate_of", "near_duplicate_of").cast(filtered_dtypes()).collect()
@@ -173,37 +189,41 @@ def run(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest:
         scores: pl.DataFrame | pl.LazyFrame, safety: pl.DataFrame | pl.LazyFrame,
         watermark: pl.DataFrame | pl.LazyFrame, language_scores: pl.DataFrame,
         duplicates: pl.DataFrame | pl.LazyFrame, removals: RemovalMatcher | None = None,
-        removal_version: str = "") -> tuple[FilteredBucket, pa.Table]:
+        removal_version: str = "", aesthetic: pl.DataFrame | pl.LazyFrame | None = None
+        ) -> tuple[FilteredBucket, pa.Table]:
     """The filtered metadata's entry point: the bucket's filtered metadata, written; its record and its rows."""
     start = time.perf_counter()
     downloads = download_rows(store, manifest)
     scores = _columns(scores, ["key", "model", "similarity", "threshold", "keep"])
-    safety = _columns(safety, ["key", "model", "punsafe"])
+    concept = ["concept_filtered"] * ("concept_filtered" in safety.lazy().collect_schema())
+    safety = _columns(safety, ["key", "model", "punsafe", *concept])
+    aesthetic = _columns(aesthetic, ["key", "model", "aesthetic"]) if aesthetic is not None else None
     watermark = _columns(watermark, ["key", "model", "pwatermark"])
     marks = ["key", "duplicate_of", "near_duplicate_of"]
     duplicates = _columns(duplicates, marks + ["removed"] * ("removed" in duplicates.lazy().collect_schema()))
     frame, removed = build_filtered(crawl, bucket, downloads, scores, safety, watermark, language_scores,
-                                    duplicates, removals)
+                                    duplicates, removals, aesthetic)
     report = FilteredBucket(crawl=crawl, bucket=bucket, file="", rows=0,
                             downloaded=int((downloads["status"] == "success").sum()),
                             kept=int(scores["keep"].sum()), removed=removed, removal_version=removal_version,
                             subsets={s: int(n) for s, n in frame.group_by("subset").len().sort("subset").iter_rows()},
                             exact_duplicates=int(frame["duplicate_of"].is_not_null().sum()),
                             near_duplicates=int(frame["near_duplicate_of"].is_not_null().sum()))
-    report.models = models_used(scores, safety, watermark)
+    report.models = models_used(scores, safety, watermark, aesthetic)
     table = frame.to_arrow()
     write_filtered(store, crawl, bucket, layout, table, report)
     report.seconds = time.perf_counter() - start
     return report, table
 
 
-def models_used(scores: pl.DataFrame, safety: pl.DataFrame, watermark: pl.DataFrame) -> dict[str, Any]:
+def models_used(scores: pl.DataFrame, safety: pl.DataFrame, watermark: pl.DataFrame,
+                aesthetic: pl.DataFrame | None = None) -> dict[str, Any]:
     """The models (and CLIP thresholds) whose outputs the columns hold, from the score tables themselves."""
     out: dict[str, Any] = {}
     if scores.height:
         for model, threshold in scores.select("model", "threshold").unique().sort("model").iter_rows():
             out[f"clip:{model}"] = {"threshold": threshold}
-    for name, table in (("safety", safety), ("watermark", watermark)):
-        if table.height:
+    for name, table in (("safety", safety), ("watermark", watermark), ("aesthetic", aesthetic)):
+        if table is not None and table.height:
             out[name] = sorted(table["model"].unique().drop_nulls().to_list())
     return out

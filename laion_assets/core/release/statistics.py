@@ -2,11 +2,14 @@
 the total; how many images have both width and height of at least 256, 512 and 1024 px; width, height and
 text-length quantiles at 0.05, 0.10, ..., 0.95 (linear interpolation between the two nearest ranks, as pandas'
 `quantile`); the unsafe proportion (punsafe > 0.5) and watermark proportion (pwatermark > 0.8) of all rows (a missing
-score counts as neither); the average text length (characters); the top 10 languages with count and proportion.
+score counts as neither); the average text length (characters); the top 10 languages with count and proportion. When
+the files have an `aesthetic` column (ours; LAION published its scores apart): its quantiles and how many samples
+are at least 4.5, 5, 6 and 6.5 (the LAION-Aesthetics subsets), with a plot.
 
 Streamed in bounded memory: batches are read from the Parquet files one at a time into exact histograms (one
 counter per integer width, height and text length, 50 bins for the scores), so memory grows with the largest
-value seen, never with the number of rows, and the quantiles are exact. Works on any Parquet with LAION's column
+value seen, never with the number of rows, and the quantiles are exact (the aesthetic score's to 0.001, the step
+its histogram counts in). Works on any Parquet with LAION's column
 names (ours or LAION's own files); `subset` and `LANGUAGE` are used when present.
 """
 
@@ -20,7 +23,10 @@ from typing import Any
 import numpy as np
 
 REQUIRED_COLUMNS = ("TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark")
-OPTIONAL_COLUMNS = ("LANGUAGE", "subset")
+OPTIONAL_COLUMNS = ("LANGUAGE", "subset", "aesthetic")
+# LAION-Aesthetics: the samples at these scores and above; the score histogrammed in steps of 0.001 from -20.
+AESTHETIC_THRESHOLDS = (4.5, 5.0, 6.0, 6.5)
+AESTHETIC_STEP, AESTHETIC_LOW = 0.001, -20.0
 QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 SIZES = (256, 512, 1024)
 UNSAFE_ABOVE, WATERMARK_ABOVE = 0.5, 0.8
@@ -68,6 +74,8 @@ class SubsetAccumulator:
     languages: Counter = field(default_factory=Counter)
     scores: dict[str, np.ndarray] = field(
         default_factory=lambda: {c: np.zeros(SCORE_BINS, np.int64) for c in ("similarity", "punsafe", "pwatermark")})
+    aesthetic: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # counts per AESTHETIC_STEP
+    aesthetic_at_least: dict[float, int] = field(default_factory=lambda: dict.fromkeys(AESTHETIC_THRESHOLDS, 0))
 
     def add(self, batch: Any) -> None:
         """Add a polars DataFrame of rows."""
@@ -89,6 +97,13 @@ class SubsetAccumulator:
         for column, hist in self.scores.items():
             values = batch[column].drop_nulls().cast(pl.Float64).to_numpy()
             hist += np.histogram(np.clip(values, 0.0, 1.0), bins=SCORE_BINS, range=(0.0, 1.0))[0]
+        if "aesthetic" in batch.columns:
+            values = batch["aesthetic"].drop_nulls().cast(pl.Float64).to_numpy()
+            values = values[np.isfinite(values)]
+            for t in AESTHETIC_THRESHOLDS:
+                self.aesthetic_at_least[t] += int((values >= t).sum())
+            codes = np.clip(np.rint((values - AESTHETIC_LOW) / AESTHETIC_STEP), 0, None).astype(np.int64)
+            self.aesthetic = _grow(self.aesthetic, codes)
 
     def figures(self) -> dict[str, Any]:
         n = self.rows
@@ -109,7 +124,21 @@ class SubsetAccumulator:
                 "width": _trimmed(self.width), "height": _trimmed(self.height),
                 "text_length": _trimmed(self.text_length),
                 **{c: h.tolist() for c, h in self.scores.items()}},
+            "aesthetic": self._aesthetic_figures(),
         }
+
+    def _aesthetic_figures(self) -> dict[str, Any]:
+        """The score's quantiles, mean and the LAION-Aesthetics counts (scored: the rows that have a score)."""
+        scored = int(self.aesthetic.sum())
+        values = np.arange(len(self.aesthetic)) * AESTHETIC_STEP + AESTHETIC_LOW
+        quantiles = ([round(v * AESTHETIC_STEP + AESTHETIC_LOW, 4) for v in quantiles_of(self.aesthetic)]
+                     if scored else [])
+        # 0.1-wide bins from 0 to 10 (the predictor's range), for the plot
+        bins = np.histogram(values, bins=100, range=(0.0, 10.0), weights=self.aesthetic)[0] if scored else []
+        return {"scored": scored, "mean": float((values * self.aesthetic).sum() / scored) if scored else 0.0,
+                "quantiles": quantiles,
+                "at_least": {f"{t:g}": self.aesthetic_at_least[t] for t in AESTHETIC_THRESHOLDS},
+                "histogram": [int(c) for c in bins]}
 
 
 def _trimmed(hist: np.ndarray) -> list[int]:
@@ -166,6 +195,11 @@ def headline_figures(stats: dict[str, Any]) -> dict[str, float]:
         for column in ("width", "height", "text_length"):
             value = q[column][median]
             out[f"{name}/median_{column}"] = value if value == value else 0.0  # NaN (no rows) as 0
+        aesthetic = figures.get("aesthetic", {})
+        if aesthetic.get("scored"):
+            out[f"{name}/median_aesthetic"] = aesthetic["quantiles"][median]
+            for t, n in aesthetic["at_least"].items():
+                out[f"{name}/aesthetic_at_least_{t}"] = n
     return out
 
 
@@ -188,11 +222,19 @@ def to_markdown(stats: dict[str, Any], title: str = "Dataset statistics") -> str
     lines = [f"# {title}", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label in labels.items():
         lines.append(f"| {label} | " + " | ".join(_num(sub[n][key]) for n in names) + " |")
+    if any(sub[n].get("aesthetic", {}).get("scored") for n in names):
+        for t in AESTHETIC_THRESHOLDS:
+            lines.append(f"| Aesthetic >= {t:g} (LAION-Aesthetics) | "
+                         + " | ".join(_num(sub[n]["aesthetic"]["at_least"][f"{t:g}"]) for n in names) + " |")
     for n in names:
         q = sub[n]["quantiles"]
-        lines += ["", f"## {n}: quantiles", "", "| quantile | width | height | text length |", "|---:|---:|---:|---:|"]
+        aesthetic = sub[n].get("aesthetic", {})
+        scored = bool(aesthetic.get("scored"))
+        lines += ["", f"## {n}: quantiles", "", "| quantile | width | height | text length |"
+                  + (" aesthetic |" if scored else ""), "|---:|---:|---:|---:|" + ("---:|" if scored else "")]
         for i, qv in enumerate(q["q"]):
-            lines.append(f"| {qv:.2f} | {q['width'][i]:.1f} | {q['height'][i]:.1f} | {q['text_length'][i]:.1f} |")
+            lines.append(f"| {qv:.2f} | {q['width'][i]:.1f} | {q['height'][i]:.1f} | {q['text_length'][i]:.1f} |"
+                         + (f" {aesthetic['quantiles'][i]:.3f} |" if scored else ""))
         if sub[n]["top_languages"]:
             lines += ["", f"## {n}: top languages", "", "| language | count | proportion |", "|---|---:|---:|"]
             lines += [f"| {t['language']} | {t['count']:,} | {t['proportion']:.4f} |" for t in sub[n]["top_languages"]]
@@ -205,7 +247,7 @@ def summary_table(stats: dict[str, Any]) -> str:
     return md.split("\n\n## ")[0].split("\n", 2)[2]
 
 
-PLOTS = ("width", "height", "text_length", "similarity", "punsafe", "pwatermark", "languages")
+PLOTS = ("width", "height", "text_length", "similarity", "punsafe", "pwatermark", "languages", "aesthetic")
 
 
 def write_plots(stats: dict[str, Any], directory: str) -> dict[str, str]:
@@ -226,6 +268,17 @@ def write_plots(stats: dict[str, Any], directory: str) -> dict[str, str]:
             top = stats["subsets"][ALL]["top_languages"]
             ax.bar([t["language"] for t in top], [t["count"] for t in top])
             ax.set_ylabel("samples")
+        elif name == "aesthetic":
+            for subset, figures in subsets.items():
+                hist = figures.get("aesthetic", {}).get("histogram") or []
+                if hist:
+                    ax.plot((np.arange(len(hist)) + 0.5) / 10, hist, label=subset)
+            for t in AESTHETIC_THRESHOLDS:
+                ax.axvline(t, linestyle=":", color="grey")
+            ax.set_xlabel("aesthetic score (dotted: the LAION-Aesthetics thresholds 4.5, 5, 6, 6.5)")
+            ax.set_ylabel("samples")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         else:
             for subset, figures in subsets.items():
                 hist = np.asarray(figures["histograms"][name], dtype=float)
