@@ -109,13 +109,18 @@ def assign(km, x: np.ndarray, eps: float, reach: float = 1.0) -> tuple[np.ndarra
     k = km.centroids.shape[0]
     if k == 1:
         return np.zeros(len(x), np.int64), np.full(len(x), -1, np.int64)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    _, labels = km.index.search(x, 2)
-    c1, c2 = labels[:, 0].astype(np.int64), labels[:, 1].astype(np.int64)
-    # From the centroids themselves: spherical k-means searches by inner product, the plain one by L2.
-    margin = np.einsum("ij,ij->i", x, km.centroids[c1] - km.centroids[c2])
-    apart = np.linalg.norm(km.centroids[c1] - km.centroids[c2], axis=1)
-    return c1, np.where(margin <= reach * apart * math.sqrt(2 * eps / x.shape[1]), c2, -1)
+    c1, c2 = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+    for start in range(0, len(x), CHUNK_ROWS):  # float32 a chunk at a time: x may be a float16 partition
+        chunk = np.ascontiguousarray(x[start:start + CHUNK_ROWS], dtype=np.float32)
+        _, labels = km.index.search(chunk, 2)
+        first, second = labels[:, 0].astype(np.int64), labels[:, 1].astype(np.int64)
+        # From the centroids themselves: spherical k-means searches by inner product, the plain one by L2.
+        axis = km.centroids[first] - km.centroids[second]
+        margin = np.einsum("ij,ij->i", chunk, axis)
+        reachable = margin <= reach * np.linalg.norm(axis, axis=1) * math.sqrt(2 * eps / x.shape[1])
+        c1[start:start + len(chunk)] = first
+        c2[start:start + len(chunk)] = np.where(reachable, second, -1)
+    return c1, c2
 
 
 def min_common(a1: np.ndarray, a2: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -278,7 +283,8 @@ class SemanticDeduper:
         eps = 1 - self.threshold
         for part, sids, embs, parts in self._partition_files():
             order = np.argsort(sids, kind="stable")
-            sids, parts, x = sids[order], parts[order], embs[order].astype(np.float32)
+            # Kept as float16 (half the memory of the partition in float32); a cluster is widened when compared.
+            sids, parts, x = sids[order], parts[order], embs[order]
             del embs
             self.counts.samples += int((parts[:, 0] == part).sum())
             k = max(1, min(len(sids), round(len(sids) / self.cluster_rows)))
@@ -303,7 +309,7 @@ class SemanticDeduper:
                 self.counts.largest_cluster = max(self.counts.largest_cluster, len(members))
                 if len(members) < 2:
                     continue
-                first, sims, pairs = cluster_pairs(x[members], self.threshold)
+                first, sims, pairs = cluster_pairs(x[members].astype(np.float32), self.threshold)
                 hit = first >= 0
                 marked_sids.append(sids[members[hit]])
                 winners.append(sids[members[first[hit]]])
