@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from laion_assets.core.clip.embeddings import embedding_model, read_image_embeddings, sample_keys
 from laion_assets.core.paths import EmbeddingKeys
 from laion_assets.core.release.filtered import RemovalMatcher
-from laion_assets.core.release.semdedup import EmbeddingModelError, SemanticDeduper, check_model
+from laion_assets.core.release.semdedup import SemanticDeduper, check_model
 from laion_assets.core.settings import ReleaseSettings
 from laion_assets.core.storage import LocalParquet, Storage, scratch_folder
 
@@ -35,8 +35,6 @@ SEMANTIC_DEDUP_COLUMNS = ["crawl", "bucket", "key", "sample_id", "semantic_dupli
                           "removed", "model", "removal_version"]
 SEMANTIC_DEDUP_SCHEMA = pa.schema([(c, pa.float32() if c == "semantic_similarity" else pa.string())
                                    for c in SEMANTIC_DEDUP_COLUMNS])
-
-__all__ = ["EmbeddingModelError", "SemanticDedupReport", "run", "SEMANTIC_DEDUP_SCHEMA"]
 
 
 @dataclass
