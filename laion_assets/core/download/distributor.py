@@ -65,7 +65,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
         columns: InputColumns | None = None, progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> DownloadReport:
     """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
-    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable."""
+    a URL list (a file or folder in any format `inputs.py` reads, or its input columns) into shards under `prefix`
+    of `store`; resumable."""
     start = time.perf_counter()
     inputs = source if isinstance(source, Inputs) else read_inputs(source, columns)
     plan = make_plan(inputs, settings)
@@ -74,7 +75,9 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     store.remove_stale_temporaries(prefix)
     state = resume(store, prefix, plan)
     report = DownloadReport(shards=len(plan.shards), shards_skipped=len(state.done), shards_redone=state.redone,
-                            shards_removed=len(state.removed))
+                            shards_removed=len(state.removed), input_malformed=inputs.malformed)
+    if log and inputs.malformed:
+        log(f"{inputs.malformed} malformed lines of the URL list skipped (counted in the report)")
     if log:
         log(f"{plan.rows} URLs in {len(plan.shards)} shards; {len(state.done)} already complete, {len(state.todo)} to"
             f" do ({state.redone} no longer match the input or settings); {len(state.removed)} beyond the plan removed")

@@ -36,6 +36,7 @@ class DownloadReport:
     shards_redone: int = 0  # had a marker that did not match the plan (input or settings changed)
     shards_removed: int = 0  # beyond a shrunk plan
     rows: int = 0  # rows processed in this run
+    input_malformed: int = 0  # lines of the URL list skipped as malformed (counted by the reader)
     statuses: Counter[str] = field(default_factory=Counter)  # all shards, skipped ones included
     errors: Counter[str] = field(default_factory=Counter)
     bytes_downloaded: int = 0
@@ -73,6 +74,7 @@ class DownloadReport:
             "shards_redone": self.shards_redone,
             "shards_removed": self.shards_removed,
             "processed_this_run": self.rows,
+            "input_malformed": self.input_malformed,
             "seconds": round(self.seconds, 2),
             "images_per_s": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
             "bytes_downloaded": self.bytes_downloaded,
