@@ -148,13 +148,16 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
 @click.option("--url-col", default="url", show_default=True)
 @click.option("--caption-col", default="caption", show_default=True)
 @click.option("--language-col", default="language", show_default=True, help="Copied to the metadata if present.")
+@click.option("--input-format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz (default: from "
+                                                 "the file names).")
 @options(DownloadSettings)
 @options(ResizeSettings)
 @options(FetchSettings)
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
-def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, quiet: bool,
-             **kwargs: Any) -> None:
-    """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
+def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, input_format: str,
+             quiet: bool, **kwargs: Any) -> None:
+    """Download, resize and write the images of a URL list (a file or folder: local, s3:// or https://) as
+    webdataset shards, or img2dataset's files or parquet layouts (resumable)."""
     from laion_assets.core.download.distributor import run as run_download
     from laion_assets.core.download.reader import InputColumns
 
@@ -173,7 +176,7 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 
         try:
             report = run_download(urls, _folder(output_dir), "", settings,
-                                  InputColumns(url_col, caption_col, language_col), progress,
+                                  InputColumns(url_col, caption_col, language_col, input_format), progress,
                                   None if quiet else lambda m: bar.write(m, file=sys.stderr))
         except ValueError as err:
             raise click.ClickException(str(err)) from err

@@ -9,6 +9,8 @@ from typing import Any
 from laion_assets.core.records import JsonRecord
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "skipped_by_policy")
+# Statuses only some downloads can have (verify_hash): listed in totals when they occurred.
+OTHER_STATUSES = ("hash_mismatch",)
 
 
 @dataclass
@@ -27,6 +29,16 @@ class ShardStats(JsonRecord):
     bytes_downloaded: int = 0
     bytes_written: int = 0
     duration_s: float = 0.0
+    # img2dataset's own fields of the same file (its readers and resharders use them): what failed before an
+    # image was decoded counts as failed_to_download there (a skip, a hash mismatch), and status_dict counts
+    # the error messages and "success".
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    duration: float = 0.0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    status_dict: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +72,8 @@ class DownloadReport:
 
     def summary(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
-        parts = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES)
+        shown = [*STATUSES, *(s for s in OTHER_STATUSES if self.statuses[s])]
+        parts = ", ".join(f"{s} {self.statuses[s]}" for s in shown)
         return (f"{self.total} URLs in {self.shards} shards ({self.shards_skipped} already complete,"
                 f" {self.shards_redone} redone): {parts}; {self.rows} processed in {self.seconds:.1f} s ({rate:.0f}/s)")
 
@@ -68,7 +81,7 @@ class DownloadReport:
         return {
             "urls": self.total,
             "success_rate": round(self.success_rate, 4),
-            **{s: self.statuses[s] for s in STATUSES},
+            **{s: self.statuses[s] for s in (*STATUSES, *OTHER_STATUSES)},
             "shards": self.shards,
             "shards_already_complete": self.shards_skipped,
             "shards_redone": self.shards_redone,
