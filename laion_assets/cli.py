@@ -183,6 +183,27 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
     click.echo(f"{output_dir}: {report.summary()}")
 
 
+@main.command("img2dataset", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                              "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def img2dataset_command(args: tuple[str, ...]) -> None:
+    """img2dataset 1.47's command line on our download stage: `laion-assets img2dataset --url_list ... --input_format
+    ... --output_folder ...` takes its parameters (docs/img2dataset.md); --allow_networks CIDR is ours."""
+    from laion_assets import img2dataset
+
+    if not args or args[0] in ("--help", "-h"):
+        click.echo(img2dataset_command.help)
+        click.echo("parameters: " + " ".join(f"--{p}" for p in img2dataset.PARAMETERS))
+        return
+    try:
+        params = img2dataset.parse_command_line(list(args))
+        networks = params.pop("allow_networks", ())
+        img2dataset.download(**params, allow_networks=(networks,) if isinstance(networks, str) else tuple(networks),
+                             log=lambda m: click.echo(m, err=True))
+    except (ValueError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 # --- the CLIP stage ----------------------------------------------------------------------------------------------
 
 class _ClipGroup(click.Group):

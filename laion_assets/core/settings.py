@@ -260,6 +260,8 @@ class DownloadSettings:
     incremental_mode: str = setting("incremental", f"One of {', '.join(INCREMENTAL_MODES)}: resume (complete "
                                                    "shards kept), start over (the folder emptied first), or add "
                                                    "shards after the existing ones (img2dataset's modes).")
+    shard_digits: int = setting(0, "Digits of the shard names and of the shard part of keys (img2dataset's "
+                                   "oom_shard_count; 0: at least 5, more when there are more shards).")
     min_image_bytes: int = setting(5_000, "Downloaded bodies under this many bytes fail before decoding (LAION-5B "
                                           "dropped images under 5 KB; 0 keeps everything, img2dataset's default).")
     fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)

@@ -69,6 +69,10 @@ def make_plan(inputs: Inputs, settings: DownloadSettings, start_shard: int = 0, 
     if start_shard:
         shards_needed = start_shard + max(1, math.ceil(rows / per))
         widths = (max(widths[0], math.ceil(math.log10(shards_needed + 1))), widths[1])
+    if settings.shard_digits:
+        if settings.shard_digits < widths[0] and 10 ** settings.shard_digits < start_shard + math.ceil(rows / per):
+            raise ValueError(f"shard_digits {settings.shard_digits} cannot number {math.ceil(rows / per)} shards")
+        widths = (settings.shard_digits, widths[1])
     bounds = [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
     shards = tuple(ShardPlan(s, f"{s:0{widths[0]}d}", lo, hi, inputs.fingerprint(lo, hi))
                    for s, (lo, hi) in enumerate(bounds, start=start_shard))
