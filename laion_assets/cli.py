@@ -385,6 +385,38 @@ def _storage_option(command: Any) -> Any:
                                                                 "s3://bucket/prefix).")(command)
 
 
+@main.group("lists")
+def lists() -> None:
+    """URL lists as crawls of the graph: `add` registers one as the partition list-NAME of the crawl dimension."""
+
+
+@lists.command("add")
+@click.argument("name")
+@click.argument("location")
+@click.option("--format", "input_format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz "
+                                                           "(default: from the file names).")
+@click.option("--url-col", default="url", show_default=True)
+@click.option("--caption-col", default="caption", show_default=True)
+@click.option("--language-col", default="language", show_default=True, help="Read when present; CLD3 otherwise.")
+@click.option("--id-col", default="", help="A column kept as each pair's record_id (e.g. DataComp's uid).")
+@_storage_option
+def lists_add(name: str, location: str, input_format: str, url_col: str, caption_col: str, language_col: str,
+              id_col: str, storage: str) -> None:
+    """Register the URL list at LOCATION (a file or folder: local, s3:// or https://) as crawl list-NAME of the
+    Dagster instance ($DAGSTER_HOME): its graph then runs as a crawl's, from candidate_pairs on."""
+    import dagster as dg
+
+    from laion_assets.core.crawl.url_list import UrlList
+    from laion_assets.operations import register_url_list
+
+    record = UrlList(name, location, input_format, url_col, caption_col, language_col, id_col)
+    try:
+        crawl = register_url_list(dg.DagsterInstance.get(), _folder(storage), record)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"registered {location} as crawl {crawl}")
+
+
 @models.command("show")
 @_storage_option
 def models_show(storage: str) -> None:
