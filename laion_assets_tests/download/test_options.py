@@ -158,3 +158,16 @@ def test_incremental_modes(loopback, tmp_path):
                                                            incremental_mode="overwrite"))
     assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json",
                                                      "00001.parquet", "00001.tar", "00001_stats.json", "_manifest.json"]
+
+
+def test_exif_as_img2dataset_s_column():
+    from laion_assets.core.download.resize import exif_json
+
+    img = render(Scene("square", "green", "white", "center"), (64, 48), seed=0)
+    exif = Image.Exif()
+    exif[0x010F] = "Example Camera Co"  # Make
+    exif[0x0110] = "Model 1"  # Model
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    assert json.loads(exif_json(buf.getvalue())) == {"Make": "Example Camera Co", "Model": "Model 1"}
+    assert exif_json(jpeg_bytes(img)) is None and exif_json(b"not an image") is None

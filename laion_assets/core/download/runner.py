@@ -194,7 +194,7 @@ class ShardRunner:
         if layout is not None and layout.exif:
             from laion_assets.core.download.resize import exif_json
 
-            row["exif"] = exif_json(fetched.body)
+            row["exif"] = await self._loop.run_in_executor(self._resize_pool, exif_json, fetched.body)
         files = {resize.encode_format: p.data}
         if p.original is not None:
             files[f"original.{_extension(p.original)}"] = p.original
