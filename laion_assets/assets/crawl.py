@@ -148,12 +148,9 @@ def _arrow_schema(frame: object) -> pa.Schema:
 
 
 def earlier_crawls(crawl: str, registered: list[str], lists_against_crawls: bool) -> list[str]:
-    """The crawls whose URLs this crawl's are deduplicated against: the crawls before it. A URL list is compared
-    with nothing (it re-downloads what it lists), unless asked: then with every crawl and earlier list; a crawl is
-    never compared with lists."""
-    if url_list.is_list(crawl) and not lists_against_crawls:
-        return []
-    return sorted(c for c in registered if c < crawl and (not url_list.is_list(c) or url_list.is_list(crawl)))
+    """The crawls whose URLs this crawl's are deduplicated against (`url_list.compared_crawls`: a URL list only
+    when asked)."""
+    return url_list.compared_crawls(crawl, registered, lists_against_crawls)
 
 
 def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earlier: list[str], bucket: str

@@ -68,6 +68,15 @@ class UrlList(JsonRecord):
         return paths.url_list(self.name)
 
 
+def compared_crawls(crawl: str, registered: list[str], lists_against_crawls: bool) -> list[str]:
+    """The crawls a crawl's URLs and images are deduplicated against: the crawls before it. A URL list is compared
+    with nothing (it re-downloads what it lists), unless asked: then with every crawl and earlier list; a crawl is
+    never compared with lists."""
+    if is_list(crawl) and not lists_against_crawls:
+        return []
+    return sorted(c for c in registered if c < crawl and (not is_list(c) or is_list(crawl)))
+
+
 def register(store: Storage, url_list: UrlList) -> str:
     """Check the list can be read (its files, their format, the columns named) and record it; its crawl key."""
     if not NAME.fullmatch(url_list.name):
