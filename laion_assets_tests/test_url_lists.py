@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
+import tarfile
 
 import dagster as dg
 import pyarrow as pa
@@ -64,6 +66,17 @@ def test_a_list_registered_and_materialized_to_a_release_and_an_index(tmp_path):
     assert unique.num_rows == len(set(pairs["url"].to_pylist()))
     assert set(unique["language"].to_pylist()) - {""} and all(r for r in unique["record_id"].to_pylist())
     assert sum(m["success"] for m in meta["image_shards"]) > 0.5 * unique.num_rows
+    # the list's uid in every row of the shards and each sample's .json
+    uids: dict[str, set[str]] = {}  # a URL listed twice keeps one of its uids
+    for i, url in enumerate(pairs["url"].to_pylist()):
+        uids.setdefault(url, set()).add(f"{i:032x}")
+    prefix = paths.image_shards(LIST, "0000", LAYOUT)
+    rows = store.read_parquet(paths.shard(prefix, "00000").rows).to_pylist()
+    assert rows and all(r["uid"] in uids[r["url"]] for r in rows)
+    with tarfile.open(fileobj=io.BytesIO(store.read_bytes(paths.shard(prefix, "00000").tar))) as tar:
+        first = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        sample = json.loads(tar.extractfile(first).read())
+    assert sample["uid"] == next(r["uid"] for r in rows if r["key"] == sample["key"])
     release_crawl(graph, LIST)
     release = graph.meta["release"][-1]
     assert release["dagster/row_count"] > 0
