@@ -22,7 +22,6 @@ import io
 import os
 import shutil
 import tempfile
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -397,6 +396,3 @@ def read_table(spec: InputSpec, counts: ReadCounts | None = None) -> pa.Table:
         return pa.table({n: pa.array([], pa.string()) for n in names})
     return pa.Table.from_batches(batches)
 
-
-def is_web(location: str) -> bool:
-    return urllib.parse.urlparse(location).scheme in ("http", "https")
