@@ -97,8 +97,8 @@ def neighbours(index: OpenIndex, vectors: np.ndarray, k: int, min_similarity: fl
         frame = frame.filter(~pl.col("id").is_in(sorted(index.removed)))
     # At most k per query after the removed rows are gone (faiss returns each query's hits best first).
     frame = frame.group_by("query", maintain_order=True).head(k)
-    rows = index.rows.rows(frame["id"].to_list(), wanted) if frame.height and wanted else []
-    meta = pl.DataFrame(rows, schema={c: pl.String for c in wanted}) if rows else \
-        pl.DataFrame(schema={c: pl.String for c in wanted})
-    return pl.concat([frame, meta], how="horizontal").sort(["query", "similarity"], descending=[False, True],
-                                                             maintain_order=True)
+    if wanted:
+        rows = index.rows.rows(frame["id"].to_list(), wanted) if frame.height else []
+        frame = pl.concat([frame, pl.DataFrame(rows, schema={c: pl.String for c in wanted}, orient="row")
+                           if rows else pl.DataFrame(schema={c: pl.String for c in wanted})], how="horizontal")
+    return frame.sort(["query", "similarity"], descending=[False, True], maintain_order=True)
