@@ -99,6 +99,6 @@ def neighbours(index: OpenIndex, vectors: np.ndarray, k: int, min_similarity: fl
     frame = frame.group_by("query", maintain_order=True).head(k)
     if wanted:
         rows = index.rows.rows(frame["id"].to_list(), wanted) if frame.height else []
-        frame = pl.concat([frame, pl.DataFrame(rows, schema={c: pl.String for c in wanted}, orient="row")
+        frame = pl.concat([frame, pl.DataFrame(rows, schema={c: pl.String for c in wanted})
                            if rows else pl.DataFrame(schema={c: pl.String for c in wanted})], how="horizontal")
     return frame.sort(["query", "similarity"], descending=[False, True], maintain_order=True)
