@@ -164,6 +164,10 @@ def test_the_sweep_reaches_the_neighbours_of_removed_samples_and_adds_them(world
     # The neighbours of what v2 removed are removed already: nothing new.
     report, rows = sweep.run(world.store, LAYOUT, SweepSettings(), version=2)
     assert report.removed_samples == 1 and report.candidates == 0 and rows.height == 0
+    # A URL entry is matched against the embeddings' URLs (no download rows needed).
+    rl.add(world.store, [rl.make_entry("url", world.rows[COPY]["URL"], "url report")])
+    report, _ = sweep.run(world.store, LAYOUT, SweepSettings())
+    assert report.version == "v000003" and report.removed_samples == 1 and report.entries_without_samples == 0
     with pytest.raises(KeyError):
         sweep.run(world.store, LAYOUT, SweepSettings(), version=7)
 

@@ -80,6 +80,9 @@ def removed_samples(store: Storage, crawls: list[str], layout: Layout, version_l
                     log: Log | None = None) -> RemovedSamples:
     """Every embedded sample of the crawls that the version's entries match, with its image vector."""
     out = RemovedSamples()
+    # URL, domain and md5 entries match the embeddings' own URLs: the download's rows are read only for hashes.
+    hashes = any(e.kind in ("sha256", "phash") for e in version_list.entries)
+    no_rows = pl.DataFrame(schema={"key": pl.String, "sha256": pl.String, "phash": pl.String})
     for crawl in crawls:
         for bucket in layout.bucket_keys():
             files = paths.bucket_embeddings(crawl, bucket, layout)
@@ -87,8 +90,8 @@ def removed_samples(store: Storage, crawls: list[str], layout: Layout, version_l
                 continue
             meta = pl.from_arrow(store.read_parquet(files.metadata, columns=["key", "url"]))
             assert isinstance(meta, pl.DataFrame)
-            rows = meta.with_row_index("row").join(_download_rows(store, crawl, bucket, layout), on="key",
-                                                   how="left", maintain_order="left")
+            downloaded = _download_rows(store, crawl, bucket, layout) if hashes else no_rows
+            rows = meta.with_row_index("row").join(downloaded, on="key", how="left", maintain_order="left")
             rules = version_list.match(rows.select("url", "sha256", "phash").to_arrow(), url="url")["rule"]
             hit = rows.with_columns(pl.Series("rule", rules.to_pylist(), pl.String)).filter(
                 pl.col("rule").is_not_null())
