@@ -107,6 +107,9 @@ def test_a_webdataset_is_an_evaluation_source_and_a_dry_run_writes_nothing(world
     assert report.kind == "webdataset" and report.images == 1 and list(report.unreadable) == ["eval-00000.tar:s1.png"]
     assert report.matches["sha256"] == 1 and report.entries_added == 1 and report.version == ""
     assert rl.versions(world.store) == []
+    for source, name in ((str(tar_path), "../up"), (str(tmp_path / "nothing"), "x"), (str(tmp_path / "no.tar"), "x")):
+        with pytest.raises(decontaminate.EvaluationSourceError):
+            decontaminate.run(world.store, source, name, DecontaminationSettings(), MODELS)
 
 
 def _embeddings_folder(folder, vectors: np.ndarray, model: str) -> str:

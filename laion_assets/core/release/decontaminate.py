@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -354,8 +355,9 @@ def run(store: Storage, source: str, name: str, settings: DecontaminationSetting
     evaluation image and released sample: eval, kind, crawl, key, URL, sha256, phash, similarity, distance).
     EmbeddingModelMismatch when the evaluation embeddings are of another model than an index's."""
     start = time.perf_counter()
-    if not name.strip() or any(c.isspace() for c in name):
-        raise EvaluationSourceError(f"an evaluation set's name is one word (e.g. imagenet-val), not {name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise EvaluationSourceError(f"an evaluation set's name is letters, digits, '.', '_' and '-' (e.g. "
+                                    f"imagenet-val), not {name!r}")
     eval_set, cached = read_eval_set(store, source, name, models, resize or ResizeSettings(), log, loader)
     report = DecontaminationReport(name, source, eval_set.kind, eval_set.model, len(eval_set.names),
                                    eval_set.unreadable, cached)
