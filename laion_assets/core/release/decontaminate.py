@@ -100,7 +100,12 @@ def _images(store: Storage, keys: list[str], kind: str, unreadable: dict[str, st
     """(name, bytes) of every image of the source; a tar that cannot be read is named in `unreadable`."""
     if kind == "images":
         for key in keys:
-            yield key, store.read_bytes(key)
+            try:
+                data = store.read_bytes(key)
+            except OSError as err:
+                unreadable[key] = f"cannot be read: {err}"
+                continue
+            yield key, data
         return
     for key in keys:
         try:
