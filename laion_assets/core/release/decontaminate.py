@@ -384,7 +384,7 @@ def run(store: Storage, source: str, name: str, settings: DecontaminationSetting
                     "similarity", pl.lit(None, pl.Int64).alias("distance")))
     else:
         report.not_searched_by_cosine.update({c: "the evaluation set has no embeddings" for c in with_index})
-    matches = pl.concat([f.cast(MATCH_SCHEMA) for f in found]) if found else pl.DataFrame(schema=MATCH_SCHEMA)  # type: ignore[arg-type]
+    matches = pl.concat([f.cast(MATCH_SCHEMA) for f in found]) if found else pl.DataFrame(schema=MATCH_SCHEMA)
     order = {k: i for i, k in enumerate(KINDS)}
     matches = matches.sort(pl.col("kind").replace_strict(order, return_dtype=pl.Int8), "crawl", "key", "eval",
                            maintain_order=True)

@@ -180,7 +180,7 @@ def run(store: Storage, layout: Layout, settings: SweepSettings, version: int | 
                 pl.Series("removed_url", [removed.url[i] for i in q], pl.String),
                 pl.Series("removed_sha256", [removed.sha256[i] for i in q], pl.String),
                 pl.Series("removed_rule", [removed.rule[i] for i in q], pl.String)))
-    rows = pl.concat([f.cast(CANDIDATE_SCHEMA) for f in found]) if found else pl.DataFrame(schema=CANDIDATE_SCHEMA)  # type: ignore[arg-type]
+    rows = pl.concat([f.cast(CANDIDATE_SCHEMA) for f in found]) if found else pl.DataFrame(schema=CANDIDATE_SCHEMA)
     # What the list removes already (the removed samples themselves among them) is no candidate.
     current = rl.load(store)
     listed = current.match(rows.select("URL", "sha256", "phash").to_arrow())["removed"].to_pylist()
