@@ -17,6 +17,7 @@ from dagster_aws.s3 import S3Resource
 
 from laion_assets.assets.clip import build_clip_assets, model_sources
 from laion_assets.assets.crawl import build_crawl_assets
+from laion_assets.assets.decontamination import build_decontamination_assets
 from laion_assets.assets.download import build_download_assets
 from laion_assets.assets.index import build_index_assets
 from laion_assets.assets.release import build_release_assets, removal_sources
@@ -58,7 +59,8 @@ def build_assets(layout: Layout, ops: OperationsSettings | None = None) -> list:
     ops = ops or OperationsSettings()
     sources, _ = model_sources(ops)
     assets = [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops),
-              *build_clip_assets(layout, ops), *build_release_assets(layout, ops), *build_index_assets(layout, ops)]
+              *build_clip_assets(layout, ops), *build_release_assets(layout, ops), *build_index_assets(layout, ops),
+              *build_decontamination_assets(ops)]
     if ops.deployment == "local":
         # The demo's own asset: imported only here, so that a production code location never loads offline/.
         from laion_assets.offline.assets import local_assets

@@ -23,6 +23,7 @@ ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs",
               "clip_filter_models", "embedding_model", "safety_model", "watermark_model", "aesthetic_model"}
 RELEASE_STAGE = {"removal_list", "image_dedup", "filtered_metadata", "release", "dataset_statistics"}
 INDEX_STAGE = {"knn_index", "knn_index_all"}
+DECONTAMINATION = {"decontamination"}
 
 
 def test_definitions_load_and_validate():
@@ -32,7 +33,8 @@ def test_definitions_load_and_validate():
 
     dg.Definitions.validate_loadable(module_defs)
     graph = module_defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ALL_ASSETS | RELEASE_STAGE | INDEX_STAGE
+    assert ({k.to_user_string() for k in graph.get_all_asset_keys()}
+            == ALL_ASSETS | RELEASE_STAGE | INDEX_STAGE | DECONTAMINATION)
     for key in graph.materializable_asset_keys:
         assert graph.get(key).code_version, f"{key} has no code_version"
     names = {s.name for s in module_defs.sensors}

@@ -387,6 +387,52 @@ class IndexSettings:
 
 
 @dataclass(frozen=True)
+class DecontaminationSettings(FromEnv):
+    """Evaluation-set decontamination: what counts as a released sample being an evaluation image, and the
+    evaluation sets the `decontamination` asset checks every crawl against."""
+
+    phash_radius: int = setting(4, "Hamming radius (bits of the 64-bit pHash) within which a released image is an "
+                                   "evaluation image (as near_radius for duplicates).")
+    min_similarity: float = setting(0.95, "Image cosine (embedding CLIP) at or above which a released image is an "
+                                          "evaluation image.")
+    neighbours: int = setting(10, "Nearest indexed samples looked at per evaluation image.")
+    eval_sets: tuple[str, ...] = setting((), "Registered evaluation sets, NAME=SOURCE (a folder of images, a "
+                                             "webdataset or an embeddings folder; local or s3://): the "
+                                             "decontamination asset checks each crawl against every one.",
+                                         cli="--eval-set", env="LAION_ASSETS_EVAL_SETS")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_radius <= 16:
+            raise ValueError(f"phash_radius must be between 0 and 16 bits, not {self.phash_radius}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
+        for entry in self.eval_sets:
+            name, _, source = entry.partition("=")
+            if not name.strip() or not source.strip():
+                raise ValueError(f"an evaluation set is NAME=SOURCE, not {entry!r}")
+
+    def registered(self) -> dict[str, str]:
+        """{name: source} of the registered evaluation sets."""
+        return {e.partition("=")[0].strip(): e.partition("=")[2].strip() for e in self.eval_sets}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The neighbour sweep: indexed samples near what a removal list version removed, as candidates."""
+
+    min_similarity: float = setting(0.9, "Image cosine at or above which an indexed sample is a candidate.")
+    neighbours: int = setting(50, "Nearest indexed samples looked at per removed sample.")
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     """The search service: where it listens and what a request may ask of it."""
 
