@@ -193,6 +193,8 @@ class FetchSettings(FromEnv):
     respect_robots_txt: bool = setting(True, "Obey each host's robots.txt (RFC 9309).")
     respect_x_robots_tag: bool = setting(True, "Skip images whose X-Robots-Tag says noai, noimageai, noindex or "
                                                "noimageindex.")
+    respect_page_opt_out: bool = setting(True, "Skip the images of a page whose X-Robots-Tag or robots meta tag "
+                                               "(for our token, CCBot or every robot) says noai or noimageai.")
     respect_tdmrep: bool = setting(True, "Skip images reserved by TDMRep (tdm-reservation header or the origin's "
                                          "/.well-known/tdmrep.json).")
     allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
@@ -228,6 +230,11 @@ class DownloadSettings:
                                 "shards are split between them.")
     resize_threads: int = setting(1, "Decode/resize threads per process.")
     in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")
+    # A second chance: complete shards keep their successes and permanent failures, and only the rows whose
+    # failure another try may change (report.is_transient) are fetched again and the shard rewritten.
+    retry_failed: bool = setting(False, "Also re-fetch the transient failures of complete shards (timeouts, 5xx, "
+                                        "408/425/429, resets, temporary DNS failures, unreachable policy files); "
+                                        "never successes, other 4xx, NXDOMAIN or policy refusals.")
     fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
     resize: ResizeSettings = dataclasses.field(default_factory=ResizeSettings)
 

@@ -216,6 +216,37 @@ def location_matches(pattern: str, target: str) -> bool:
     return target.find(last, pos) >= 0
 
 
+PAGE_OPT_OUTS = frozenset({"noai", "noimageai"})  # a page's refusal of AI use of its images
+PAGE_AGENTS = ("ccbot", "robots", "*")  # whose directives bind us, besides our own token: the crawl's crawler's
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+
+
+def page_opt_out(directives: str, agent_token: str) -> str | None:
+    """The AI opt-out (`noai` / `noimageai`) of a page's robots directives as extraction records them, naming where
+    it was said, or None.
+
+    The record is `; `-separated: the page's X-Robots-Tag (first, when it had one) and a `meta NAME: CONTENT` per
+    robots meta tag (NAME robots, ccbot or our token). Within a part, `agent: directive` starts that agent's
+    directives (Google's reading of X-Robots-Tag), and directives before any agent are everyone's; an agent other
+    than ours, CCBot (who crawled the page for Common Crawl) or `robots` does not bind us."""
+    ours = {agent_token.lower(), *PAGE_AGENTS}
+    for segment in directives.lower().split(";"):
+        segment = segment.strip()
+        where = "X-Robots-Tag"
+        if segment.startswith("meta "):
+            name, _, segment = segment[5:].partition(":")
+            where, agent = f"<meta name={name.strip()}>", name.strip()
+        else:
+            agent = "*"
+        for part in segment.split(","):
+            head, sep, rest = part.partition(":")
+            if sep and " " not in head.strip() and head.strip() not in _VALUED_DIRECTIVES:
+                agent, part = head.strip(), rest
+            if agent in ours and part.strip() in PAGE_OPT_OUTS:
+                return f"{part.strip()} ({where})"
+    return None
+
+
 def _path_and_query(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
