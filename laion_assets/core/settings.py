@@ -357,6 +357,14 @@ class OperationsSettings(FromEnv):
                                    env="LAION_ASSETS_RETRY_DELAY_S")
     max_retries: int = setting(3, "Retries of a failed network-bound step within its run.",
                                env="LAION_ASSETS_MAX_RETRIES")
+    retry_failed_after_h: float = setting(24.0, "Hours after a bucket's download that the retry_downloads sensor "
+                                                "fetches its transient failures again (0: never).",
+                                          env="LAION_ASSETS_RETRY_FAILED_AFTER_H")
+    retry_failed_max_runs: int = setting(3, "Downloads a bucket's rows get in all, the first included: "
+                                            "retry_downloads stops asking after that.",
+                                         env="LAION_ASSETS_RETRY_FAILED_MAX_RUNS")
+    retry_failed_per_tick: int = setting(20, "Retry runs retry_downloads requests at most per evaluation.",
+                                         env="LAION_ASSETS_RETRY_FAILED_PER_TICK")
     executor: str = setting("in_process", "How a run executes its steps: in_process, multiprocess, or k8s (a pod "
                                           "per step, shaped by the assets' dagster-k8s/config tags).",
                             env="LAION_ASSETS_EXECUTOR")

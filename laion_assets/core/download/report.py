@@ -75,6 +75,7 @@ class DownloadReport:
     retried: int = 0  # rows fetched again this run (--retry-failed)
     recovered: int = 0  # of which now succeeded
     shards_rewritten: int = 0
+    runs: int = 1  # the most downloads any shard has had (1, plus the --retry-failed runs that rewrote it)
     seconds: float = 0.0
     manifest: Any = None  # the ShardsManifest written last
 
@@ -84,6 +85,7 @@ class DownloadReport:
         self.bytes_downloaded += stats.bytes_downloaded
         self.bytes_written += stats.bytes_written
         self.retryable += stats.retryable
+        self.runs = max(self.runs, stats.runs)
 
     @property
     def total(self) -> int:
@@ -120,5 +122,6 @@ class DownloadReport:
             "retried_this_run": self.retried,
             "recovered_this_run": self.recovered,
             "shards_rewritten": self.shards_rewritten,
+            "runs": self.runs,
             "error_histogram": dict(self.errors.most_common(20)),
         }
