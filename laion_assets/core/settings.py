@@ -158,6 +158,9 @@ class ExtractSettings:
     # A WAT file unreadable after retries fails the partition (after the chunk's other files are written), so
     # that Dagster shows it as failed and a retry redoes it; the CLI exits with status 1.
     fail_on_unreadable_wat: bool = setting(True, "Fail when a WAT file cannot be read after retries.")
+    robots_meta_names: tuple[str, ...] = setting(("robots", "ccbot", "laion-assets"), "Names of the <meta> tags whose "
+                                                 "directives a pair keeps in its robots column (lower case; the "
+                                                 "download's agent token should be one).", cli="--robots-meta-name")
 
 
 # --- the sample crawl (offline) ------------------------------------------------------------------------

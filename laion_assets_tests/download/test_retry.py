@@ -8,6 +8,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -49,7 +50,7 @@ from laion_assets_tests.handlers import cut_after, respond
      " (RFC 9309)", None, True),
     ("skipped_by_policy", "robots.txt of http://h disallows /a.jpg for laion-assets", None, False),
     ("skipped_by_policy", "X-Robots-Tag: noai", None, False),
-    ("skipped_by_policy", "page http://p/ opted out of AI use: noai (X-Robots-Tag)", None, False),
+    ("skipped_by_policy", "page_opt_out: page http://p/ opted out of AI use: noai (X-Robots-Tag)", None, False),
     ("failed_to_resize", "image file is truncated", None, False),
 ])
 def test_transient_or_permanent(status, error, http_status, transient):
@@ -145,3 +146,38 @@ def test_an_unreachable_robots_txt_is_asked_again_by_a_later_run(tmp_path):
         assert second.recovered == 1 and row["status"] == "success" and row["runs"] == 2 and row["attempts"] == 1
     finally:
         server.close()
+
+
+def test_images_of_pages_that_opted_out_of_ai_use_are_skipped(loopback, tmp_path):
+    pages = {  # page robots record (as extraction writes it) -> skipped?
+        "": False,
+        "noai": True,
+        "noarchive; meta robots: noimageai, noindex": True,
+        "meta ccbot: noai": True,
+        "meta laion-assets: noimageai": True,
+        "otherbot: noai": False,
+        "noindex; meta robots: index, follow": False,
+        "meta googlebot: noai": False,
+    }
+    for i in range(len(pages)):
+        loopback.routes[f"/{i}.jpg"] = respond(200, jpeg(i), {"Content-Type": "image/jpeg"})
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{loopback.base}/{i}.jpg" for i in range(len(pages))],
+                             "page_url": [f"http://page{i}.test/" for i in range(len(pages))],
+                             "robots": list(pages)}), path)
+    settings = DownloadSettings(samples_per_shard=100, processes=1, fetch=FETCH)
+    report = download(str(path), Storage(str(tmp_path / "on")), "", settings)
+    rows = pq.read_table(tmp_path / "on" / "00000.parquet").to_pylist()
+    for i, (row, skipped) in enumerate(zip(rows, pages.values(), strict=True)):
+        if skipped:
+            assert row["status"] == "skipped_by_policy" and row["attempts"] == 0, row
+            assert row["error_message"].startswith(f"page_opt_out: page http://page{i}.test/ opted out of AI use: ")
+            assert f"/{i}.jpg" not in loopback.hits
+        else:
+            assert row["status"] == "success", row
+    assert report.page_opt_outs == 4 and report.metadata()["skipped_page_opt_out"] == 4
+    assert rows[2]["error_message"].endswith("noimageai (<meta name=robots>)")
+    assert rows[1]["error_message"].endswith("noai (X-Robots-Tag)")
+
+    off = dataclasses.replace(settings, fetch=dataclasses.replace(FETCH, respect_page_opt_out=False))
+    assert download(str(path), Storage(str(tmp_path / "off")), "", off).statuses["success"] == len(pages)

@@ -12,7 +12,8 @@ from laion_assets.core.records import JsonRecord
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "skipped_by_policy")
 TRANSIENT_HTTP = frozenset({408, 425, 429})
-POLICY_UNREACHABLE = "policy_unreachable"  # robots.py starts such a refusal with it (not imported: no aiohttp here)
+POLICY_UNREACHABLE = "policy_unreachable"  # robots.py starts such a refusal with it
+PAGE_OPT_OUT = "page_opt_out"  # starts the reason of an image skipped because its page opted out of AI use
 # Error texts the fetcher writes for failures another try may change, and for those it never will. The DNS
 # reasons are the resolver's (dns_temporary: SERVFAIL, a timeout, EAI_AGAIN; dns_nxdomain: the name does not exist).
 _TRANSIENT_ERRORS = ("dns_temporary", "temporary failure in name resolution", "try again", "timeout", "timed out",
@@ -58,6 +59,7 @@ class ShardStats(JsonRecord):
     duration_s: float = 0.0
     retryable: int = 0  # rows whose failure is transient (is_transient): what --retry-failed would fetch again
     runs: int = 1  # downloads that wrote this shard: 1, and one more for each rewrite by --retry-failed
+    page_opt_outs: int = 0  # images skipped because their page said noai / noimageai
 
 
 @dataclass
@@ -72,6 +74,7 @@ class DownloadReport:
     bytes_downloaded: int = 0
     bytes_written: int = 0
     retryable: int = 0  # transient failures left in all shards
+    page_opt_outs: int = 0  # skipped_by_policy because the page opted out of AI use
     retried: int = 0  # rows fetched again this run (--retry-failed)
     recovered: int = 0  # of which now succeeded
     shards_rewritten: int = 0
@@ -85,6 +88,7 @@ class DownloadReport:
         self.bytes_downloaded += stats.bytes_downloaded
         self.bytes_written += stats.bytes_written
         self.retryable += stats.retryable
+        self.page_opt_outs += stats.page_opt_outs
         self.runs = max(self.runs, stats.runs)
 
     @property
@@ -118,6 +122,7 @@ class DownloadReport:
             "images_per_s": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
             "bytes_downloaded": self.bytes_downloaded,
             "bytes_written": self.bytes_written,
+            "skipped_page_opt_out": self.page_opt_outs,
             "retryable_failures": self.retryable,
             "retried_this_run": self.retried,
             "recovered_this_run": self.recovered,

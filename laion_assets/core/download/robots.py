@@ -38,10 +38,11 @@ from urllib.parse import unquote, urlsplit
 
 from protego import Protego
 
+from laion_assets.core.download.report import POLICY_UNREACHABLE
+
 POLICY_MAX_BYTES = 500 * 1024  # RFC 9309: crawlers must read at least 500 KiB
 POLICY_MAX_REDIRECTS = 5  # RFC 9309: follow at least five
 POLICY_TIMEOUT_S = 10.0  # one read of a policy file
-POLICY_UNREACHABLE = "policy_unreachable"  # starts the refusal of an origin whose robots.txt never answered
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 ROBOTS_PATH = "/robots.txt"
 TDMREP_PATH = "/.well-known/tdmrep.json"

@@ -12,7 +12,7 @@ from typing import Any
 
 from laion_assets.core.download.plan import Plan, ShardPlan
 from laion_assets.core.download.reader import Inputs
-from laion_assets.core.download.report import ShardStats
+from laion_assets.core.download.report import PAGE_OPT_OUT, ShardStats
 from laion_assets.core.download.robots import page_opt_out
 from laion_assets.core.download.writer import Piece, PieceBuilder, new_row, write_shard
 from laion_assets.core.progress import Throttle
@@ -140,7 +140,8 @@ class ShardRunner:
             for i, (page, directives) in self.inputs.opted_out_pages().items():
                 directive = page_opt_out(directives, fetch.agent_token)
                 if directive:
-                    self._page_refusals[i] = f"page {page or '(unknown)'} opted out of AI use: {directive}"
+                    page = page or "(unknown)"
+                    self._page_refusals[i] = f"{PAGE_OPT_OUT}: page {page} opted out of AI use: {directive}"
         return self._page_refusals.get(index)
 
     async def _fetch_and_resize(self, fetcher: Any, url: str | None, row: dict[str, Any]) -> dict[str, bytes]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardPlan
-from laion_assets.core.download.report import ShardStats, is_transient
+from laion_assets.core.download.report import PAGE_OPT_OUT, ShardStats, is_transient
 from laion_assets.core.storage import Storage
 
 ROW_SCHEMA = pa.schema([
@@ -184,6 +184,8 @@ def count_rows(stats: ShardStats, rows: list[dict[str, Any]]) -> None:
     stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
     stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
     stats.retryable = sum(is_transient(r["status"], r["error_message"], r["http_status"]) for r in rows)
+    stats.page_opt_outs = sum(r["status"] == "skipped_by_policy" and (r["error_message"] or "").startswith(PAGE_OPT_OUT)
+                              for r in rows)
     stats.runs = max((r.get("runs") or 1 for r in rows), default=1)
 
 
