@@ -142,6 +142,12 @@ class SourceSettings(FromEnv):
     timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
     backoff_s: float = setting(1.0, "First delay before an HTTP retry, in seconds; doubles on each retry (S3 "
                                     "requests back off as botocore's standard mode does).", cli="--backoff")
+    requests_per_s: float = setting(10.0, "HTTP requests per second to one crawl source, per process (0: no limit); "
+                                          "halved by each 429 or 503, recovering with each success.")
+    max_retry_after_s: float = setting(120.0, "Longest Retry-After of a crawl source honoured, in seconds.",
+                                       cli="--max-retry-after")
+    throttle_budget_s: float = setting(900.0, "Seconds one crawl file may wait on 429/503 answers with Retry-After "
+                                              "without using its retries.")
 
 
 @dataclass(frozen=True)
