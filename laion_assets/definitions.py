@@ -25,7 +25,7 @@ from laion_assets.core.paths import Layout
 from laion_assets.core.settings import FetchSettings, ModelSettings, OperationsSettings, SourceSettings, StorageSettings
 from laion_assets.io_manager import StorageIOManager
 from laion_assets.k8s import executor
-from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor
+from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor, retry_downloads_sensor
 from laion_assets.resources import (
     ChecksResource,
     CrawlSourceResource,
@@ -81,8 +81,8 @@ def build_definitions(layout: Layout | None = None, resources: dict | None = Non
         description="Re-runs the partitions downstream of anything that changed (see automation.py).")
     return dg.Definitions(
         assets=build_assets(layout, ops),
-        sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), observe_models, reprocess,
-                 observe_removals],
+        sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), retry_downloads_sensor(ops), observe_models,
+                 reprocess, observe_removals],
         resources=resources if resources is not None else resources_from_env(layout=layout),
         # By default a run's steps run in its own process (a run is one partition of a few dependent assets, and a
         # process start per step costs seconds); production uses a pod per step (laion_assets/k8s.py).
