@@ -56,12 +56,13 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        columns = InputColumns(url="url", caption="text", language="language")
+        columns = InputColumns(url="url", caption="text", language="language", page_url="page_url", robots="robots")
         settings = download_settings(config, image_fetch)
-        selected = unique_pairs.select(["url", "text", "language"])
+        selected = unique_pairs.select(["url", "text", "language", "page_url", "robots"])
         id_col = url_list.read_record(store, crawl).id_col if url_list.is_list(crawl) else ""
         if id_col:  # a URL list's id (DataComp's uid) in every row of its shards, under its own name
-            selected = unique_pairs.select(["url", "text", "language", pl.col("record_id").alias(id_col)])
+            selected = unique_pairs.select(["url", "text", "language", "page_url", "robots",
+                                            pl.col("record_id").alias(id_col)])
             columns = dataclasses.replace(columns, keep=(id_col,))
             settings = dataclasses.replace(settings, save_additional_columns=(*settings.save_additional_columns,
                                                                               id_col))

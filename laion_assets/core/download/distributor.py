@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from laion_assets.core import paths
+from laion_assets.core.download import retry
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
 from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
@@ -69,7 +70,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
         log: Callable[[str], None] | None = None) -> DownloadReport:
     """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
     a URL list (a file or folder in any format `inputs.py` reads, or its input columns) into shards under `prefix`
-    of `store`; resumable."""
+    of `store`; resumable. With `settings.retry_failed`, the transient failures of shards already complete are
+    fetched again (`retry.py`)."""
     start = time.perf_counter()
     if isinstance(source, Inputs):
         inputs = source
@@ -84,8 +86,13 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     manifest_key = paths.shards_manifest(prefix)
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
     store.remove_stale_temporaries(prefix)
+    layout = layout_of(inputs, settings)
+    if settings.retry_failed and layout is not None:
+        # retry.py rewrites webdataset shards with our row columns; the other layouts are not rewritten yet.
+        raise ValueError("retry_failed works on webdataset shards without added columns; rerun the download with "
+                         "incremental_mode incremental instead")
     start_shard = apply_incremental_mode(store, prefix, settings.incremental_mode)
-    plan = make_plan(inputs, settings, start_shard, layout_of(inputs, settings))
+    plan = make_plan(inputs, settings, start_shard, layout)
     state = resume(store, prefix, plan, keep_others=settings.incremental_mode == "extend")
     report = DownloadReport(shards=len(plan.shards), shards_skipped=len(state.done), shards_redone=state.redone,
                             shards_removed=len(state.removed), input_malformed=inputs.malformed)
@@ -109,6 +116,15 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
                            {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
                 new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
+    if settings.retry_failed and state.done:
+        # Only shards complete before this run: those written just now have had their tries.
+        with store.staging_dir() as staging:
+            second = retry.run(inputs, store, prefix, plan, state.done, settings, staging, progress)
+        done |= second.stats
+        report.retried, report.recovered, report.shards_rewritten = second.retried, second.recovered, len(second.stats)
+        if log:
+            log(f"retried {second.retried} transient failures in {len(second.stats)} shards:"
+                f" {second.recovered} recovered")
     for stats in done.values():
         report.add(stats)
     report.rows = sum(s.count for s in new)

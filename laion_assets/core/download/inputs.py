@@ -52,6 +52,7 @@ class InputSpec:
     caption_col: str = "caption"
     language_col: str = "language"
     keep: tuple[str, ...] = ()  # other columns, kept under their own names
+    optional: tuple[str, ...] = ()  # columns kept as text when the list has them (the crawl's page_url, robots)
 
     def __post_init__(self) -> None:
         if self.input_format:
@@ -180,7 +181,7 @@ def seekable_copy(path: str, gzipped: bool) -> Iterator[str]:
 # --- reading ---------------------------------------------------------------------------------------------------
 
 def _wanted(spec: InputSpec) -> list[str]:
-    return list(dict.fromkeys([spec.url_col, spec.caption_col, spec.language_col, *spec.keep]))
+    return list(dict.fromkeys([spec.url_col, spec.caption_col, spec.language_col, *spec.keep, *spec.optional]))
 
 
 def _check_columns(names: list[str], spec: InputSpec, path: str) -> None:
@@ -209,6 +210,10 @@ def standard_batch(batch: pa.RecordBatch | pa.Table, spec: InputSpec, path: str)
         col = batch.column(names.index(name))
         arrays.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
         out.append(name)
+    for name in spec.optional:
+        if name in names and name not in out:
+            arrays.append(text(name))
+            out.append(name)
     return pa.RecordBatch.from_arrays(arrays, names=out)
 
 
@@ -275,7 +280,7 @@ def _objects_batch(objects: list[dict[str, Any]], spec: InputSpec, path: str) ->
         if c not in present:
             continue
         values = columns[c]
-        if c in (spec.url_col, spec.caption_col, spec.language_col):
+        if c in (spec.url_col, spec.caption_col, spec.language_col, *spec.optional):
             values = [None if v is None else v if isinstance(v, str) else orjson.dumps(v).decode() for v in values]
         arrays[c] = values
     table = pa.table(arrays) if arrays else pa.table({})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -10,14 +11,20 @@ import pyarrow.parquet as pq
 
 from laion_assets.core.download.inputs import InputSpec, ReadCounts, read_table
 
+# The columns the download itself reads; any other column of the input table is a kept one.
+OWN_COLUMNS = ("url", "caption", "language", "page_url", "robots")
+
 
 @dataclass(frozen=True)
 class InputColumns:
-    """Which columns of the URL list hold what; caption and language may be missing (read as empty)."""
+    """Which columns of the URL list hold what; caption and language may be missing (read as empty), and so may
+    the page's URL and robots directives (the crawl's `page_url` and `robots`: then no page opt-out applies)."""
 
     url: str = "url"
     caption: str = "caption"
     language: str = "language"
+    page_url: str = "page_url"
+    robots: str = "robots"
     input_format: str = ""  # empty: from the file names (a Parquet file by default)
     keep: tuple[str, ...] = ()  # other columns carried to every sample's row (save_additional_columns, ...)
 
@@ -26,13 +33,13 @@ class InputColumns:
 class Inputs:
     """The input columns as Arrow (compact); Python strings are made one shard at a time."""
 
-    table: pa.Table  # url, caption, language, then the kept columns
+    table: pa.Table  # url, caption, language, [page_url, robots], then the kept columns
     malformed: int = 0  # input lines skipped as malformed (counted, never silently)
 
     @property
     def extra(self) -> tuple[str, ...]:
         """The kept columns' names."""
-        return tuple(self.table.column_names[3:])
+        return tuple(c for c in self.table.column_names if c not in OWN_COLUMNS)
 
     def extras(self, lo: int, hi: int) -> list[dict]:
         """The kept columns of rows [lo, hi), one dict per row (empty dicts when none are kept)."""
@@ -47,6 +54,18 @@ class Inputs:
     def rows(self, lo: int, hi: int) -> list[tuple[str | None, str | None, str | None]]:
         part = self.table.slice(lo, hi - lo)
         return list(zip(*(part[c].to_pylist() for c in ("url", "caption", "language")), strict=True))
+
+    def opted_out_pages(self) -> dict[int, tuple[str, str]]:
+        """Row -> (page URL, robots directives) of the rows whose page's directives mention noai or noimageai
+        (a handful: found without making a Python string per row)."""
+        if "robots" not in self.table.column_names:
+            return {}
+        import pyarrow.compute as pc
+
+        hits = pc.indices_nonzero(pc.fill_null(pc.match_substring_regex(self.table["robots"], "noai|noimageai"),
+                                               False)).to_pylist()
+        pages, robots = self.table["page_url"].take(hits).to_pylist(), self.table["robots"].take(hits).to_pylist()
+        return {i: (p or "", r) for i, p, r in zip(hits, pages, robots, strict=True)}
 
     def save(self, path: str) -> None:
         """For worker processes: an Arrow IPC file they map instead of re-reading the input."""
@@ -71,7 +90,7 @@ class Inputs:
         if self.extra:  # only then, so that the fingerprints of lists without kept columns stay as they were
             import orjson
 
-            digest.update(repr(self.table.schema.remove(0).remove(0).remove(0)).encode())
+            digest.update(repr(pa.schema([self.table.schema.field(c) for c in self.extra])).encode())
             for extra in self.extras(lo, hi):
                 digest.update(orjson.dumps(extra, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
                                            default=str))
@@ -101,8 +120,10 @@ def inputs_of(table: pa.Table, columns: InputColumns | None = None) -> Inputs:
     missing = [c for c in columns.keep if c not in table.column_names]
     if missing:
         raise ValueError(f"the URL list has no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
-    return Inputs(pa.table({"url": column(columns.url), "caption": column(columns.caption),
-                            "language": column(columns.language), **{c: table[c] for c in columns.keep}}))
+    wanted = {"url": column(columns.url), "caption": column(columns.caption), "language": column(columns.language)}
+    if columns.robots in table.column_names:
+        wanted |= {"page_url": column(columns.page_url), "robots": column(columns.robots)}
+    return Inputs(pa.table({**wanted, **{c: table[c] for c in columns.keep}}))
 
 
 def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
@@ -110,5 +131,8 @@ def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
     columns kept). Malformed lines are counted in `Inputs.malformed`."""
     columns = columns or InputColumns()
     counts = ReadCounts()
-    spec = InputSpec(path, columns.input_format, columns.url, columns.caption, columns.language, columns.keep)
-    return Inputs(read_table(spec, counts), counts.malformed)
+    spec = InputSpec(path, columns.input_format, columns.url, columns.caption, columns.language, columns.keep,
+                     optional=(columns.page_url, columns.robots))
+    table = read_table(spec, counts)  # url, caption, language under these names, the others under their own
+    read = dataclasses.replace(columns, url="url", caption="caption", language="language")
+    return dataclasses.replace(inputs_of(table, read), malformed=counts.malformed)
