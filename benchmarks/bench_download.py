@@ -34,12 +34,21 @@ checks X-Robots-Tag only.
 img2dataset gets its own virtual environment under benchmarks/work/ (its pins clash with ours); nginx is
 installed with apt-get when it is missing.
 
+--input-format (txt, csv, tsv, json, jsonl, parquet, each also .gz; default parquet) writes the list in that
+format for both tools; --save-additional-columns uid gives the list a uid column both tools copy to their rows
+(ours always with min_image_bytes 0, img2dataset's keep-everything default, so that successes can match).
+
 Usage: python benchmarks/bench_download.py [--sizes laion|fixed|both] [--images 1000] [--runs 3] [--processes 2]
+       [--input-format tsv.gz] [--save-additional-columns uid]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
+import io
+import json
 import math
 import random
 import shutil
@@ -211,6 +220,28 @@ def run(cmd: list[str], out: Path) -> float:
     return seconds
 
 
+def write_url_list(path: Path, fmt: str, rows: list[dict[str, str]]) -> None:
+    """The same rows in any input format both tools read (json: one array, as img2dataset's pandas reads it)."""
+    base = fmt.removesuffix(".gz")
+    if base == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        data = sink.getvalue().to_pybytes()
+    elif base == "txt":
+        data = "".join(r["url"] + "\n" for r in rows).encode()
+    elif base in ("csv", "tsv"):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, list(rows[0]), delimiter="," if base == "csv" else "\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode()
+    elif base == "json":
+        data = json.dumps(rows).encode()
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+
+
 def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str) -> float:
     """The whole side-by-side run on one size distribution; prints its block and returns the ratio."""
     root = WORK / f"www-{sizes}"
@@ -220,19 +251,25 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     for line in describe(root, names, dims, sizes):
         print(f"  {line}")
     port = free_port()
-    urls = WORK / f"urls-{sizes}.parquet"
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names],
-                             "caption": [f"synthetic photo {n}" for n in names]}), urls)
+    fmt, extra = args.input_format, args.save_additional_columns
+    urls = WORK / f"urls-{sizes}.{fmt}"
+    write_url_list(urls, fmt, [{"url": f"http://127.0.0.1:{port}/{n}", "caption": f"synthetic photo {n}",
+                                **{c: f"{c}-{i:08d}" for c in extra}} for i, n in enumerate(names)])
     ours_bin = shutil.which("laion-assets", path=str(Path(sys.executable).parent)) or "laion-assets"
     common = dict(size="256", shard=str(args.samples_per_shard), procs=str(args.processes))
     peer_out, ours_out = WORK / "out-img2dataset", WORK / "out-ours"
-    peer_cmd = [str(img2dataset), "--url_list", str(urls), "--input_format", "parquet", "--url_col", "url",
+    peer_cmd = [str(img2dataset), "--url_list", str(urls), "--input_format", fmt, "--url_col", "url",
                 "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(peer_out),
                 "--processes_count", common["procs"], "--image_size", common["size"], "--resize_mode", "border",
                 "--encode_format", "jpg", "--number_sample_per_shard", common["shard"], "--enable_wandb", "False"]
     ours_cmd = [ours_bin, "download", str(urls), "--output-dir", str(ours_out), "--processes", common["procs"],
                 "--image-size", common["size"], "--resize-mode", "border", "--encode-format", "jpg",
                 "--samples-per-shard", common["shard"], "--allow-network", "127.0.0.1/32", "--quiet"]
+    # img2dataset keeps every body; our default drops those under 5 KB (LAION's rule): the same here.
+    ours_cmd += ["--min-image-bytes", "0", "--input-format", fmt]
+    if extra:
+        peer_cmd += ["--save_additional_columns", json.dumps(list(extra))]
+        ours_cmd += [a for c in extra for a in ("--save-additional-columns", c)]
     server = start_nginx(nginx, root, port)
     try:
         times: dict[str, list[float]] = {"img2dataset": [], "ours": []}
@@ -266,6 +303,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--samples-per-shard", type=int, default=100)
+    parser.add_argument("--input-format", default="parquet", help="the URL list's format, for both tools")
+    parser.add_argument("--save-additional-columns", action="append", default=[],
+                        help="a column of the list both tools keep in their rows (repeatable)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     img2dataset = ensure_peer()

@@ -150,13 +150,16 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
 @click.option("--url-col", default="url", show_default=True)
 @click.option("--caption-col", default="caption", show_default=True)
 @click.option("--language-col", default="language", show_default=True, help="Copied to the metadata if present.")
+@click.option("--input-format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz (default: from "
+                                                 "the file names).")
 @options(DownloadSettings)
 @options(ResizeSettings)
 @options(FetchSettings)
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
-def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, quiet: bool,
-             **kwargs: Any) -> None:
-    """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
+def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, input_format: str,
+             quiet: bool, **kwargs: Any) -> None:
+    """Download, resize and write the images of a URL list (a file or folder: local, s3:// or https://) as
+    webdataset shards, or img2dataset's files or parquet layouts (resumable)."""
     from laion_assets.core.download.distributor import run as run_download
     from laion_assets.core.download.reader import InputColumns
 
@@ -175,11 +178,32 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 
         try:
             report = run_download(urls, _folder(output_dir), "", settings,
-                                  InputColumns(url_col, caption_col, language_col), progress,
+                                  InputColumns(url_col, caption_col, language_col, input_format), progress,
                                   None if quiet else lambda m: bar.write(m, file=sys.stderr))
         except ValueError as err:
             raise click.ClickException(str(err)) from err
     click.echo(f"{output_dir}: {report.summary()}")
+
+
+@main.command("img2dataset", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                              "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def img2dataset_command(args: tuple[str, ...]) -> None:
+    """img2dataset 1.47's command line on our download stage: `laion-assets img2dataset --url_list ... --input_format
+    ... --output_folder ...` takes its parameters (docs/img2dataset.md); --allow_networks CIDR is ours."""
+    from laion_assets import img2dataset
+
+    if not args or args[0] in ("--help", "-h"):
+        click.echo(img2dataset_command.help)
+        click.echo("parameters: " + " ".join(f"--{p}" for p in img2dataset.PARAMETERS))
+        return
+    try:
+        params = img2dataset.parse_command_line(list(args))
+        networks = params.pop("allow_networks", ())
+        img2dataset.download(**params, allow_networks=(networks,) if isinstance(networks, str) else tuple(networks),
+                             log=lambda m: click.echo(m, err=True))
+    except (ValueError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
 
 
 # --- the CLIP stage ----------------------------------------------------------------------------------------------
@@ -361,6 +385,38 @@ def _storage_option(command: Any) -> Any:
     return click.option("--storage", default=lambda: StorageSettings.from_env().root,
                         show_default=StorageSettings.root, help="Storage root (local directory or "
                                                                 "s3://bucket/prefix).")(command)
+
+
+@main.group("lists")
+def lists() -> None:
+    """URL lists as crawls of the graph: `add` registers one as the partition list-NAME of the crawl dimension."""
+
+
+@lists.command("add")
+@click.argument("name")
+@click.argument("location")
+@click.option("--format", "input_format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz "
+                                                           "(default: from the file names).")
+@click.option("--url-col", default="url", show_default=True)
+@click.option("--caption-col", default="caption", show_default=True)
+@click.option("--language-col", default="language", show_default=True, help="Read when present; CLD3 otherwise.")
+@click.option("--id-col", default="", help="A column kept as each pair's record_id (e.g. DataComp's uid).")
+@_storage_option
+def lists_add(name: str, location: str, input_format: str, url_col: str, caption_col: str, language_col: str,
+              id_col: str, storage: str) -> None:
+    """Register the URL list at LOCATION (a file or folder: local, s3:// or https://) as crawl list-NAME of the
+    Dagster instance ($DAGSTER_HOME): its graph then runs as a crawl's, from candidate_pairs on."""
+    import dagster as dg
+
+    from laion_assets.core.crawl.url_list import UrlList
+    from laion_assets.operations import register_url_list
+
+    record = UrlList(name, location, input_format, url_col, caption_col, language_col, id_col)
+    try:
+        crawl = register_url_list(dg.DagsterInstance.get(), _folder(storage), record)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"registered {location} as crawl {crawl}")
 
 
 @models.command("show")

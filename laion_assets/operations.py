@@ -137,6 +137,17 @@ def register_new_crawls(instance: dg.DagsterInstance, crawl_source: CrawlSourceR
     return listed, new
 
 
+def register_url_list(instance: dg.DagsterInstance, store: object, record: object) -> str:
+    """A URL list recorded in storage and added to the crawl dimension as list-NAME (what `lists add` does); the
+    partition key. The backfill of its graph is then launched as a crawl's is (the UI, or crawl_backfill)."""
+    from laion_assets.core.crawl import url_list
+
+    crawl = url_list.register(store, record)  # type: ignore[arg-type]
+    if crawl not in instance.get_dynamic_partitions(crawl_partitions.name):
+        instance.add_dynamic_partitions(crawl_partitions.name, [crawl])
+    return crawl
+
+
 def new_crawls_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
     # The selection is what the sensor may backfill (Dagster checks requests against it); no job is built from it.
     @dg.sensor(minimum_interval_seconds=ops.sensor_interval_s, default_status=dg.DefaultSensorStatus.RUNNING,

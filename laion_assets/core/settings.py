@@ -30,6 +30,15 @@ DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 MODEL_PRESETS = ("small", "laion")
+OUTPUT_FORMATS = ("webdataset", "files", "parquet")
+HASHES = ("none", "md5", "sha256", "sha512")
+INCREMENTAL_MODES = ("incremental", "overwrite", "extend")
+# The row columns img2dataset 1.47 reserves (its arguments_validator), refused in save_additional_columns as it
+# refuses them; ours (the other columns of a shard's Parquet rows) are refused too, since a kept column would
+# overwrite them.
+RESERVED_COLUMNS = ("key", "caption", "url", "width", "height", "original_width", "original_height", "status",
+                    "error_message", "exif", "md5", "sha256", "sha512")
+OUR_ROW_COLUMNS = ("http_status", "final_url", "phash", "language", "bytes_downloaded")
 DEPLOYMENTS = ("local", "production")
 
 
@@ -222,6 +231,12 @@ class ResizeSettings:
     max_aspect_ratio: float = setting(0.0, "Images whose aspect ratio is over this fail (0: no limit).")
     max_pixels: int = setting(89_478_485, "Pixel budget checked from the header before any decoding.")
     keep_original: bool = setting(False, "Also store the downloaded bytes as {key}.original.{ext}.")
+    resize_only_if_bigger: bool = setting(False, "Only shrink: images already within image_size keep their size "
+                                                 "(still padded or cropped by the mode), as img2dataset's option.")
+    skip_reencode: bool = setting(False, "Keep the downloaded bytes when no resize, blur or alpha matting changed "
+                                         "the pixels and they already are in encode_format (img2dataset's option).")
+    disable_all_reencoding: bool = setting(False, "Store the downloaded bytes as they are: no resize, no blur, no "
+                                                  "re-encoding (the header is still read for the size checks).")
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -239,6 +254,27 @@ class DownloadSettings:
                                 "shards are split between them.")
     resize_threads: int = setting(1, "Decode/resize threads per process.")
     in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")
+    output_format: str = setting("webdataset", f"One of {', '.join(OUTPUT_FORMATS)}: a tar per shard, a folder of "
+                                               "files per shard, or a Parquet file per shard with the image bytes "
+                                               "(img2dataset's layouts; the CLIP stage reads webdataset).")
+    save_additional_columns: tuple[str, ...] = setting((), "Input columns copied to each sample's row in the "
+                                                           "shard's Parquet and its .json (repeatable; img2dataset's "
+                                                           "reserved names refused).",
+                                                       cli="--save-additional-columns")
+    compute_hash: str = setting("sha256", f"Hash of the downloaded bytes in a column of its name: "
+                                          f"{', '.join(HASHES)} (sha256 is always there: the image dedup uses it).")
+    verify_hash: str = setting("", "COL,ALGO: compare the downloaded bytes' ALGO digest (md5, sha256, sha512) with "
+                                   "input column COL; a mismatch is status hash_mismatch with both digests.")
+    bbox_col: str = setting("", "Input column of boxes [x0, y0, x1, y1] relative to the image, blurred after the "
+                                "resize (DataComp's face_bboxes); also kept in the rows.")
+    extract_exif: bool = setting(False, "Record the image's EXIF tags as a JSON string in an `exif` column.")
+    incremental_mode: str = setting("incremental", f"One of {', '.join(INCREMENTAL_MODES)}: resume (complete "
+                                                   "shards kept), start over (the folder emptied first), or add "
+                                                   "shards after the existing ones (img2dataset's modes).")
+    shard_digits: int = setting(0, "Digits of the shard names and of the shard part of keys (img2dataset's "
+                                   "oom_shard_count; 0: at least 5, more when there are more shards).")
+    min_image_bytes: int = setting(5_000, "Downloaded bodies under this many bytes fail before decoding (LAION-5B "
+                                          "dropped images under 5 KB; 0 keeps everything, img2dataset's default).")
     # A second chance: complete shards keep their successes and permanent failures, and only the rows whose
     # failure another try may change (report.is_transient) are fetched again and the shard rewritten.
     retry_failed: bool = setting(False, "Also re-fetch the transient failures of complete shards (timeouts, 5xx, "
@@ -246,6 +282,44 @@ class DownloadSettings:
                                         "never successes, other 4xx, NXDOMAIN or policy refusals.")
     fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
     resize: ResizeSettings = dataclasses.field(default_factory=ResizeSettings)
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {self.output_format!r}")
+        if self.compute_hash not in HASHES:
+            raise ValueError(f"compute_hash must be one of {HASHES}, not {self.compute_hash!r}")
+        if self.incremental_mode not in INCREMENTAL_MODES:
+            raise ValueError(f"incremental_mode must be one of {INCREMENTAL_MODES}, not {self.incremental_mode!r}")
+        if self.min_image_bytes < 0:
+            raise ValueError(f"min_image_bytes must be at least 0, not {self.min_image_bytes}")
+        reserved = [c for c in self.save_additional_columns if c in RESERVED_COLUMNS]
+        if reserved:
+            raise ValueError(f"You cannot use in save_additional_columns the following columns: {set(reserved)}. "
+                             "img2dataset reserves these columns for its own use, and so do we.")
+        ours = [c for c in self.save_additional_columns if c in OUR_ROW_COLUMNS]
+        if ours:
+            raise ValueError(f"save_additional_columns cannot hold {ours}: the shards' rows have such columns already")
+        self.verify()
+
+    def verify(self) -> tuple[str, str] | None:
+        """(column, algorithm) of verify_hash, or None."""
+        if not self.verify_hash:
+            return None
+        col, _, algo = self.verify_hash.partition(",")
+        col, algo = col.strip(), algo.strip().lower()
+        if not col or algo not in HASHES[1:]:
+            raise ValueError(f"verify_hash must be COL,ALGO with ALGO one of {HASHES[1:]}, not {self.verify_hash!r}")
+        return col, algo
+
+    def kept_columns(self) -> tuple[str, ...]:
+        """The input columns each row carries: the additional ones and the boxes (saved), the hash (compared)."""
+        verify = self.verify()
+        return tuple(dict.fromkeys([*self.save_additional_columns, *([self.bbox_col] if self.bbox_col else []),
+                                    *([verify[0]] if verify else [])]))
+
+    def saved_columns(self) -> tuple[str, ...]:
+        """The kept columns written to the rows (img2dataset leaves the verified hash column out)."""
+        return tuple(dict.fromkeys([*self.save_additional_columns, *([self.bbox_col] if self.bbox_col else [])]))
 
 
 # --- the CLIP stage --------------------------------------------------------------------------------------
@@ -379,6 +453,10 @@ class OperationsSettings(FromEnv):
                             env="LAION_ASSETS_EXECUTOR")
     gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).",
                              env="LAION_ASSETS_GPU_IMAGE")
+    dedup_lists_against_crawls: bool = setting(False, "Cross-crawl URL and image dedup compare a URL list (crawl "
+                                                      "list-NAME) with the crawls and earlier lists (default: a list "
+                                                      "is deduplicated within itself only).",
+                                               env="LAION_ASSETS_DEDUP_LISTS_AGAINST_CRAWLS")
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:

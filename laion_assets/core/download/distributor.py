@@ -19,6 +19,7 @@ took 0.99x, 0.99x and 1.00x its median time at 100 samples per shard, 1.01x, 1.0
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -31,13 +32,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from laion_assets.core import paths
 from laion_assets.core.download import retry
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
 from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
 from laion_assets.core.download.runner import ProgressFn, ShardRunner, WorkItem
-from laion_assets.core.download.writer import Piece, write_shard
+from laion_assets.core.download.writer import Piece, ShardLayout, write_shard
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
@@ -66,17 +69,35 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
         columns: InputColumns | None = None, progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> DownloadReport:
     """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
-    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable. With
-    `settings.retry_failed`, the transient failures of shards already complete are fetched again (`retry.py`)."""
+    a URL list (a file or folder in any format `inputs.py` reads, or its input columns) into shards under `prefix`
+    of `store`; resumable. With `settings.retry_failed`, the transient failures of shards already complete are
+    fetched again (`retry.py`)."""
     start = time.perf_counter()
-    inputs = source if isinstance(source, Inputs) else read_inputs(source, columns)
-    plan = make_plan(inputs, settings)
+    if isinstance(source, Inputs):
+        inputs = source
+    else:
+        columns = columns or InputColumns()
+        columns = dataclasses.replace(columns, keep=tuple(dict.fromkeys([*columns.keep, *settings.kept_columns()])))
+        inputs = read_inputs(source, columns)
+    missing = [c for c in settings.kept_columns() if c not in inputs.extra]
+    if missing:
+        raise ValueError(f"the URL list has no column {missing[0]!r} (asked by save_additional_columns, bbox_col or "
+                         f"verify_hash; kept columns: {', '.join(inputs.extra) or 'none'})")
     manifest_key = paths.shards_manifest(prefix)
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
     store.remove_stale_temporaries(prefix)
-    state = resume(store, prefix, plan)
+    layout = layout_of(inputs, settings)
+    if settings.retry_failed and layout is not None:
+        # retry.py rewrites webdataset shards with our row columns; the other layouts are not rewritten yet.
+        raise ValueError("retry_failed works on webdataset shards without added columns; rerun the download with "
+                         "incremental_mode incremental instead")
+    start_shard = apply_incremental_mode(store, prefix, settings.incremental_mode)
+    plan = make_plan(inputs, settings, start_shard, layout)
+    state = resume(store, prefix, plan, keep_others=settings.incremental_mode == "extend")
     report = DownloadReport(shards=len(plan.shards), shards_skipped=len(state.done), shards_redone=state.redone,
-                            shards_removed=len(state.removed))
+                            shards_removed=len(state.removed), input_malformed=inputs.malformed)
+    if log and inputs.malformed:
+        log(f"{inputs.malformed} malformed lines of the URL list skipped (counted in the report)")
     if log:
         log(f"{plan.rows} URLs in {len(plan.shards)} shards; {len(state.done)} already complete, {len(state.todo)} to"
             f" do ({state.redone} no longer match the input or settings); {len(state.removed)} beyond the plan removed")
@@ -112,6 +133,33 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     report.manifest = manifest
     report.seconds = time.perf_counter() - start
     return report
+
+
+def layout_of(inputs: Inputs, settings: DownloadSettings) -> ShardLayout | None:
+    """The shards' layout: None (webdataset, our rows: the writer's path since the start) unless asked otherwise."""
+    saved = settings.saved_columns()
+    layout = ShardLayout(
+        output_format=settings.output_format,
+        extra=pa.schema([inputs.table.schema.field(c) for c in saved]) if saved else None,
+        hash_col=settings.compute_hash if settings.compute_hash in ("md5", "sha512") else "",
+        exif=settings.extract_exif, image_field=settings.resize.encode_format)
+    return None if layout == ShardLayout(image_field=settings.resize.encode_format) else layout
+
+
+def apply_incremental_mode(store: Storage, prefix: str, mode: str) -> int:
+    """img2dataset's incremental modes on the download's folder; the first shard number of this download.
+    incremental: resume (complete shards kept, the plan decides the rest); overwrite: the folder emptied first;
+    extend: the existing shards kept and this download's numbered after the largest."""
+    if mode == "overwrite":
+        for key in store.list(prefix):
+            store.delete(key)
+        return 0
+    if mode == "extend":
+        numbers = [int(name) for key in store.list(prefix)
+                   if (name := paths.shard_of(prefix, key)) is not None and name.isdigit()
+                   and key.endswith("_stats.json")]
+        return max(numbers, default=-1) + 1
+    return 0
 
 
 @dataclass(frozen=True)
@@ -179,7 +227,7 @@ class _Joiner:
             got.append(piece)
             if len(got) == self.expected[piece.shard.name]:
                 self.writes.append(self.pool.submit(write_shard, got, self.job.store, self.job.prefix,
-                                                    self.job.plan.settings, self.job.staging))
+                                                    self.job.plan.settings, self.job.staging, self.job.plan.layout))
 
     def results(self) -> list[ShardStats]:
         return [w.result() for w in self.writes]

@@ -11,6 +11,8 @@ from typing import Any
 from laion_assets.core.records import JsonRecord
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "skipped_by_policy")
+# Statuses only some downloads can have (verify_hash): listed in totals when they occurred.
+OTHER_STATUSES = ("hash_mismatch",)
 TRANSIENT_HTTP = frozenset({408, 425, 429})
 POLICY_UNREACHABLE = "policy_unreachable"  # robots.py starts such a refusal with it
 PAGE_OPT_OUT = "page_opt_out"  # starts the reason of an image skipped because its page opted out of AI use
@@ -57,6 +59,16 @@ class ShardStats(JsonRecord):
     bytes_downloaded: int = 0
     bytes_written: int = 0
     duration_s: float = 0.0
+    # img2dataset's own fields of the same file (its readers and resharders use them): what failed before an
+    # image was decoded counts as failed_to_download there (a skip, a hash mismatch), and status_dict counts
+    # the error messages and "success".
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    duration: float = 0.0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    status_dict: dict[str, int] = field(default_factory=dict)
     retryable: int = 0  # rows whose failure is transient (is_transient): what --retry-failed would fetch again
     runs: int = 1  # downloads that wrote this shard: 1, and one more for each rewrite by --retry-failed
     page_opt_outs: int = 0  # images skipped because their page said noai / noimageai
@@ -69,6 +81,7 @@ class DownloadReport:
     shards_redone: int = 0  # had a marker that did not match the plan (input or settings changed)
     shards_removed: int = 0  # beyond a shrunk plan
     rows: int = 0  # rows processed in this run
+    input_malformed: int = 0  # lines of the URL list skipped as malformed (counted by the reader)
     statuses: Counter[str] = field(default_factory=Counter)  # all shards, skipped ones included
     errors: Counter[str] = field(default_factory=Counter)
     bytes_downloaded: int = 0
@@ -101,7 +114,8 @@ class DownloadReport:
 
     def summary(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
-        parts = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES)
+        shown = [*STATUSES, *(s for s in OTHER_STATUSES if self.statuses[s])]
+        parts = ", ".join(f"{s} {self.statuses[s]}" for s in shown)
         retried = (f"; {self.retried} transient failures retried in {self.shards_rewritten} shards, {self.recovered}"
                    " recovered" if self.retried else "")
         return (f"{self.total} URLs in {self.shards} shards ({self.shards_skipped} already complete,"
@@ -112,12 +126,13 @@ class DownloadReport:
         return {
             "urls": self.total,
             "success_rate": round(self.success_rate, 4),
-            **{s: self.statuses[s] for s in STATUSES},
+            **{s: self.statuses[s] for s in (*STATUSES, *OTHER_STATUSES)},
             "shards": self.shards,
             "shards_already_complete": self.shards_skipped,
             "shards_redone": self.shards_redone,
             "shards_removed": self.shards_removed,
             "processed_this_run": self.rows,
+            "input_malformed": self.input_malformed,
             "seconds": round(self.seconds, 2),
             "images_per_s": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
             "bytes_downloaded": self.bytes_downloaded,
