@@ -18,6 +18,7 @@ from laion_assets.cli import main
 from laion_assets.core import paths
 from laion_assets.core.crawl import extract
 from laion_assets.core.crawl.url_list import UrlList
+from laion_assets.core.release.release import ReleaseManifest
 from laion_assets.core.settings import SAMPLE_CRAWL
 from laion_assets.offline.demo import image_server
 from laion_assets.operations import register_url_list
@@ -80,6 +81,15 @@ def test_a_list_registered_and_materialized_to_a_release_and_an_index(tmp_path):
     release_crawl(graph, LIST)
     release = graph.meta["release"][-1]
     assert release["dagster/row_count"] > 0
+    # ... and through the filtered metadata into every release part, so the release joins back to the list
+    filtered = store.read_parquet(paths.filtered_metadata(LIST, "0000", LAYOUT))
+    assert filtered.num_rows and all(u in uids[url] for u, url in zip(filtered["uid"].to_pylist(),
+                                                                    filtered["URL"].to_pylist(), strict=True))
+    manifest = ReleaseManifest.from_json(store.read_bytes(paths.release_manifest(LIST)))
+    released = pa.concat_tables([store.read_parquet(k) for k in manifest.part_keys()])
+    assert released.num_rows == release["dagster/row_count"]
+    assert released.column_names[-1] == "uid" and released["uid"].null_count == 0
+    assert all(u in uids[url] for u, url in zip(released["uid"].to_pylist(), released["URL"].to_pylist(), strict=True))
     graph.run("knn_index", LIST)
     assert graph.meta["knn_index"][-1]
     failed = [(c.asset_key.to_user_string(), c.check_name) for c in graph.checks if not c.passed]

@@ -109,9 +109,10 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
                           image_dedup: pl.LazyFrame, aesthetic_scores: pl.LazyFrame):
         """One row per sample that downloaded, passed the CLIP threshold and is not removed (by the removal list or
         the concept filter): URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, aesthetic,
-        then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of."""
+        then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of, then the
+        columns the download added (a URL list's id, save_additional_columns)."""
         from laion_assets.core.release import filtered
-        from laion_assets.core.release.columns import FILTERED_SCHEMA
+        from laion_assets.core.release.release import release_schema
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
@@ -130,7 +131,8 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
             metadata[f"removed/{reason}"] = n
         accounted = record.rows + sum(record.removed.values()) == record.kept
         return dg.MaterializeResult(value=record, metadata=metadata, check_results=[
-            checks.schema("filtered_metadata", table.schema, FILTERED_SCHEMA),
+            # LAION's and our columns as documented, then what the download's rows added (a list's uid).
+            checks.schema("filtered_metadata", table.schema, release_schema([table.schema])),
             checks.holds("filtered_metadata", "one_row_per_kept_sample", accounted,
                          f"{record.rows} rows and {sum(record.removed.values())} removed of {record.kept} kept")])
 
