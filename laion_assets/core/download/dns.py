@@ -164,8 +164,12 @@ class DnsResolver:
         return self._resolver.getaddrinfo(host, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM)
 
     async def close(self) -> None:
-        for task in list(self._pending.values()):
+        tasks = list(self._pending.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancels c-ares's own queries too (hedged ones still listening): their callbacks must run before the loop
+        # closes.
         await self._resolver.close()
 
 

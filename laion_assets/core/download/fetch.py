@@ -314,6 +314,7 @@ class Fetcher:
         await self._tdmrep.close()
         if self._session:
             await self._session.close()
+        await self._resolver.close()  # the connector closes only a resolver it made itself
 
     def _check_target(self, url: str) -> tuple[str, str]:
         """(origin, host key) of a URL we may connect to, or FetchFailure."""
