@@ -34,7 +34,15 @@ checks X-Robots-Tag only.
 img2dataset gets its own virtual environment under benchmarks/work/ (its pins clash with ours); nginx is
 installed with apt-get when it is missing.
 
+--dns flaky measures ours alone against itself: the same images under 100 host names (h000.test ...), resolved by
+a name server the benchmark starts on 127.0.0.1 (`--nameserver`), once clean and once flaky: the first query of
+every name and type is answered SERVFAIL, and a fifth of the others (chosen by a hash of name, type and count) are
+answered 2 s late. Runs alternate; it prints successes and median times of both and their ratios (goal: at least
+99% of the clean run's successes in at most 1.3x its time). img2dataset is not run: it can only use the system's
+resolver.
+
 Usage: python benchmarks/bench_download.py [--sizes laion|fixed|both] [--images 1000] [--runs 3] [--processes 2]
+       python benchmarks/bench_download.py --dns flaky [--images 1000] [--runs 3] [--hosts 100]
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_assets.offline.dns_server import Action, LoopbackDns
 from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
 HERE = Path(__file__).resolve().parent
@@ -258,6 +268,59 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     return ratio
 
 
+def flaky(name: str, qtype: int, nth: int) -> Action:
+    """The flaky resolver: the first query of each name and type fails, a fifth of the others answer 2 s late."""
+    if nth == 1:
+        return Action("servfail")
+    if zlib.crc32(f"{name}/{qtype}/{nth}".encode()) % 5 == 0:
+        return Action("answer", 2.0)
+    return Action()
+
+
+def compare_dns(args: argparse.Namespace, nginx: str) -> None:
+    """Ours through a clean and a flaky resolver, alternating, on the same images under `args.hosts` names."""
+    root = WORK / "www-laion"
+    print(f"\n== dns: clean vs flaky resolver, {args.images} images, {args.hosts} host names ==", flush=True)
+    names, _ = build_images(root, args.images, "laion")
+    port = free_port()
+    hosts = [f"h{i:03d}.test" for i in range(args.hosts)]
+    urls = WORK / "urls-dns.parquet"
+    pq.write_table(pa.table({"url": [f"http://{hosts[i % len(hosts)]}:{port}/{n}" for i, n in enumerate(names)],
+                             "caption": [f"synthetic photo {n}" for n in names]}), urls)
+    ours_bin = shutil.which("laion-assets", path=str(Path(sys.executable).parent)) or "laion-assets"
+    out = WORK / "out-ours-dns"
+    servers = {"clean": LoopbackDns({h: ["127.0.0.1"] for h in hosts}),
+               "flaky": LoopbackDns({h: ["127.0.0.1"] for h in hosts}, behave=flaky)}
+    server = start_nginx(nginx, root, port)
+    times: dict[str, list[float]] = {"clean": [], "flaky": []}
+    ok: dict[str, list[int]] = {"clean": [], "flaky": []}
+    try:
+        for i in range(args.runs):
+            for kind, dns in servers.items():
+                dns.reset()  # every run meets the flaky resolver's first failures afresh
+                cmd = [ours_bin, "download", str(urls), "--output-dir", str(out), "--processes", str(args.processes),
+                       "--image-size", "256", "--resize-mode", "border", "--encode-format", "jpg",
+                       "--samples-per-shard", str(args.samples_per_shard), "--allow-network", "127.0.0.1/32",
+                       "--nameserver", dns.address, "--quiet"]
+                times[kind].append(run(cmd, out))
+                ok[kind].append(successes(out))
+            print(f"run {i + 1}/{args.runs}: clean {times['clean'][-1]:.2f} s ({ok['clean'][-1]} ok),"
+                  f" flaky {times['flaky'][-1]:.2f} s ({ok['flaky'][-1]} ok)", flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+        for dns in servers.values():
+            dns.close()
+    clean_s, flaky_s = statistics.median(times["clean"]), statistics.median(times["flaky"])
+    clean_ok, flaky_ok = min(ok["clean"]), min(ok["flaky"])
+    print()
+    print(f"{len(names)} images on {len(hosts)} host names, {args.processes} processes, nginx on 127.0.0.1")
+    print(f"clean resolver:  median {clean_s:.2f} s  {clean_ok} ok (fewest of {args.runs} runs)")
+    print(f"flaky resolver:  median {flaky_s:.2f} s  {flaky_ok} ok (fewest of {args.runs} runs)")
+    print(f"successes {100 * flaky_ok / max(clean_ok, 1):.1f}% of clean (goal >= 99%),"
+          f" time {flaky_s / clean_s:.2f}x clean (goal <= 1.3x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", choices=["laion", "fixed", "both"], default="laion",
@@ -266,8 +329,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--samples-per-shard", type=int, default=100)
+    parser.add_argument("--dns", choices=["flaky"], default=None,
+                        help="instead of the comparison: ours through a clean and a flaky resolver")
+    parser.add_argument("--hosts", type=int, default=100, help="host names of the --dns run")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.dns:
+        compare_dns(args, ensure_nginx())
+        return
     img2dataset = ensure_peer()
     nginx = ensure_nginx()
     ratios = {sizes: compare(sizes, args, img2dataset, nginx)

@@ -51,7 +51,7 @@ def resolve(server: LoopbackDns, *names: str, **options) -> tuple[list[object], 
 def test_first_queries_failing_are_retried(dns, kind):
     dns.behave = fail_first(2, kind)
     (answer,), queries = resolve(dns, "img.test")
-    assert answer.addresses == ((2, "127.0.0.1"),) and queries == 3
+    assert answer.addresses == ((2, "127.0.0.1"),) and queries == 6  # three of A, three of AAAA
 
 
 def test_a_slow_answer_is_hedged_and_still_heard(dns):
@@ -59,25 +59,25 @@ def test_a_slow_answer_is_hedged_and_still_heard(dns):
     dns.behave = lambda name, qtype, nth: Action("answer", 0.5 if nth == 1 else 0.0)
     start = time.monotonic()
     (answer,), queries = resolve(dns, "img.test")
-    assert answer.addresses and queries == 2 and time.monotonic() - start < 0.45
+    assert answer.addresses and queries == 4 and time.monotonic() - start < 0.45
     # Every answer late: the first is still heard at 0.5 s (giving up on it would wait for the third, at 0.9 s).
     dns.behave = lambda name, qtype, nth: Action("answer", 0.5)
     start = time.monotonic()
     (answer,), queries = resolve(dns, "other.test", timeout_s=0.2, retries=2)
-    assert answer.addresses and queries == 3 and time.monotonic() - start < 0.7
+    assert answer.addresses and queries == 6 and time.monotonic() - start < 0.7
 
 
 def test_nxdomain_is_an_answer_never_retried(dns):
     (failure,), queries = resolve(dns, "missing.test")
     assert isinstance(failure, ResolveFailure) and failure.reason == "dns_nxdomain" and not failure.transient
-    assert queries == 1 and dns.asked("missing.test") == 2  # one getaddrinfo: A and AAAA
+    assert queries == 2 and dns.asked("missing.test") == 2  # A and AAAA, once each
 
 
 def test_retries_spent_is_a_temporary_failure(dns):
     dns.behave = fail_first(99, "servfail")
     (failure,), queries = resolve(dns, "img.test", retries=2)
     assert isinstance(failure, ResolveFailure) and failure.reason == "dns_temporary" and failure.transient
-    assert str(failure).startswith("dns_temporary: cannot resolve img.test") and queries == 3
+    assert str(failure).startswith("dns_temporary: cannot resolve img.test") and queries == 6
 
 
 def test_answers_and_failures_are_cached_and_lookups_shared(dns):
@@ -95,7 +95,7 @@ def test_answers_and_failures_are_cached_and_lookups_shared(dns):
             await resolver.close()
 
     queries, asked = asyncio.run(go())
-    assert queries == 2 and asked == [2, 2]
+    assert queries == 4 and asked == [2, 2]
 
 
 def test_ttl_is_honoured(dns):
@@ -112,7 +112,7 @@ def test_ttl_is_honoured(dns):
         finally:
             await resolver.close()
 
-    assert asyncio.run(go()) == 2
+    assert asyncio.run(go()) == 4
 
 
 def test_lookups_in_flight_are_bounded(dns):
@@ -158,3 +158,14 @@ def test_fetcher_row_errors_tell_temporary_from_nxdomain(web, dns):
                               dns_retries=1)
     assert down.status == missing.status == "failed_to_download"
     assert down.error.startswith("dns_temporary: ") and missing.error.startswith("dns_nxdomain: ")
+
+
+def test_a_lost_a_record_beside_an_empty_aaaa_is_temporary_not_no_address(dns):
+    # One getaddrinfo for both families reads this as "no address"; the row would never be retried.
+    dns.behave = lambda name, qtype, nth: Action("drop" if qtype == 1 else "answer")
+    (failure,), _ = resolve(dns, "img.test", retries=1)
+    assert isinstance(failure, ResolveFailure) and failure.reason == "dns_temporary"
+    dns.records["v6.test"] = ["::1"]
+    dns.behave = lambda name, qtype, nth: Action("answer")
+    (answer,), _ = resolve(dns, "v6.test")
+    assert answer.addresses == ((10, "::1"),)

@@ -4,12 +4,14 @@ At crawl scale a download meets a new host name every few URLs; the stub resolve
 queues them behind a handful of threads, and one lost datagram becomes a permanent failure. Here:
 
 - Queries go straight to the configured name servers (`nameservers`, IP[:PORT]; default: /etc/resolv.conf's), as
-  c-ares getaddrinfo (the hosts file too, A and AAAA together, CNAMEs followed). Search domains are off: a crawled
-  host name is absolute, and `intranet` must not become `intranet.corp.example`.
+  c-ares getaddrinfo (the hosts file too, CNAMEs followed), A and AAAA side by side, each family retried on its
+  own; once one has addresses the other gets `timeout_s` more. Search domains are off: a crawled host name is
+  absolute, and `intranet` must not become `intranet.corp.example`.
 - A query that has not answered after `timeout_s` is hedged: another is sent while the first keeps listening (a
-  slow answer is still an answer), at most `retries + 1` queries per lookup, each living `timeout_s * (retries +
-  1)` at most. A server failure (SERVFAIL, REFUSED, the server unreachable) is retried after a jittered backoff
-  doubling from `backoff_s`. NXDOMAIN and a name without addresses are answers, never retried.
+  slow answer is still an answer), at most `retries + 1` queries per family, each living `timeout_s * (retries +
+  1)` at most (c-ares 1.34 may give up sooner: its timeouts follow the server's observed latency). A server
+  failure (SERVFAIL, REFUSED, the server unreachable) is retried after a jittered backoff doubling from
+  `backoff_s`. NXDOMAIN and a name without addresses are answers, never retried.
 - Answers are cached for their TTL (capped at MAX_TTL_S), NXDOMAIN and no-address answers for `negative_ttl_s`, a
   lookup whose retries were all spent for TEMPORARY_TTL_S (so that the URLs of a host whose name servers are down
   do not each spend the whole retry budget again).
@@ -42,6 +44,7 @@ REASONS = (DNS_TEMPORARY, DNS_NXDOMAIN, DNS_NO_ADDRESS, DNS_ERROR)
 MAX_TTL_S = 3600.0
 TEMPORARY_TTL_S = 5.0
 CACHE_SIZE = 100_000  # names per process; the oldest entry goes first
+FAMILIES = (socket.AF_INET, socket.AF_INET6)  # IPv4 first: the more often reachable
 
 _errno = pycares.errno
 _NXDOMAIN = frozenset({_errno.ARES_ENOTFOUND, _errno.ARES_ENONAME})
@@ -106,7 +109,7 @@ class DnsResolver:
     async def _lookup(self, host: str) -> Answer:
         async with self._slots:
             try:
-                answer = await self._hedged(host)
+                answer = await self._families(host)
             except ResolveFailure as err:
                 ttl = TEMPORARY_TTL_S if err.transient else self._negative_ttl_s
                 self._remember(host, time.monotonic() + ttl, err)
@@ -120,21 +123,58 @@ class DnsResolver:
             del self._cache[next(iter(self._cache))]
         self._cache[host] = (until, value)
 
-    async def _hedged(self, host: str) -> Answer:
-        """Queries until one answers: another after `timeout_s` of silence or a backoff after a server failure."""
+    async def _families(self, host: str) -> Answer:
+        """A and AAAA looked up side by side, each with its own retries (one getaddrinfo for both would turn a lost A
+        beside an empty AAAA into "no address"). Once one family has addresses the other gets `timeout_s` more."""
+        loop = asyncio.get_running_loop()
+        tasks = {asyncio.create_task(self._hedged(host, family)): family for family in FAMILIES}
+        found: dict[int, Answer | ResolveFailure] = {}
+        pending = set(tasks)
+        grace_until: float | None = None
+        try:
+            while pending:
+                wait = None if grace_until is None else max(0.0, grace_until - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for task in done:
+                    err = task.exception()
+                    if isinstance(err, ResolveFailure) and err.reason == DNS_NXDOMAIN:
+                        raise err  # the name does not exist, whatever the other family says
+                    if err is not None and not isinstance(err, ResolveFailure):
+                        raise err
+                    found[tasks[task]] = err if err is not None else task.result()
+                    if err is None and grace_until is None:
+                        grace_until = loop.time() + self._timeout_s
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        answers = [a for a in (found.get(f) for f in FAMILIES) if isinstance(a, Answer)]
+        if answers:
+            return Answer(tuple(x for a in answers for x in a.addresses), min(a.ttl_s for a in answers))
+        failures = [f for f in found.values() if isinstance(f, ResolveFailure)]
+        temporary = next((f for f in failures if f.transient), None)
+        if temporary is not None:
+            raise temporary
+        raise failures[0] if failures else ResolveFailure(DNS_TEMPORARY, host, "no answer")
+
+    async def _hedged(self, host: str, family: int) -> Answer:
+        """Queries of one family until one answers: another after `timeout_s` of silence or a backoff after a server
+        failure."""
         pending: set[asyncio.Future[pycares.AddrInfoResult]] = set()
         sent = 0
         last: aiodns.error.DNSError | None = None
         try:
             while True:
                 if sent <= self._retries and not pending:
-                    pending.add(self._query(host))
+                    pending.add(self._query(host, family))
                     sent += 1
                 wait = self._timeout_s if sent <= self._retries else None
                 done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     if sent <= self._retries:
-                        pending.add(self._query(host))
+                        pending.add(self._query(host, family))
                         sent += 1
                     continue
                 for fut in done:
@@ -145,7 +185,7 @@ class DnsResolver:
                     if code in _NXDOMAIN:
                         raise ResolveFailure(DNS_NXDOMAIN, host, "no such name (NXDOMAIN)")
                     if code in _NO_ADDRESS:
-                        raise ResolveFailure(DNS_NO_ADDRESS, host, "the name has no address")
+                        raise ResolveFailure(DNS_NO_ADDRESS, host, "the name has no address of this family")
                     if code not in _TEMPORARY:
                         raise ResolveFailure(DNS_ERROR, host, _strerror(err))
                     last = err
@@ -159,9 +199,9 @@ class DnsResolver:
             for fut in pending:
                 fut.cancel()
 
-    def _query(self, host: str) -> asyncio.Future[pycares.AddrInfoResult]:
+    def _query(self, host: str, family: int) -> asyncio.Future[pycares.AddrInfoResult]:
         self.queries += 1
-        return self._resolver.getaddrinfo(host, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM)
+        return self._resolver.getaddrinfo(host, family=family, type=socket.SOCK_STREAM)
 
     async def close(self) -> None:
         tasks = list(self._pending.values())
