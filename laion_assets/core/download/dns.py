@@ -7,11 +7,12 @@ queues them behind a handful of threads, and one lost datagram becomes a permane
   c-ares getaddrinfo (the hosts file too, CNAMEs followed), A and AAAA side by side, each family retried on its
   own; once one has addresses the other gets `timeout_s` more. Search domains are off: a crawled host name is
   absolute, and `intranet` must not become `intranet.corp.example`.
-- A query that has not answered after `timeout_s` is hedged: another is sent while the first keeps listening (a
-  slow answer is still an answer), at most `retries + 1` queries per family, each living `timeout_s * (retries +
-  1)` at most (c-ares 1.34 may give up sooner: its timeouts follow the server's observed latency). A server
-  failure (SERVFAIL, REFUSED, the server unreachable) is retried after a jittered backoff doubling from
-  `backoff_s`. NXDOMAIN and a name without addresses are answers, never retried.
+- A query is given `timeout_s` to answer, then another is sent beside it, at most `retries + 1` per family. c-ares
+  1.34 gives up on a query after a few times the server's observed latency (250 ms at least) and drops a late
+  answer; within `timeout_s` such a query is asked again at once, uncounted (a recursive resolver still working on
+  the name answers the repeat when it is done). A server failure (SERVFAIL, REFUSED, the server unreachable) is
+  retried after a jittered backoff doubling from `backoff_s`. NXDOMAIN and a name without addresses are answers,
+  never retried.
 - Answers are cached for their TTL (capped at MAX_TTL_S), NXDOMAIN and no-address answers for `negative_ttl_s`, a
   lookup whose retries were all spent for TEMPORARY_TTL_S (so that the URLs of a host whose name servers are down
   do not each spend the whole retry budget again).
@@ -80,7 +81,7 @@ class DnsResolver:
                  backoff_s: float = 0.1, in_flight: int = 64, negative_ttl_s: float = 30.0) -> None:
         self._timeout_s, self._retries, self._backoff_s = timeout_s, retries, backoff_s
         self._negative_ttl_s = negative_ttl_s
-        # tries=1: the retries are ours (hedged, counted, backed off); c-ares's own would drop a late answer.
+        # tries=1: the retries are ours (hedged, counted, backed off).
         self._resolver = aiodns.DNSResolver(
             nameservers=[parse_nameserver(n) for n in nameservers] or None,
             timeout=timeout_s * (retries + 1), tries=1, flags=pycares.ARES_FLAG_NOSEARCH)
@@ -137,8 +138,8 @@ class DnsResolver:
                 done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     break
-                for task in done:
-                    err = task.exception()
+                errors = {task: task.exception() for task in done}  # each read, so none is "never retrieved"
+                for task, err in errors.items():
                     if isinstance(err, ResolveFailure) and err.reason == DNS_NXDOMAIN:
                         raise err  # the name does not exist, whatever the other family says
                     if err is not None and not isinstance(err, ResolveFailure):
@@ -160,24 +161,34 @@ class DnsResolver:
         raise failures[0] if failures else ResolveFailure(DNS_TEMPORARY, host, "no answer")
 
     async def _hedged(self, host: str, family: int) -> Answer:
-        """Queries of one family until one answers: another after `timeout_s` of silence or a backoff after a server
-        failure."""
-        pending: set[asyncio.Future[pycares.AddrInfoResult]] = set()
-        sent = 0
-        last: aiodns.error.DNSError | None = None
+        """Queries of one family until one answers.
+
+        A query is ours for `timeout_s`: if c-ares gives up on it sooner (its timeouts follow the server's observed
+        latency, 250 ms at least, and a late answer is then dropped) it is asked again at once, uncounted; after
+        `timeout_s` of silence another query is counted and sent beside it. A server failure (SERVFAIL, REFUSED)
+        ends a query; the next one follows a jittered backoff. At most `retries + 1` counted queries.
+        """
+        loop = asyncio.get_running_loop()
+        pending: dict[asyncio.Future[pycares.AddrInfoResult], float] = {}  # -> when its counted query began
+        counted = 0
+        last: BaseException | None = None
         try:
             while True:
-                if sent <= self._retries and not pending:
-                    pending.add(self._query(host, family))
-                    sent += 1
-                wait = self._timeout_s if sent <= self._retries else None
-                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not pending:
+                    if counted > self._retries:
+                        detail = _strerror(last) if last is not None else "no answer"
+                        raise ResolveFailure(DNS_TEMPORARY, host, f"{detail} ({counted} queries)")
+                    pending[self._query(host, family)] = loop.time()
+                    counted += 1
+                hedge = max(pending.values()) + self._timeout_s if counted <= self._retries else None
+                wait = None if hedge is None else max(0.0, hedge - loop.time())
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
-                    if sent <= self._retries:
-                        pending.add(self._query(host, family))
-                        sent += 1
+                    pending[self._query(host, family)] = loop.time()
+                    counted += 1
                     continue
                 for fut in done:
+                    began = pending.pop(fut)
                     err = fut.exception()
                     if err is None:
                         return _answer(host, fut.result())
@@ -189,12 +200,12 @@ class DnsResolver:
                     if code not in _TEMPORARY:
                         raise ResolveFailure(DNS_ERROR, host, _strerror(err))
                     last = err
-                    if code not in _SILENT and not pending and sent <= self._retries:
-                        delay = self._backoff_s * 2 ** (sent - 1)
+                    if code in _SILENT:
+                        if loop.time() - began < self._timeout_s:
+                            pending[self._query(host, family)] = began  # still within its time: ask again
+                    elif not pending and counted <= self._retries:
+                        delay = self._backoff_s * 2 ** (counted - 1)
                         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                if not pending and sent > self._retries:
-                    detail = _strerror(last) if last is not None else "no answer"
-                    raise ResolveFailure(DNS_TEMPORARY, host, f"{detail} ({sent} queries)")
         finally:
             for fut in pending:
                 fut.cancel()
