@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -211,11 +213,19 @@ def successes(folder: Path) -> int:
     return sum(t["status"].to_pylist().count("success") for t in tables)
 
 
+CPU_S: list[float] = []  # CPU seconds (user + system, all its processes) of each run(), in order
+
+
 def run(cmd: list[str], out: Path) -> float:
+    """Wall seconds of one command; its CPU seconds are appended to CPU_S (on a machine shared with other work,
+    CPU time is the steadier measure of what a tool costs)."""
     shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_S.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
     return seconds
@@ -246,11 +256,15 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     server = start_nginx(nginx, root, port)
     try:
         times: dict[str, list[float]] = {"img2dataset": [], "ours": []}
+        cpu: dict[str, list[float]] = {"img2dataset": [], "ours": []}
         for i in range(args.runs):
             times["img2dataset"].append(run(peer_cmd, peer_out))
+            cpu["img2dataset"].append(CPU_S[-1])
             times["ours"].append(run(ours_cmd, ours_out))
-            print(f"run {i + 1}/{args.runs}: img2dataset {times['img2dataset'][-1]:.2f} s,"
-                  f" ours {times['ours'][-1]:.2f} s", flush=True)
+            cpu["ours"].append(CPU_S[-1])
+            print(f"run {i + 1}/{args.runs}: img2dataset {times['img2dataset'][-1]:.2f} s"
+                  f" ({cpu['img2dataset'][-1]:.1f} CPU s), ours {times['ours'][-1]:.2f} s"
+                  f" ({cpu['ours'][-1]:.1f} CPU s)", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -263,6 +277,10 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     print(f"img2dataset 1.47:       median {peer_s:.2f} s  {peer_ok / peer_s:7.1f} images/s  ({peer_ok} ok)")
     print(f"laion-assets download:  median {ours_s:.2f} s  {ours_ok / ours_s:7.1f} images/s  ({ours_ok} ok)")
     print(f"ratio (ours / img2dataset images per second): {ratio:.2f}x")
+    peer_cpu, ours_cpu = statistics.median(cpu["img2dataset"]), statistics.median(cpu["ours"])
+    print(f"CPU seconds (median, all processes): img2dataset {peer_cpu:.1f}, ours {ours_cpu:.1f};"
+          f" images per CPU second ratio {(ours_ok / ours_cpu) / (peer_ok / peer_cpu):.2f}x"
+          f" (load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     if peer_ok != ours_ok:
         print(f"WARNING: success counts differ ({peer_ok} vs {ours_ok})")
     return ratio

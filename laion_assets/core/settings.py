@@ -202,8 +202,7 @@ class FetchSettings(FromEnv):
                                               cli="--allow-network", env="LAION_ASSETS_ALLOW_NETWORKS")
     nameservers: tuple[str, ...] = setting((), "DNS server as IP[:PORT] (repeatable; default: the system's, from "
                                                "/etc/resolv.conf). A local caching resolver is best, see "
-                                               "docs/download.md.", cli="--nameserver",
-                                           env="LAION_ASSETS_NAMESERVERS")
+                                               "docs/download.md.", cli="--nameserver")
     dns_timeout_s: float = setting(1.0, "Seconds a DNS query waits before another is sent (the first keeps "
                                         "listening).", cli="--dns-timeout")
     dns_retries: int = setting(3, "DNS queries after the first on timeouts and server failures (never NXDOMAIN).")
@@ -213,8 +212,7 @@ class FetchSettings(FromEnv):
     dns_negative_ttl_s: float = setting(30.0, "Seconds an NXDOMAIN or a name without addresses is remembered.",
                                         cli="--dns-negative-ttl")
     proxy: str = setting("", "Forward proxy for every request, http://[user:pass@]host:port (https URLs go "
-                             "through CONNECT); the address guard still judges each target first.",
-                         env="LAION_ASSETS_PROXY")
+                             "through CONNECT); the address guard still judges each target first.")
     trust_env: bool = setting(False, "Take the proxy from HTTP_PROXY / HTTPS_PROXY and honour NO_PROXY (when "
                                      "--proxy is not given).")
 

@@ -1,9 +1,11 @@
 """Polite and safe HTTP fetching of image URLs with aiohttp.
 
-Safety: only http(s); every host is resolved by a guarded resolver that refuses forbidden addresses (one
-forbidden address in the answer refuses the host) and caches what it checked, and the connector connects to
-exactly those addresses (no second lookup, so DNS rebinding cannot slip through); redirects are followed by
-hand, each hop re-checked, at most `max_redirects`; a byte cap per response.
+Safety: only http(s); every host is resolved (c-ares, with retries and a cache: `dns.py`) by a guarded resolver
+that refuses forbidden addresses (one forbidden address in the answer refuses the host), and the connector
+connects to exactly those addresses (no second lookup, so DNS rebinding cannot slip through); redirects are
+followed by hand, each hop re-checked, at most `max_redirects`; a byte cap per response. Through a proxy
+(`proxy`, or the environment's with `trust_env`) the target is resolved and checked here and the request names
+the checked address, so the proxy never resolves it again; the proxy itself is trusted.
 
 Politeness: an honest User-Agent; robots.txt (RFC 9309) and TDMRep (`/.well-known/tdmrep.json` and the
 `tdm-reservation` header) per origin, see `robots.py`; `X-Robots-Tag` opt-outs; at most `per_host` requests
@@ -19,7 +21,8 @@ own: it must never queue a request that holds its slots.
 
 Retries (`retries`, backoff doubling from `backoff_s`, or `Retry-After` up to `max_retry_after_s`): timeouts
 of a connect or a read (not the deadline), HTTP 5xx, 408, 425 and 429, connection resets and bodies cut short.
-Not retried: other 4xx, DNS failures, refused connections, TLS errors, forbidden addresses, and a retry whose
+Not retried: other 4xx, DNS failures (the resolver has retried already; the error starts with its reason,
+`dns_temporary` or `dns_nxdomain`...), refused connections, TLS errors, forbidden addresses, and a retry whose
 wait would outlast the deadline.
 
 Outcomes: "success"; "skipped_by_policy" (robots.txt, TDMRep, X-Robots-Tag; `error` says which and why);
