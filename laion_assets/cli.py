@@ -22,6 +22,7 @@ from laion_assets.cli_options import options
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import (
     ClipSettings,
+    DecontaminationSettings,
     DownloadSettings,
     ExtractSettings,
     FetchSettings,
@@ -31,6 +32,7 @@ from laion_assets.core.settings import (
     ServeSettings,
     SourceSettings,
     StorageSettings,
+    SweepSettings,
     build,
 )
 
@@ -560,6 +562,82 @@ def removals_list(storage: str) -> None:
     for r in rows:
         click.echo(f"{r['version']}  {r['entries']:7d}  " + "  ".join(f"{r[k]:{len(k)}d}" for k in rl.KINDS)
                    + "  " + ",".join(r["dates"]))
+
+
+@removals.command("sweep")
+@_storage_option
+@click.option("--version", "version", type=int, default=None, help="The removal list version whose samples are swept "
+                                                                   "(default: the latest).")
+@options(SweepSettings)
+@click.option("--output", "-o", required=True, help="Parquet file of the candidates: ids, URLs, sha256, pHash, "
+                                                    "similarity and the removed sample each neighbours (no images).")
+@click.option("--crawl", "crawls", multiple=True, help="Crawl whose kNN index is searched (repeatable; default: every "
+                                                       "indexed crawl).")
+@click.option("--buckets", type=int, default=lambda: Layout.from_env().buckets, show_default="LAION_ASSETS_BUCKETS",
+              help="The layout's buckets (where the removed samples' embeddings are).")
+@click.option("--add", is_flag=True, help="Write the candidates as the next removal list version (sha256 entries).")
+@click.option("--reason", default="", help="Reason of the entries --add writes.")
+def removals_sweep(storage: str, version: int | None, output: str, crawls: tuple[str, ...], buckets: int, add: bool,
+                   reason: str, **kwargs: Any) -> None:
+    """The indexed samples near what a removal list version removed, as candidate rows for review (a kNN query
+    around each removed sample's embedding); with --add --reason, the candidates become the next version."""
+    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.release import sweep
+
+    if add and not reason.strip():
+        raise click.ClickException("--add needs a --reason (recorded with every entry)")
+    try:
+        report, rows = sweep.run(_folder(storage), Layout(Layout.from_env().chunks, buckets),
+                                 build(SweepSettings, kwargs), version, list(crawls) or None,
+                                 reason.strip() if add else "", log=lambda m: click.echo(m, err=True))
+    except (sweep.NothingToSweep, EmbeddingModelMismatch, KeyError, ValueError) as err:
+        raise click.ClickException(str(err).strip("'\"")) from err
+    out, key = _locate(output)
+    out.write_parquet(key, rows.to_arrow())
+    for crawl, why in sorted(report.unavailable.items()):
+        click.echo(f"not searched: {crawl}: {why}", err=True)
+    click.echo(f"{output}: {report.summary()}")
+
+
+@main.command("decontaminate")
+@click.argument("eval_source")
+@click.option("--name", required=True, help="The evaluation set's name (e.g. imagenet-val): the entries' reason is "
+                                            "eval:<name>.")
+@_storage_option
+@click.option("--crawl", "crawls", multiple=True, help="Crawl whose release is checked (repeatable; default: every "
+                                                       "released crawl).")
+@click.option("--matches", "matches_out", default=None, help="Parquet file of every match: evaluation image, kind, "
+                                                             "released sample, similarity or pHash distance.")
+@click.option("--dry-run", is_flag=True, help="Report the matches; write nothing to the removal list.")
+@options(DecontaminationSettings, exclude=("eval_sets",))
+@options(ResizeSettings, exclude=("min_image_size", "max_aspect_ratio", "keep_original"))
+@options(ModelSettings, exclude=("clip_en_arch", "clip_en_pretrained", "clip_multi_arch", "clip_multi_pretrained",
+                                 "threshold_en", "threshold_multi", "safety_head", "aesthetic_head", "concepts",
+                                 "rating_embeddings", "violence_prompts", "watermark_arch", "watermark_checkpoint",
+                                 "watermark_image_size", "decode_workers", "decode"))
+def decontaminate_command(eval_source: str, name: str, storage: str, crawls: tuple[str, ...],
+                          matches_out: str | None, dry_run: bool, **kwargs: Any) -> None:
+    """Released samples that are images of an evaluation set (EVAL_SOURCE: a folder of images, a webdataset or an
+    embeddings folder) by sha256, pHash within --phash-radius or image cosine >= --min-similarity in the kNN indices,
+    written to the removal list as sha256 entries with reason eval:<name>. The resize options are the download's:
+    the evaluation images are hashed and embedded as the crawl stored its images."""
+    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.release import decontaminate as stage
+
+    try:
+        report, matches = stage.run(_folder(storage), eval_source, name, build(DecontaminationSettings, kwargs),
+                                    build(ModelSettings, kwargs), build(ResizeSettings, kwargs), list(crawls) or None,
+                                    dry_run, log=lambda m: click.echo(m, err=True))
+    except (stage.EvaluationSourceError, EmbeddingModelMismatch, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if matches_out:
+        out, key = _locate(matches_out)
+        out.write_parquet(key, matches.to_arrow())
+    for file, why in sorted(report.unreadable.items()):
+        click.echo(f"unreadable: {file}: {why}", err=True)
+    for crawl, why in sorted(report.not_searched_by_cosine.items()):
+        click.echo(f"no cosine search in {crawl}: {why}", err=True)
+    click.echo(report.summary() + (" (dry run)" if dry_run and report.entries_added else ""))
 
 
 @main.command("upgrade-storage")

@@ -53,8 +53,9 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        columns = InputColumns(url="url", caption="text", language="language")
-        inputs = inputs_of(unique_pairs.select(["url", "text", "language"]).collect().to_arrow(), columns)
+        columns = InputColumns(url="url", caption="text", language="language", page_url="page_url", robots="robots")
+        inputs = inputs_of(unique_pairs.select(["url", "text", "language", "page_url", "robots"]).collect().to_arrow(),
+                           columns)
         seen = {"done": 0, "ok": 0}
         log = throttled(context.log.info)
 

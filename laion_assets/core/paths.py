@@ -250,6 +250,12 @@ def removals() -> str:
 def removal_version(version: int) -> str:
     return f"{removals()}/v{version:06d}.jsonl"
 
+def evaluation_set(name: str, fingerprint: str) -> str:
+    """An evaluation set's hashes and embeddings as decontamination prepared them, for one source listing and
+    embedding model (the fingerprint): every crawl checked against it reuses them."""
+    return f"evaluation/{name}/{fingerprint}.parquet"
+
+
 # --- the kNN index ---------------------------------------------------------------------------------------------
 
 ALL_INDICES = "all"

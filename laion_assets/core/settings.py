@@ -144,6 +144,12 @@ class SourceSettings(FromEnv):
     timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
     backoff_s: float = setting(1.0, "First delay before an HTTP retry, in seconds; doubles on each retry (S3 "
                                     "requests back off as botocore's standard mode does).", cli="--backoff")
+    requests_per_s: float = setting(10.0, "HTTP requests per second to one crawl source, per process (0: no limit); "
+                                          "halved by each 429 or 503, recovering with each success.")
+    max_retry_after_s: float = setting(120.0, "Longest Retry-After of a crawl source honoured, in seconds.",
+                                       cli="--max-retry-after")
+    throttle_budget_s: float = setting(900.0, "Seconds one crawl file may wait on 429/503 answers with Retry-After "
+                                              "without using its retries.")
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,9 @@ class ExtractSettings:
     # A WAT file unreadable after retries fails the partition (after the chunk's other files are written), so
     # that Dagster shows it as failed and a retry redoes it; the CLI exits with status 1.
     fail_on_unreadable_wat: bool = setting(True, "Fail when a WAT file cannot be read after retries.")
+    robots_meta_names: tuple[str, ...] = setting(("robots", "ccbot", "laion-assets"), "Names of the <meta> tags whose "
+                                                 "directives a pair keeps in its robots column (lower case; the "
+                                                 "download's agent token should be one).", cli="--robots-meta-name")
 
 
 # --- the sample crawl (offline) ------------------------------------------------------------------------
@@ -196,6 +205,8 @@ class FetchSettings(FromEnv):
     respect_robots_txt: bool = setting(True, "Obey each host's robots.txt (RFC 9309).")
     respect_x_robots_tag: bool = setting(True, "Skip images whose X-Robots-Tag says noai, noimageai, noindex or "
                                                "noimageindex.")
+    respect_page_opt_out: bool = setting(True, "Skip the images of a page whose X-Robots-Tag or robots meta tag "
+                                               "(for our token, CCBot or every robot) says noai or noimageai.")
     respect_tdmrep: bool = setting(True, "Skip images reserved by TDMRep (tdm-reservation header or the origin's "
                                          "/.well-known/tdmrep.json).")
     allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
@@ -252,6 +263,11 @@ class DownloadSettings:
                                 "shards are split between them.")
     resize_threads: int = setting(1, "Decode/resize threads per process.")
     in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")
+    # A second chance: complete shards keep their successes and permanent failures, and only the rows whose
+    # failure another try may change (report.is_transient) are fetched again and the shard rewritten.
+    retry_failed: bool = setting(False, "Also re-fetch the transient failures of complete shards (timeouts, 5xx, "
+                                        "408/425/429, resets, temporary DNS failures, unreachable policy files); "
+                                        "never successes, other 4xx, NXDOMAIN or policy refusals.")
     fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
     resize: ResizeSettings = dataclasses.field(default_factory=ResizeSettings)
 
@@ -374,6 +390,14 @@ class OperationsSettings(FromEnv):
                                    env="LAION_ASSETS_RETRY_DELAY_S")
     max_retries: int = setting(3, "Retries of a failed network-bound step within its run.",
                                env="LAION_ASSETS_MAX_RETRIES")
+    retry_failed_after_h: float = setting(24.0, "Hours after a bucket's download that the retry_downloads sensor "
+                                                "fetches its transient failures again (0: never).",
+                                          env="LAION_ASSETS_RETRY_FAILED_AFTER_H")
+    retry_failed_max_runs: int = setting(3, "Downloads a bucket's rows get in all, the first included: "
+                                            "retry_downloads stops asking after that.",
+                                         env="LAION_ASSETS_RETRY_FAILED_MAX_RUNS")
+    retry_failed_per_tick: int = setting(20, "Retry runs retry_downloads requests at most per evaluation.",
+                                         env="LAION_ASSETS_RETRY_FAILED_PER_TICK")
     executor: str = setting("in_process", "How a run executes its steps: in_process, multiprocess, or k8s (a pod "
                                           "per step, shaped by the assets' dagster-k8s/config tags).",
                             env="LAION_ASSETS_EXECUTOR")
@@ -408,6 +432,52 @@ class IndexSettings:
     seed: int = setting(0, "Seed of the held-out query sample and of the merged index's training sample.")
     min_recall: float = setting(0.8, "Floor of recall@10 (image and text) below which the knn_index and "
                                      "knn_index_all assets' blocking `recall` check fails.")
+
+
+@dataclass(frozen=True)
+class DecontaminationSettings(FromEnv):
+    """Evaluation-set decontamination: what counts as a released sample being an evaluation image, and the
+    evaluation sets the `decontamination` asset checks every crawl against."""
+
+    phash_radius: int = setting(4, "Hamming radius (bits of the 64-bit pHash) within which a released image is an "
+                                   "evaluation image (as near_radius for duplicates).")
+    min_similarity: float = setting(0.95, "Image cosine (embedding CLIP) at or above which a released image is an "
+                                          "evaluation image.")
+    neighbours: int = setting(10, "Nearest indexed samples looked at per evaluation image.")
+    eval_sets: tuple[str, ...] = setting((), "Registered evaluation sets, NAME=SOURCE (a folder of images, a "
+                                             "webdataset or an embeddings folder; local or s3://): the "
+                                             "decontamination asset checks each crawl against every one.",
+                                         cli="--eval-set", env="LAION_ASSETS_EVAL_SETS")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_radius <= 16:
+            raise ValueError(f"phash_radius must be between 0 and 16 bits, not {self.phash_radius}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
+        for entry in self.eval_sets:
+            name, _, source = entry.partition("=")
+            if not name.strip() or not source.strip():
+                raise ValueError(f"an evaluation set is NAME=SOURCE, not {entry!r}")
+
+    def registered(self) -> dict[str, str]:
+        """{name: source} of the registered evaluation sets."""
+        return {e.partition("=")[0].strip(): e.partition("=")[2].strip() for e in self.eval_sets}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The neighbour sweep: indexed samples near what a removal list version removed, as candidates."""
+
+    min_similarity: float = setting(0.9, "Image cosine at or above which an indexed sample is a candidate.")
+    neighbours: int = setting(50, "Nearest indexed samples looked at per removed sample.")
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
 
 
 @dataclass(frozen=True)

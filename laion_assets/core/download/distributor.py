@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from laion_assets.core import paths
+from laion_assets.core.download import retry
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
 from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
@@ -68,7 +69,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
         columns: InputColumns | None = None, progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> DownloadReport:
     """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
-    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable."""
+    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable. With
+    `settings.retry_failed`, the transient failures of shards already complete are fetched again (`retry.py`)."""
     start = time.perf_counter()
     if max(1, settings.processes or (os.cpu_count() or 1)) > 1:
         _forkserver()  # first: its imports (a second) overlap reading the inputs and planning
@@ -98,6 +100,15 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
                            {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
                 new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
+    if settings.retry_failed and state.done:
+        # Only shards complete before this run: those written just now have had their tries.
+        with store.staging_dir() as staging:
+            second = retry.run(inputs, store, prefix, plan, state.done, settings, staging, progress)
+        done |= second.stats
+        report.retried, report.recovered, report.shards_rewritten = second.retried, second.recovered, len(second.stats)
+        if log:
+            log(f"retried {second.retried} transient failures in {len(second.stats)} shards:"
+                f" {second.recovered} recovered")
     for stats in done.values():
         report.add(stats)
     report.rows = sum(s.count for s in new)

@@ -307,9 +307,12 @@ class Fetcher:
         )
         self._hosts = _HostLimits(s.per_host)
         self._connections = asyncio.Semaphore(s.connections)
-        policy_timeout = min(POLICY_TIMEOUT_S, s.deadline_s)
-        self._robots = PolicyCache(ROBOTS_PATH, self._read_policy_file, RobotsPolicy.from_file, policy_timeout)
-        self._tdmrep = PolicyCache(TDMREP_PATH, self._read_policy_file, TdmPolicy.from_file, policy_timeout)
+        # An origin's budget: as long as one URL's deadline, a read at most POLICY_TIMEOUT_S of it, and the
+        # image fetch's retries and backoff for transient failures.
+        policy = dict(timeout_s=s.deadline_s, attempt_timeout_s=min(POLICY_TIMEOUT_S, s.deadline_s),
+                      retries=s.retries, backoff_s=s.backoff_s)
+        self._robots = PolicyCache(ROBOTS_PATH, self._read_policy_file, RobotsPolicy.from_file, **policy)
+        self._tdmrep = PolicyCache(TDMREP_PATH, self._read_policy_file, TdmPolicy.from_file, **policy)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -404,7 +407,7 @@ class Fetcher:
                     body, truncated = await _read_capped(resp, POLICY_MAX_BYTES)
                     return PolicyFile(url, resp.status, whole_lines(body, truncated))
             except FetchFailure as err:
-                return PolicyFile(url, error=f"redirect to {current}: {err}")
+                return PolicyFile(url, error=f"redirect to {current}: {err}", permanent=True)
             except (aiohttp.ClientConnectorError, ForbiddenAddress, ResolveFailure) as err:
                 # On the origin itself the image request would meet the same; on a redirect it is the file's fate.
                 return PolicyFile(url, error=_describe(err), origin_unreachable=hop == 0)

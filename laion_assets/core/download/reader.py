@@ -11,11 +11,14 @@ import pyarrow.parquet as pq
 
 @dataclass(frozen=True)
 class InputColumns:
-    """Which columns of the URL list hold what; caption and language may be missing (read as empty)."""
+    """Which columns of the URL list hold what; caption and language may be missing (read as empty), and so may
+    the page's URL and robots directives (the crawl's `page_url` and `robots`: then no page opt-out applies)."""
 
     url: str = "url"
     caption: str = "caption"
     language: str = "language"
+    page_url: str = "page_url"
+    robots: str = "robots"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,18 @@ class Inputs:
     def rows(self, lo: int, hi: int) -> list[tuple[str | None, str | None, str | None]]:
         part = self.table.slice(lo, hi - lo)
         return list(zip(*(part[c].to_pylist() for c in ("url", "caption", "language")), strict=True))
+
+    def opted_out_pages(self) -> dict[int, tuple[str, str]]:
+        """Row -> (page URL, robots directives) of the rows whose page's directives mention noai or noimageai
+        (a handful: found without making a Python string per row)."""
+        if "robots" not in self.table.column_names:
+            return {}
+        import pyarrow.compute as pc
+
+        hits = pc.indices_nonzero(pc.fill_null(pc.match_substring_regex(self.table["robots"], "noai|noimageai"),
+                                               False)).to_pylist()
+        pages, robots = self.table["page_url"].take(hits).to_pylist(), self.table["robots"].take(hits).to_pylist()
+        return {i: (p or "", r) for i, p, r in zip(hits, pages, robots, strict=True)}
 
     def save(self, path: str) -> None:
         """For worker processes: an Arrow IPC file they map instead of re-reading the input. Written with pyarrow.ipc
@@ -74,8 +89,10 @@ def inputs_of(table: pa.Table, columns: InputColumns | None = None) -> Inputs:
             return pa.nulls(table.num_rows, pa.string())
         return table[name].cast(pa.string())
 
-    return Inputs(pa.table({"url": column(columns.url), "caption": column(columns.caption),
-                            "language": column(columns.language)}))
+    wanted = {"url": column(columns.url), "caption": column(columns.caption), "language": column(columns.language)}
+    if columns.robots in table.column_names:
+        wanted |= {"page_url": column(columns.page_url), "robots": column(columns.robots)}
+    return Inputs(pa.table(wanted))
 
 
 def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
@@ -83,5 +100,6 @@ def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
     columns = columns or InputColumns()
     file = open_url_list(path, columns.url)
     names = file.schema_arrow.names
-    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language) if c in names))
+    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language, columns.page_url,
+                                            columns.robots) if c in names))
     return inputs_of(file.read(columns=wanted), columns)

@@ -12,7 +12,8 @@ from typing import Any
 
 from laion_assets.core.download.plan import Plan, ShardPlan
 from laion_assets.core.download.reader import Inputs
-from laion_assets.core.download.report import ShardStats
+from laion_assets.core.download.report import PAGE_OPT_OUT, ShardStats
+from laion_assets.core.download.robots import page_opt_out
 from laion_assets.core.download.writer import Piece, PieceBuilder, new_row, write_shard
 from laion_assets.core.progress import Throttle
 from laion_assets.core.settings import DownloadSettings
@@ -71,6 +72,7 @@ class ShardRunner:
         self.inputs, self.plan, self.settings = inputs, plan, settings
         self.store, self.prefix, self.staging = store, prefix, staging
         self.progress = Progress(progress)
+        self._page_refusals: dict[int, str] | None = None
 
     async def run(self, work: list[WorkItem]) -> RunResult:
         # Imported here: the parent of worker processes never needs aiohttp or Pillow, and starts them sooner.
@@ -108,7 +110,12 @@ class ShardRunner:
                    language: str | None) -> None:
         row = new_row(builder.shard.key(index, self.plan.widths), url, caption, language)
         try:
-            files = await self._fetch_and_resize(fetcher, url, row)
+            refusal = self.page_refusal(index)
+            if refusal:
+                row.update(status="skipped_by_policy", error_message=refusal)
+                files = {}
+            else:
+                files = await self._fetch_and_resize(fetcher, url, row)
         except Exception as err:  # noqa: BLE001 - the fetcher never raises; this guards against our own bugs
             row.update(status="failed_to_download", error_message=f"{type(err).__name__}: {err}", final_url=None)
             files = {}
@@ -123,6 +130,20 @@ class ShardRunner:
                 self._result.pieces.append(piece)
         self.progress.add(row["status"] == "success")
 
+    def page_refusal(self, index: int) -> str | None:
+        """Why the page that links input row `index` forbids AI use of its images (noai, noimageai), or None."""
+        fetch = self.settings.fetch
+        if not fetch.respect_page_opt_out:
+            return None
+        if self._page_refusals is None:
+            self._page_refusals = {}
+            for i, (page, directives) in self.inputs.opted_out_pages().items():
+                directive = page_opt_out(directives, fetch.agent_token)
+                if directive:
+                    page = page or "(unknown)"
+                    self._page_refusals[i] = f"{PAGE_OPT_OUT}: page {page} opted out of AI use: {directive}"
+        return self._page_refusals.get(index)
+
     async def _fetch_and_resize(self, fetcher: Any, url: str | None, row: dict[str, Any]) -> dict[str, bytes]:
         """Fill the row with what happened; the sample's files (tar field -> bytes) when it succeeded."""
         from laion_assets.core.download.resize import ImageError, process_image
@@ -132,7 +153,8 @@ class ShardRunner:
             return {}
         fetched = await fetcher.fetch(url)
         row.update(status=fetched.status, error_message=fetched.error or None, http_status=fetched.http_status,
-                   final_url=fetched.final_url, bytes_downloaded=len(fetched.body))
+                   final_url=fetched.final_url, bytes_downloaded=len(fetched.body),
+                   attempts=row["attempts"] + fetched.attempts)
         if fetched.status != "success":
             return {}
         resize = self.settings.resize

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardPlan
-from laion_assets.core.download.report import ShardStats
+from laion_assets.core.download.report import PAGE_OPT_OUT, ShardStats, is_transient
 from laion_assets.core.storage import Storage
 
 ROW_SCHEMA = pa.schema([
@@ -43,6 +43,8 @@ ROW_SCHEMA = pa.schema([
     ("phash", pa.string()),
     ("language", pa.string()),
     ("bytes_downloaded", pa.int64()),
+    ("attempts", pa.int32()),  # image requests sent for this URL, over all runs (null: made before it was counted)
+    ("runs", pa.int32()),  # downloads that tried this URL: 1, plus one for each --retry-failed that fetched it again
 ])
 
 
@@ -51,7 +53,7 @@ def new_row(key: str, url: str | None, caption: str | None, language: str | None
     return {"key": key, "url": url, "caption": caption, "status": "failed_to_download", "error_message": None,
             "http_status": None, "final_url": None, "width": None, "height": None, "original_width": None,
             "original_height": None, "sha256": None, "phash": None, "language": language or "",
-            "bytes_downloaded": 0}
+            "bytes_downloaded": 0, "attempts": 0, "runs": 1}
 
 
 def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
@@ -136,11 +138,16 @@ def _samples(pieces: list[Piece]) -> Iterator[tuple[str, dict[str, bytes]]]:
             for row, files in zip(piece.rows, piece.images, strict=True):
                 if not files:
                     continue
-                members = {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row)}
+                images = {}
                 for name, offset, length in files:
                     spill.seek(offset)
-                    members[name] = spill.read(length)
-                yield row["key"], members
+                    images[name] = spill.read(length)
+                yield row["key"], sample_members(row, images)
+
+
+def sample_members(row: dict[str, Any], images: dict[str, bytes]) -> dict[str, bytes]:
+    """A sample's tar members: its caption, its row as JSON, and its image files."""
+    return {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row), **images}
 
 
 def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str, staging: str) -> ShardStats:
@@ -154,9 +161,7 @@ def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str,
     keys = paths.shard(prefix, shard.name)
     stats = ShardStats(shard=shard.shard, name=shard.name, count=len(rows), rows=[shard.lo, shard.hi],
                        input_fingerprint=shard.fingerprint, settings=settings)
-    stats.statuses = dict(Counter(r["status"] for r in rows))
-    stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
-    stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
+    count_rows(stats, rows)
     tar_path = os.path.join(staging, f"{shard.name}.tar")
     write_tar(tar_path, _samples(pieces))
     stats.bytes_written = os.path.getsize(tar_path)
@@ -171,6 +176,17 @@ def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str,
     stats.duration_s = round(time.perf_counter() - min(p.started for p in pieces), 3)
     store.write_bytes(keys.stats, stats.to_json())
     return stats
+
+
+def count_rows(stats: ShardStats, rows: list[dict[str, Any]]) -> None:
+    """The marker's counts of a shard's rows."""
+    stats.statuses = dict(Counter(r["status"] for r in rows))
+    stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
+    stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
+    stats.retryable = sum(is_transient(r["status"], r["error_message"], r["http_status"]) for r in rows)
+    stats.page_opt_outs = sum(r["status"] == "skipped_by_policy" and (r["error_message"] or "").startswith(PAGE_OPT_OUT)
+                              for r in rows)
+    stats.runs = max((r.get("runs") or 1 for r in rows), default=1)
 
 
 def _remove(path: str) -> None:
