@@ -214,8 +214,8 @@ class FetchSettings(FromEnv):
     nameservers: tuple[str, ...] = setting((), "DNS server as IP[:PORT] (repeatable; default: the system's, from "
                                                "/etc/resolv.conf). A local caching resolver is best, see "
                                                "docs/download.md.", cli="--nameserver")
-    dns_timeout_s: float = setting(1.0, "Seconds a DNS query waits before another is sent (the first keeps "
-                                        "listening).", cli="--dns-timeout")
+    dns_timeout_s: float = setting(1.0, "Seconds a DNS query is given before another is sent beside it.",
+                                   cli="--dns-timeout")
     dns_retries: int = setting(3, "DNS queries after the first on timeouts and server failures (never NXDOMAIN).")
     dns_backoff_s: float = setting(0.1, "First delay after a DNS server failure, in seconds; doubles on each retry.",
                                    cli="--dns-backoff")
