@@ -70,7 +70,7 @@ def test_a_slow_answer_is_hedged_and_still_heard(dns):
 def test_nxdomain_is_an_answer_never_retried(dns):
     (failure,), queries = resolve(dns, "missing.test")
     assert isinstance(failure, ResolveFailure) and failure.reason == "dns_nxdomain" and not failure.transient
-    assert queries == 2 and dns.asked("missing.test") == 2  # A and AAAA, once each
+    assert queries == 2 and dns.asked("missing.test") in (1, 2)  # A and AAAA once each (AAAA maybe cancelled)
 
 
 def test_retries_spent_is_a_temporary_failure(dns):
@@ -95,7 +95,8 @@ def test_answers_and_failures_are_cached_and_lookups_shared(dns):
             await resolver.close()
 
     queries, asked = asyncio.run(go())
-    assert queries == 4 and asked == [2, 2]
+    # The AAAA query of missing.test is cancelled once A says NXDOMAIN: it may not have reached the server yet.
+    assert queries == 4 and asked[0] == 2 and asked[1] in (1, 2)
 
 
 def test_ttl_is_honoured(dns):
@@ -149,7 +150,8 @@ def test_fetcher_survives_a_stumbling_resolver(web, dns):
     urls = [f"http://{host}:{web.port}/a.jpg?{i}" for host in ("img.test", "other.test") for i in range(5)]
     results = fetch_all(urls, dns)
     assert [r.status for r in results] == ["success"] * 10, {r.error for r in results}
-    assert dns.asked("img.test") == 6  # three getaddrinfo (A and AAAA), shared by robots.txt and the images
+    assert 6 <= dns.asked("img.test") <= 8  # three each of A and AAAA (a slow machine may hedge once more), shared
+    # by robots.txt, tdmrep.json and the five images
 
 
 def test_fetcher_row_errors_tell_temporary_from_nxdomain(web, dns):
