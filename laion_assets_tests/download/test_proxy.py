@@ -127,10 +127,11 @@ def test_requests_go_through_the_proxy_to_the_checked_address(web, proxy, dns):
 
 def test_the_proxy_never_reaches_a_forbidden_target(web, proxy, dns):
     # The proxy is trusted (here a name resolving to loopback with no network allowed); its targets are not.
+    # The proxy's own name as a target is judged like any other.
     urls = [f"http://img.test:{web.port}/a.jpg", f"http://127.0.0.2:{web.port}/a.jpg", "http://inside.test/a.jpg",
-            "http://169.254.169.254/latest/meta-data/"]
+            "http://169.254.169.254/latest/meta-data/", f"http://proxy.test:{web.port}/a.jpg"]
     results = fetch(urls, dns, proxy=f"http://proxy.test:{proxy.port}", allow_networks=())
-    assert [r.status for r in results] == ["failed_to_download"] * 4
+    assert [r.status for r in results] == ["failed_to_download"] * 5
     assert all("forbidden" in r.error for r in results), [r.error for r in results]
     assert proxy.forwarded == []
     # The same proxy by name reaches allowed targets.

@@ -107,10 +107,14 @@ class GuardedResolver(AbstractResolver):
         self._allow = allow
         self._trusted = trusted
 
-    async def checked(self, host: str) -> tuple[tuple[int, str], ...]:
-        """The (family, address) pairs of `host`, every one allowed; ForbiddenAddress or ResolveFailure."""
+    def trusts(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self._trusted
+
+    async def checked(self, host: str, trusted: bool = False) -> tuple[tuple[int, str], ...]:
+        """The (family, address) pairs of `host`, every one allowed (unless `trusted`); ForbiddenAddress or
+        ResolveFailure."""
         answer = await self.dns.resolve(host)
-        if host.lower().rstrip(".") in self._trusted:
+        if trusted:
             return answer.addresses
         refused = []
         for _, address in answer.addresses:
@@ -124,8 +128,10 @@ class GuardedResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
                       ) -> list[ResolveResult]:
+        # The connector asks for the proxy's name too; a target with that name was checked by Fetcher._get.
         return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=socket.IPPROTO_TCP,
-                              flags=socket.AI_NUMERICHOST) for fam, address in await self.checked(host)]
+                              flags=socket.AI_NUMERICHOST)
+                for fam, address in await self.checked(host, trusted=self.trusts(host))]
 
     async def close(self) -> None:
         await self.dns.close()
@@ -359,6 +365,9 @@ class Fetcher:
         assert self._session is not None
         proxy = self._proxy_for(url)
         if proxy is None:
+            host = urlsplit(url).hostname or ""
+            if self._resolver.trusts(host):
+                await self._resolver.checked(host)  # the proxy's own name as a target (NO_PROXY) is judged too
             async with self._session.get(url, allow_redirects=False) as resp:
                 yield resp
             return
