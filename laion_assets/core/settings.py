@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from laion_assets.core.download.guard import parse_nameserver
+
 S = TypeVar("S")
 
 # One honest identity for every request the project makes (crawl files and images alike).
@@ -205,7 +207,8 @@ class FetchSettings(FromEnv):
                                       "request holds its connection slot.", cli="--deadline")
     max_bytes: int = setting(25 * 1024 * 1024, "Largest response body accepted, in bytes.")
     max_redirects: int = setting(5, "Redirects followed per URL, each hop re-checked.")
-    retries: int = setting(2, "Retries on timeouts, 5xx and connection resets (never 4xx, DNS or refused).")
+    retries: int = setting(2, "Retries on timeouts, 5xx and connection resets (never 4xx or refused; DNS has its "
+                              "own, dns_retries).")
     backoff_s: float = setting(0.5, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
     max_retry_after_s: float = setting(30.0, "Longest Retry-After honoured, in seconds.", cli="--max-retry-after")
     respect_robots_txt: bool = setting(True, "Obey each host's robots.txt (RFC 9309).")
@@ -217,6 +220,27 @@ class FetchSettings(FromEnv):
                                          "/.well-known/tdmrep.json).")
     allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
                                               cli="--allow-network", env="LAION_ASSETS_ALLOW_NETWORKS")
+    nameservers: tuple[str, ...] = setting((), "DNS server as IP[:PORT] (repeatable; default: the system's, from "
+                                               "/etc/resolv.conf). A local caching resolver is best, see "
+                                               "docs/download.md.", cli="--nameserver")
+    dns_timeout_s: float = setting(1.0, "Seconds a DNS query is given before another is sent beside it.",
+                                   cli="--dns-timeout")
+    dns_retries: int = setting(3, "DNS queries after the first on timeouts and server failures (never NXDOMAIN).")
+    dns_backoff_s: float = setting(0.1, "First delay after a DNS server failure, in seconds; doubles on each retry.",
+                                   cli="--dns-backoff")
+    dns_in_flight: int = setting(64, "Host names being looked up at once, per process.")
+    dns_negative_ttl_s: float = setting(30.0, "Seconds an NXDOMAIN or a name without addresses is remembered.",
+                                        cli="--dns-negative-ttl")
+    proxy: str = setting("", "Forward proxy for every request, http://[user:pass@]host:port (https URLs go "
+                             "through CONNECT); the address guard still judges each target first.")
+    trust_env: bool = setting(False, "Take the proxy from HTTP_PROXY / HTTPS_PROXY and honour NO_PROXY (when "
+                                     "--proxy is not given).")
+
+    def __post_init__(self) -> None:
+        for server in self.nameservers:
+            parse_nameserver(server)
+        if self.proxy and not self.proxy.startswith("http://"):
+            raise ValueError(f"proxy must be an http:// URL, not {self.proxy!r}")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -44,8 +45,10 @@ from laion_assets.core.download.writer import Piece, ShardLayout, write_shard
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
+# pandas too: pyarrow imports it on its first conversion of Python rows (each shard's rows table), which would
+# otherwise cost every worker a quarter of a second, GIL held, at its first shard.
 WORKER_MODULES = ("laion_assets.core.download.runner", "laion_assets.core.download.fetch",
-                  "laion_assets.core.download.resize")
+                  "laion_assets.core.download.resize", "pandas")
 
 
 def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
@@ -73,6 +76,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     of `store`; resumable. With `settings.retry_failed`, the transient failures of shards already complete are
     fetched again (`retry.py`)."""
     start = time.perf_counter()
+    if max(1, settings.processes or (os.cpu_count() or 1)) > 1:
+        _forkserver()  # first: its imports (a second) overlap reading the inputs and planning
     if isinstance(source, Inputs):
         inputs = source
     else:
@@ -233,11 +238,18 @@ class _Joiner:
         return [w.result() for w in self.writes]
 
 
+def _forkserver() -> Any:
+    """The forkserver context, its server started (it imports WORKER_MODULES once; workers fork from it)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_MODULES))
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
 def _run_processes(job: _Job, work: list[list[WorkItem]], progress: ProgressFn | None) -> list[ShardStats]:
     """One task per process (its work items as a single stream); progress comes back on a queue drained while
     the tasks run. A worker that dies breaks the pool: the others are stopped and BrokenProcessPool raised."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(WORKER_MODULES))
+    ctx = _forkserver()
     # A SimpleQueue's put writes to the pipe at once (no feeder thread), so a task's progress is all readable
     # by the time its result is.
     messages = ctx.SimpleQueue() if progress else None
