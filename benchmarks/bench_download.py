@@ -34,13 +34,32 @@ checks X-Robots-Tag only.
 img2dataset gets its own virtual environment under benchmarks/work/ (its pins clash with ours); nginx is
 installed with apt-get when it is missing.
 
+--input-format (txt, csv, tsv, json, jsonl, parquet, each also .gz; default parquet) writes the list in that
+format for both tools; --save-additional-columns uid gives the list a uid column both tools copy to their rows
+(ours always with min_image_bytes 0, img2dataset's keep-everything default, so that successes can match).
+
+--dns flaky measures ours alone against itself: the same images under 100 host names (h000.test ...), resolved by
+a name server the benchmark starts on 127.0.0.1 (`--nameserver`), once clean and once flaky: the first query of
+every name and type is answered SERVFAIL, and a fifth of the others (chosen by a hash of name, type and count) are
+answered 2 s late. Runs alternate; it prints successes and median times of both and their ratios (goal: at least
+99% of the clean run's successes in at most 1.3x its time). img2dataset is not run: it can only use the system's
+resolver.
+
 Usage: python benchmarks/bench_download.py [--sizes laion|fixed|both] [--images 1000] [--runs 3] [--processes 2]
+       [--input-format tsv.gz] [--save-additional-columns uid]
+       python benchmarks/bench_download.py --dns flaky [--images 1000] [--runs 3] [--hosts 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import gzip
+import io
+import json
 import math
+import os
 import random
 import shutil
 import socket
@@ -48,11 +67,14 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_assets.offline.dns_server import Action, LoopbackDns
 from laion_assets.offline.synthetic import jpeg_bytes, random_scene, render
 
 HERE = Path(__file__).resolve().parent
@@ -201,14 +223,56 @@ def successes(folder: Path) -> int:
     return sum(t["status"].to_pylist().count("success") for t in tables)
 
 
+CPU_S: list[float] = []  # CPU seconds (user + system, all its processes) of each run(), in order
+
+
 def run(cmd: list[str], out: Path) -> float:
+    """Wall seconds of one command; its CPU seconds are appended to CPU_S (on a machine shared with other work,
+    CPU time is the steadier measure of what a tool costs).
+
+    CPU time is read from every process of the command's tree every 20 ms (psutil), the last reading of each
+    kept: rusage would miss a forkserver's workers, which nobody waits for. A process's last 20 ms may be missed.
+    """
     shutil.rmtree(out, ignore_errors=True)
+    seen: dict[int, float] = {}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    with open(WORK / "run.stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    seen[p.pid] = t.user + t.system
+            time.sleep(0.02)
+        seconds = time.perf_counter() - start
+        CPU_S.append(sum(seen.values()))
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"{cmd[0]} failed:\n{err.read()[-3000:]}")
     return seconds
+
+
+def write_url_list(path: Path, fmt: str, rows: list[dict[str, str]]) -> None:
+    """The same rows in any input format both tools read (json: one array, as img2dataset's pandas reads it)."""
+    base = fmt.removesuffix(".gz")
+    if base == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        data = sink.getvalue().to_pybytes()
+    elif base == "txt":
+        data = "".join(r["url"] + "\n" for r in rows).encode()
+    elif base in ("csv", "tsv"):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, list(rows[0]), delimiter="," if base == "csv" else "\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode()
+    elif base == "json":
+        data = json.dumps(rows).encode()
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
 
 
 def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str) -> float:
@@ -220,27 +284,37 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     for line in describe(root, names, dims, sizes):
         print(f"  {line}")
     port = free_port()
-    urls = WORK / f"urls-{sizes}.parquet"
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names],
-                             "caption": [f"synthetic photo {n}" for n in names]}), urls)
+    fmt, extra = args.input_format, args.save_additional_columns
+    urls = WORK / f"urls-{sizes}.{fmt}"
+    write_url_list(urls, fmt, [{"url": f"http://127.0.0.1:{port}/{n}", "caption": f"synthetic photo {n}",
+                                **{c: f"{c}-{i:08d}" for c in extra}} for i, n in enumerate(names)])
     ours_bin = shutil.which("laion-assets", path=str(Path(sys.executable).parent)) or "laion-assets"
     common = dict(size="256", shard=str(args.samples_per_shard), procs=str(args.processes))
     peer_out, ours_out = WORK / "out-img2dataset", WORK / "out-ours"
-    peer_cmd = [str(img2dataset), "--url_list", str(urls), "--input_format", "parquet", "--url_col", "url",
+    peer_cmd = [str(img2dataset), "--url_list", str(urls), "--input_format", fmt, "--url_col", "url",
                 "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(peer_out),
                 "--processes_count", common["procs"], "--image_size", common["size"], "--resize_mode", "border",
                 "--encode_format", "jpg", "--number_sample_per_shard", common["shard"], "--enable_wandb", "False"]
     ours_cmd = [ours_bin, "download", str(urls), "--output-dir", str(ours_out), "--processes", common["procs"],
                 "--image-size", common["size"], "--resize-mode", "border", "--encode-format", "jpg",
                 "--samples-per-shard", common["shard"], "--allow-network", "127.0.0.1/32", "--quiet"]
+    # img2dataset keeps every body; our default drops those under 5 KB (LAION's rule): the same here.
+    ours_cmd += ["--min-image-bytes", "0", "--input-format", fmt]
+    if extra:
+        peer_cmd += ["--save_additional_columns", json.dumps(list(extra))]
+        ours_cmd += [a for c in extra for a in ("--save-additional-columns", c)]
     server = start_nginx(nginx, root, port)
     try:
         times: dict[str, list[float]] = {"img2dataset": [], "ours": []}
+        cpu: dict[str, list[float]] = {"img2dataset": [], "ours": []}
         for i in range(args.runs):
             times["img2dataset"].append(run(peer_cmd, peer_out))
+            cpu["img2dataset"].append(CPU_S[-1])
             times["ours"].append(run(ours_cmd, ours_out))
-            print(f"run {i + 1}/{args.runs}: img2dataset {times['img2dataset'][-1]:.2f} s,"
-                  f" ours {times['ours'][-1]:.2f} s", flush=True)
+            cpu["ours"].append(CPU_S[-1])
+            print(f"run {i + 1}/{args.runs}: img2dataset {times['img2dataset'][-1]:.2f} s"
+                  f" ({cpu['img2dataset'][-1]:.1f} CPU s), ours {times['ours'][-1]:.2f} s"
+                  f" ({cpu['ours'][-1]:.1f} CPU s)", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -253,9 +327,66 @@ def compare(sizes: str, args: argparse.Namespace, img2dataset: Path, nginx: str)
     print(f"img2dataset 1.47:       median {peer_s:.2f} s  {peer_ok / peer_s:7.1f} images/s  ({peer_ok} ok)")
     print(f"laion-assets download:  median {ours_s:.2f} s  {ours_ok / ours_s:7.1f} images/s  ({ours_ok} ok)")
     print(f"ratio (ours / img2dataset images per second): {ratio:.2f}x")
+    peer_cpu, ours_cpu = statistics.median(cpu["img2dataset"]), statistics.median(cpu["ours"])
+    print(f"CPU seconds (median, all processes): img2dataset {peer_cpu:.1f}, ours {ours_cpu:.1f};"
+          f" images per CPU second ratio {(ours_ok / ours_cpu) / (peer_ok / peer_cpu):.2f}x"
+          f" (load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     if peer_ok != ours_ok:
         print(f"WARNING: success counts differ ({peer_ok} vs {ours_ok})")
     return ratio
+
+
+def flaky(name: str, qtype: int, nth: int) -> Action:
+    """The flaky resolver: the first query of each name and type fails, a fifth of the others answer 2 s late."""
+    if nth == 1:
+        return Action("servfail")
+    if zlib.crc32(f"{name}/{qtype}/{nth}".encode()) % 5 == 0:
+        return Action("answer", 2.0)
+    return Action()
+
+
+def compare_dns(args: argparse.Namespace, nginx: str) -> None:
+    """Ours through a clean and a flaky resolver, alternating, on the same images under `args.hosts` names."""
+    root = WORK / "www-laion"
+    print(f"\n== dns: clean vs flaky resolver, {args.images} images, {args.hosts} host names ==", flush=True)
+    names, _ = build_images(root, args.images, "laion")
+    port = free_port()
+    hosts = [f"h{i:03d}.test" for i in range(args.hosts)]
+    urls = WORK / "urls-dns.parquet"
+    pq.write_table(pa.table({"url": [f"http://{hosts[i % len(hosts)]}:{port}/{n}" for i, n in enumerate(names)],
+                             "caption": [f"synthetic photo {n}" for n in names]}), urls)
+    ours_bin = shutil.which("laion-assets", path=str(Path(sys.executable).parent)) or "laion-assets"
+    out = WORK / "out-ours-dns"
+    servers = {"clean": LoopbackDns({h: ["127.0.0.1"] for h in hosts}),
+               "flaky": LoopbackDns({h: ["127.0.0.1"] for h in hosts}, behave=flaky)}
+    server = start_nginx(nginx, root, port)
+    times: dict[str, list[float]] = {"clean": [], "flaky": []}
+    ok: dict[str, list[int]] = {"clean": [], "flaky": []}
+    try:
+        for i in range(args.runs):
+            for kind, dns in servers.items():
+                dns.reset()  # every run meets the flaky resolver's first failures afresh
+                cmd = [ours_bin, "download", str(urls), "--output-dir", str(out), "--processes", str(args.processes),
+                       "--image-size", "256", "--resize-mode", "border", "--encode-format", "jpg",
+                       "--samples-per-shard", str(args.samples_per_shard), "--allow-network", "127.0.0.1/32",
+                       "--nameserver", dns.address, "--quiet"]
+                times[kind].append(run(cmd, out))
+                ok[kind].append(successes(out))
+            print(f"run {i + 1}/{args.runs}: clean {times['clean'][-1]:.2f} s ({ok['clean'][-1]} ok),"
+                  f" flaky {times['flaky'][-1]:.2f} s ({ok['flaky'][-1]} ok)", flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+        for dns in servers.values():
+            dns.close()
+    clean_s, flaky_s = statistics.median(times["clean"]), statistics.median(times["flaky"])
+    clean_ok, flaky_ok = min(ok["clean"]), min(ok["flaky"])
+    print()
+    print(f"{len(names)} images on {len(hosts)} host names, {args.processes} processes, nginx on 127.0.0.1")
+    print(f"clean resolver:  median {clean_s:.2f} s  {clean_ok} ok (fewest of {args.runs} runs)")
+    print(f"flaky resolver:  median {flaky_s:.2f} s  {flaky_ok} ok (fewest of {args.runs} runs)")
+    print(f"successes {100 * flaky_ok / max(clean_ok, 1):.1f}% of clean (goal >= 99%),"
+          f" time {flaky_s / clean_s:.2f}x clean (goal <= 1.3x)")
 
 
 def main() -> None:
@@ -266,8 +397,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--samples-per-shard", type=int, default=100)
+    parser.add_argument("--input-format", default="parquet", help="the URL list's format, for both tools")
+    parser.add_argument("--save-additional-columns", action="append", default=[],
+                        help="a column of the list both tools keep in their rows (repeatable)")
+    parser.add_argument("--dns", choices=["flaky"], default=None,
+                        help="instead of the comparison: ours through a clean and a flaky resolver")
+    parser.add_argument("--hosts", type=int, default=100, help="host names of the --dns run")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.dns:
+        compare_dns(args, ensure_nginx())
+        return
     img2dataset = ensure_peer()
     nginx = ensure_nginx()
     ratios = {sizes: compare(sizes, args, img2dataset, nginx)

@@ -22,6 +22,7 @@ from laion_assets.cli_options import options
 from laion_assets.core.paths import Layout
 from laion_assets.core.settings import (
     ClipSettings,
+    DecontaminationSettings,
     DownloadSettings,
     ExtractSettings,
     FetchSettings,
@@ -31,6 +32,7 @@ from laion_assets.core.settings import (
     ServeSettings,
     SourceSettings,
     StorageSettings,
+    SweepSettings,
     build,
 )
 
@@ -148,13 +150,16 @@ def dedup(inputs: tuple[str, ...], output: str) -> None:
 @click.option("--url-col", default="url", show_default=True)
 @click.option("--caption-col", default="caption", show_default=True)
 @click.option("--language-col", default="language", show_default=True, help="Copied to the metadata if present.")
+@click.option("--input-format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz (default: from "
+                                                 "the file names).")
 @options(DownloadSettings)
 @options(ResizeSettings)
 @options(FetchSettings)
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
-def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, quiet: bool,
-             **kwargs: Any) -> None:
-    """Download, resize and write the images of a Parquet URL list as webdataset shards (resumable)."""
+def download(urls: str, output_dir: str, url_col: str, caption_col: str, language_col: str, input_format: str,
+             quiet: bool, **kwargs: Any) -> None:
+    """Download, resize and write the images of a URL list (a file or folder: local, s3:// or https://) as
+    webdataset shards, or img2dataset's files or parquet layouts (resumable)."""
     from laion_assets.core.download.distributor import run as run_download
     from laion_assets.core.download.reader import InputColumns
 
@@ -173,11 +178,32 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 
         try:
             report = run_download(urls, _folder(output_dir), "", settings,
-                                  InputColumns(url_col, caption_col, language_col), progress,
+                                  InputColumns(url_col, caption_col, language_col, input_format), progress,
                                   None if quiet else lambda m: bar.write(m, file=sys.stderr))
         except ValueError as err:
             raise click.ClickException(str(err)) from err
     click.echo(f"{output_dir}: {report.summary()}")
+
+
+@main.command("img2dataset", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                              "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def img2dataset_command(args: tuple[str, ...]) -> None:
+    """img2dataset 1.47's command line on our download stage: `laion-assets img2dataset --url_list ... --input_format
+    ... --output_folder ...` takes its parameters (docs/img2dataset.md); --allow_networks CIDR is ours."""
+    from laion_assets import img2dataset
+
+    if not args or args[0] in ("--help", "-h"):
+        click.echo(img2dataset_command.help)
+        click.echo("parameters: " + " ".join(f"--{p}" for p in img2dataset.PARAMETERS))
+        return
+    try:
+        params = img2dataset.parse_command_line(list(args))
+        networks = params.pop("allow_networks", ())
+        img2dataset.download(**params, allow_networks=(networks,) if isinstance(networks, str) else tuple(networks),
+                             log=lambda m: click.echo(m, err=True))
+    except (ValueError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
 
 
 # --- the CLIP stage ----------------------------------------------------------------------------------------------
@@ -359,6 +385,38 @@ def _storage_option(command: Any) -> Any:
     return click.option("--storage", default=lambda: StorageSettings.from_env().root,
                         show_default=StorageSettings.root, help="Storage root (local directory or "
                                                                 "s3://bucket/prefix).")(command)
+
+
+@main.group("lists")
+def lists() -> None:
+    """URL lists as crawls of the graph: `add` registers one as the partition list-NAME of the crawl dimension."""
+
+
+@lists.command("add")
+@click.argument("name")
+@click.argument("location")
+@click.option("--format", "input_format", default="", help="txt, csv, tsv, json, jsonl or parquet, each also .gz "
+                                                           "(default: from the file names).")
+@click.option("--url-col", default="url", show_default=True)
+@click.option("--caption-col", default="caption", show_default=True)
+@click.option("--language-col", default="language", show_default=True, help="Read when present; CLD3 otherwise.")
+@click.option("--id-col", default="", help="A column kept as each pair's record_id (e.g. DataComp's uid).")
+@_storage_option
+def lists_add(name: str, location: str, input_format: str, url_col: str, caption_col: str, language_col: str,
+              id_col: str, storage: str) -> None:
+    """Register the URL list at LOCATION (a file or folder: local, s3:// or https://) as crawl list-NAME of the
+    Dagster instance ($DAGSTER_HOME): its graph then runs as a crawl's, from candidate_pairs on."""
+    import dagster as dg
+
+    from laion_assets.core.crawl.url_list import UrlList
+    from laion_assets.operations import register_url_list
+
+    record = UrlList(name, location, input_format, url_col, caption_col, language_col, id_col)
+    try:
+        crawl = register_url_list(dg.DagsterInstance.get(), _folder(storage), record)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"registered {location} as crawl {crawl}")
 
 
 @models.command("show")
@@ -560,6 +618,82 @@ def removals_list(storage: str) -> None:
     for r in rows:
         click.echo(f"{r['version']}  {r['entries']:7d}  " + "  ".join(f"{r[k]:{len(k)}d}" for k in rl.KINDS)
                    + "  " + ",".join(r["dates"]))
+
+
+@removals.command("sweep")
+@_storage_option
+@click.option("--version", "version", type=int, default=None, help="The removal list version whose samples are swept "
+                                                                   "(default: the latest).")
+@options(SweepSettings)
+@click.option("--output", "-o", required=True, help="Parquet file of the candidates: ids, URLs, sha256, pHash, "
+                                                    "similarity and the removed sample each neighbours (no images).")
+@click.option("--crawl", "crawls", multiple=True, help="Crawl whose kNN index is searched (repeatable; default: every "
+                                                       "indexed crawl).")
+@click.option("--buckets", type=int, default=lambda: Layout.from_env().buckets, show_default="LAION_ASSETS_BUCKETS",
+              help="The layout's buckets (where the removed samples' embeddings are).")
+@click.option("--add", is_flag=True, help="Write the candidates as the next removal list version (sha256 entries).")
+@click.option("--reason", default="", help="Reason of the entries --add writes.")
+def removals_sweep(storage: str, version: int | None, output: str, crawls: tuple[str, ...], buckets: int, add: bool,
+                   reason: str, **kwargs: Any) -> None:
+    """The indexed samples near what a removal list version removed, as candidate rows for review (a kNN query
+    around each removed sample's embedding); with --add --reason, the candidates become the next version."""
+    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.release import sweep
+
+    if add and not reason.strip():
+        raise click.ClickException("--add needs a --reason (recorded with every entry)")
+    try:
+        report, rows = sweep.run(_folder(storage), Layout(Layout.from_env().chunks, buckets),
+                                 build(SweepSettings, kwargs), version, list(crawls) or None,
+                                 reason.strip() if add else "", log=lambda m: click.echo(m, err=True))
+    except (sweep.NothingToSweep, EmbeddingModelMismatch, KeyError, ValueError) as err:
+        raise click.ClickException(str(err).strip("'\"")) from err
+    out, key = _locate(output)
+    out.write_parquet(key, rows.to_arrow())
+    for crawl, why in sorted(report.unavailable.items()):
+        click.echo(f"not searched: {crawl}: {why}", err=True)
+    click.echo(f"{output}: {report.summary()}")
+
+
+@main.command("decontaminate")
+@click.argument("eval_source")
+@click.option("--name", required=True, help="The evaluation set's name (e.g. imagenet-val): the entries' reason is "
+                                            "eval:<name>.")
+@_storage_option
+@click.option("--crawl", "crawls", multiple=True, help="Crawl whose release is checked (repeatable; default: every "
+                                                       "released crawl).")
+@click.option("--matches", "matches_out", default=None, help="Parquet file of every match: evaluation image, kind, "
+                                                             "released sample, similarity or pHash distance.")
+@click.option("--dry-run", is_flag=True, help="Report the matches; write nothing to the removal list.")
+@options(DecontaminationSettings, exclude=("eval_sets",))
+@options(ResizeSettings, exclude=("min_image_size", "max_aspect_ratio", "keep_original"))
+@options(ModelSettings, exclude=("clip_en_arch", "clip_en_pretrained", "clip_multi_arch", "clip_multi_pretrained",
+                                 "threshold_en", "threshold_multi", "safety_head", "aesthetic_head", "concepts",
+                                 "rating_embeddings", "violence_prompts", "watermark_arch", "watermark_checkpoint",
+                                 "watermark_image_size", "decode_workers", "decode"))
+def decontaminate_command(eval_source: str, name: str, storage: str, crawls: tuple[str, ...],
+                          matches_out: str | None, dry_run: bool, **kwargs: Any) -> None:
+    """Released samples that are images of an evaluation set (EVAL_SOURCE: a folder of images, a webdataset or an
+    embeddings folder) by sha256, pHash within --phash-radius or image cosine >= --min-similarity in the kNN indices,
+    written to the removal list as sha256 entries with reason eval:<name>. The resize options are the download's:
+    the evaluation images are hashed and embedded as the crawl stored its images."""
+    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.release import decontaminate as stage
+
+    try:
+        report, matches = stage.run(_folder(storage), eval_source, name, build(DecontaminationSettings, kwargs),
+                                    build(ModelSettings, kwargs), build(ResizeSettings, kwargs), list(crawls) or None,
+                                    dry_run, log=lambda m: click.echo(m, err=True))
+    except (stage.EvaluationSourceError, EmbeddingModelMismatch, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if matches_out:
+        out, key = _locate(matches_out)
+        out.write_parquet(key, matches.to_arrow())
+    for file, why in sorted(report.unreadable.items()):
+        click.echo(f"unreadable: {file}: {why}", err=True)
+    for crawl, why in sorted(report.not_searched_by_cosine.items()):
+        click.echo(f"no cosine search in {crawl}: {why}", err=True)
+    click.echo(report.summary() + (" (dry run)" if dry_run and report.entries_added else ""))
 
 
 @main.command("upgrade-storage")

@@ -17,6 +17,7 @@ from dagster_aws.s3 import S3Resource
 
 from laion_assets.assets.clip import build_clip_assets, model_sources
 from laion_assets.assets.crawl import build_crawl_assets
+from laion_assets.assets.decontamination import build_decontamination_assets
 from laion_assets.assets.download import build_download_assets
 from laion_assets.assets.index import build_index_assets
 from laion_assets.assets.release import build_release_assets, removal_sources
@@ -24,7 +25,7 @@ from laion_assets.core.paths import Layout
 from laion_assets.core.settings import FetchSettings, ModelSettings, OperationsSettings, SourceSettings, StorageSettings
 from laion_assets.io_manager import StorageIOManager
 from laion_assets.k8s import executor
-from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor
+from laion_assets.operations import crawl_backfill_sensor, new_crawls_sensor, retry_downloads_sensor
 from laion_assets.resources import (
     ChecksResource,
     CrawlSourceResource,
@@ -58,7 +59,8 @@ def build_assets(layout: Layout, ops: OperationsSettings | None = None) -> list:
     ops = ops or OperationsSettings()
     sources, _ = model_sources(ops)
     assets = [*sources, *build_crawl_assets(layout, ops), *build_download_assets(layout, ops),
-              *build_clip_assets(layout, ops), *build_release_assets(layout, ops), *build_index_assets(layout, ops)]
+              *build_clip_assets(layout, ops), *build_release_assets(layout, ops), *build_index_assets(layout, ops),
+              *build_decontamination_assets(ops)]
     if ops.deployment == "local":
         # The demo's own asset: imported only here, so that a production code location never loads offline/.
         from laion_assets.offline.assets import local_assets
@@ -79,8 +81,8 @@ def build_definitions(layout: Layout | None = None, resources: dict | None = Non
         description="Re-runs the partitions downstream of anything that changed (see automation.py).")
     return dg.Definitions(
         assets=build_assets(layout, ops),
-        sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), observe_models, reprocess,
-                 observe_removals],
+        sensors=[new_crawls_sensor(ops), crawl_backfill_sensor(ops), retry_downloads_sensor(ops), observe_models,
+                 reprocess, observe_removals],
         resources=resources if resources is not None else resources_from_env(layout=layout),
         # By default a run's steps run in its own process (a run is one partition of a few dependent assets, and a
         # process start per step costs seconds); production uses a pod per step (laion_assets/k8s.py).

@@ -1,7 +1,8 @@
 """Triggers that run the graph like a data platform: new crawls are registered and processed, missing and failed
 partitions are backfilled on a cron. Both launch one backfill (never one run per partition), within the
 concurrency pools, and both keep cross-crawl dedup in order: the parse stage of any crawl may run at any time, but
-a crawl's dedup (and what follows it) only once every earlier crawl has deduplicated all of its buckets.
+a crawl's dedup (and what follows it) only once every earlier crawl has deduplicated all of its buckets. A third,
+`retry_downloads`, gives old downloads' transient failures a second chance.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
 from laion_assets import tags
+from laion_assets.assets.download import IMAGE_SHARDS
 from laion_assets.core.settings import OperationsSettings
 from laion_assets.partitions import crawl_partitions
 from laion_assets.resources import CrawlSourceResource
@@ -137,6 +139,17 @@ def register_new_crawls(instance: dg.DagsterInstance, crawl_source: CrawlSourceR
     return listed, new
 
 
+def register_url_list(instance: dg.DagsterInstance, store: object, record: object) -> str:
+    """A URL list recorded in storage and added to the crawl dimension as list-NAME (what `lists add` does); the
+    partition key. The backfill of its graph is then launched as a crawl's is (the UI, or crawl_backfill)."""
+    from laion_assets.core.crawl import url_list
+
+    crawl = url_list.register(store, record)  # type: ignore[arg-type]
+    if crawl not in instance.get_dynamic_partitions(crawl_partitions.name):
+        instance.add_dynamic_partitions(crawl_partitions.name, [crawl])
+    return crawl
+
+
 def new_crawls_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
     # The selection is what the sensor may backfill (Dagster checks requests against it); no job is built from it.
     @dg.sensor(minimum_interval_seconds=ops.sensor_interval_s, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -201,3 +214,68 @@ def _last_cron_tick(cron: str, after: float, now: float) -> float | None:
     while (tick := ticks.get_next(float)) <= now:
         latest = tick
     return latest
+
+
+RETRY_TRIGGER = "retry_downloads"
+
+
+def download_retries(instance: dg.DagsterInstance, after_storage_id: int, now: float, ops: OperationsSettings
+                     ) -> tuple[list[dg.RunRequest], int]:
+    """Retry runs of the image_shards partitions whose latest download is older than `retry_failed_after_h` and left
+    transient failures (its `retryable_failures` metadata) with fewer than `retry_failed_max_runs` runs; and the
+    storage id up to which materializations were judged. Materializations are judged once each, oldest first, as
+    they come of age: a bucket that is retried materializes again and is judged again when that one is old enough.
+    A retry run repeats the config of the run it retries (same shard layout and image settings, so complete shards
+    stay complete), with `retry_failed` set."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(IMAGE_SHARDS, after_storage_id=after_storage_id or None,
+                              before_timestamp=now - ops.retry_failed_after_h * 3600),
+        limit=500, ascending=True).records
+    requests: list[dg.RunRequest] = []
+    cursor = after_storage_id
+    for record in records:
+        if len(requests) >= ops.retry_failed_per_tick:
+            break
+        cursor = record.storage_id
+        event = record.asset_materialization
+        partition = record.partition_key
+        if event is None or partition is None:
+            continue
+        metadata = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+        if not metadata.get("retryable_failures") or int(metadata.get("runs") or 1) >= ops.retry_failed_max_runs:
+            continue
+        newer = instance.fetch_materializations(
+            dg.AssetRecordsFilter(IMAGE_SHARDS, asset_partitions=[partition], after_storage_id=record.storage_id),
+            limit=1).records
+        if newer:
+            continue  # superseded: that one is judged when it comes of age
+        run = instance.get_run_by_id(record.run_id) if record.run_id else None
+        config = dict(((run.run_config if run else {}).get("ops", {}).get(IMAGE_SHARDS.path[-1], {})).get("config", {}))
+        config["retry_failed"] = True
+        requests.append(dg.RunRequest(
+            run_key=f"{RETRY_TRIGGER}:{partition}:{record.storage_id}", partition_key=partition,
+            asset_selection=[IMAGE_SHARDS], run_config={"ops": {IMAGE_SHARDS.path[-1]: {"config": config}}},
+            tags={TRIGGER_TAG: RETRY_TRIGGER}))
+    return requests, cursor
+
+
+def retry_downloads_sensor(ops: OperationsSettings) -> dg.SensorDefinition:
+    """A second chance for the real web's hiccups: its own sensor rather than part of crawl_backfill, which
+    launches what is missing or failed as one backfill; a retry is a run of one partition with its own config."""
+
+    @dg.sensor(name=RETRY_TRIGGER, minimum_interval_seconds=ops.sensor_interval_s,
+               default_status=dg.DefaultSensorStatus.RUNNING, asset_selection=[IMAGE_SHARDS], description=(
+                   f"Re-fetches the transient failures (timeouts, 5xx, 429, resets, temporary DNS failures, "
+                   f"unreachable robots.txt) of buckets downloaded more than {ops.retry_failed_after_h:g} h ago, "
+                   f"up to {ops.retry_failed_max_runs} downloads per bucket: image_shards with retry_failed."))
+    def retry_downloads(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        if ops.retry_failed_after_h <= 0:
+            return dg.SensorResult(skip_reason="retries are off (retry_failed_after_h is 0)")
+        after = int(context.cursor) if context.cursor else 0
+        requests, cursor = download_retries(context.instance, after, time.time(), ops)
+        if not requests:
+            return dg.SensorResult(skip_reason="no download old enough with transient failures", cursor=str(cursor))
+        context.log.info(f"retrying the transient failures of {len(requests)} buckets")
+        return dg.SensorResult(run_requests=requests, cursor=str(cursor))
+
+    return retry_downloads

@@ -24,6 +24,7 @@ ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs",
 RELEASE_STAGE = {"removal_list", "image_dedup", "semantic_dedup", "filtered_metadata", "release",
                  "dataset_statistics"}
 INDEX_STAGE = {"knn_index", "knn_index_all"}
+DECONTAMINATION = {"decontamination"}
 
 
 def test_definitions_load_and_validate():
@@ -33,11 +34,13 @@ def test_definitions_load_and_validate():
 
     dg.Definitions.validate_loadable(module_defs)
     graph = module_defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ALL_ASSETS | RELEASE_STAGE | INDEX_STAGE
+    assert ({k.to_user_string() for k in graph.get_all_asset_keys()}
+            == ALL_ASSETS | RELEASE_STAGE | INDEX_STAGE | DECONTAMINATION)
     for key in graph.materializable_asset_keys:
         assert graph.get(key).code_version, f"{key} has no code_version"
     names = {s.name for s in module_defs.sensors}
-    assert names == {"new_crawls", "observe_models", "reprocess_on_change", "crawl_backfill", "observe_removals"}
+    assert names == {"new_crawls", "observe_models", "reprocess_on_change", "crawl_backfill", "observe_removals",
+                     "retry_downloads"}
 
 
 def check_graph(graph: Graph, store: Storage) -> None:
@@ -59,8 +62,10 @@ def check_graph(graph: Graph, store: Storage) -> None:
         assert shards["urls"] == up["dagster/row_count"] == sum(shards[s] for s in STATUSES)
         assert shards["shards"] == -(-up["dagster/row_count"] // 64)
     total = {s: sum(m[s] for m in meta["image_shards"]) for s in STATUSES}
-    # The sample crawl serves most images and plants 404s, robots.txt refusals and truncated JPEGs.
-    assert total["success"] > 0.8 * sum(total.values())
+    # The sample crawl serves most images and plants 404s, robots.txt refusals, truncated JPEGs and pages that opt
+    # out of AI use (a fifth of them: their images are skipped without a request).
+    opted_out = sum(m["skipped_page_opt_out"] for m in meta["image_shards"])
+    assert opted_out and total["success"] + opted_out > 0.8 * sum(total.values())
     assert total["failed_to_download"] and total["failed_to_resize"] and total["skipped_by_policy"]
     for shards, score, emb, safety, mark, aesthetic in zip(meta["image_shards"], meta["clip_scores"],
                                                            meta["image_embeddings"], meta["safety_scores"],

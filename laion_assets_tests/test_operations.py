@@ -153,3 +153,29 @@ def test_a_malformed_registry_entry_is_refused_and_nothing_changes(setup):
     with pytest.raises(RegistryError, match="not model settings: threshhold_en"):
         save_overrides(store, {"threshhold_en": 0.2})
     assert load_overrides(store) == {"threshold_en": 0.3}
+
+
+def test_retry_downloads_asks_old_buckets_with_transient_failures_once_each(setup):
+    from laion_assets.operations import download_retries
+
+    instance, defs, _ = setup
+    sensor_tick(defs, "new_crawls", instance)
+    keys = [str(dg.MultiPartitionKey({"crawl": A, "bucket": b})) for b in ("0000", "0001", "0002", "0003")]
+    for key, retryable, runs in zip(keys, (5, 0, 2, 1), (1, 1, 3, 1), strict=True):
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "image_shards", partition=key, metadata={"retryable_failures": retryable, "runs": runs}))
+    instance.report_runless_asset_event(dg.AssetMaterialization(  # bucket 0003 downloaded again since
+        "image_shards", partition=keys[3], metadata={"retryable_failures": 1, "runs": 1}))
+    ops = OperationsSettings(retry_failed_after_h=1.0, retry_failed_max_runs=3)
+    young, cursor = download_retries(instance, 0, time.time(), ops)
+    assert young == [] and cursor == 0  # not an hour old yet
+    requests, cursor = download_retries(instance, 0, time.time() + 7200, ops)
+    # 0001 has nothing transient, 0002 had its 3 runs, the first 0003 was superseded: 0000 and the second 0003.
+    assert [r.partition_key for r in requests] == [keys[0], keys[3]]
+    config = requests[0].run_config["ops"]["image_shards"]["config"]
+    assert config == {"retry_failed": True} and requests[0].tags[TRIGGER_TAG] == "retry_downloads"
+    assert [k.to_user_string() for k in requests[0].asset_selection] == ["image_shards"]
+    again, _ = download_retries(instance, cursor, time.time() + 7200, ops)
+    assert again == []  # each materialization is judged once
+    tick = sensor_tick(defs, "retry_downloads", instance)
+    assert tick.skip_reason and not tick.run_requests  # the default age: a day

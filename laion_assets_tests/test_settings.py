@@ -9,11 +9,13 @@ import pytest
 
 from laion_assets.assets.clip import ScoreConfig
 from laion_assets.assets.crawl import ExtractConfig
+from laion_assets.assets.decontamination import DecontaminationConfig
 from laion_assets.assets.download import DownloadConfig, download_settings
 from laion_assets.cli import main
 from laion_assets.core.settings import (
     CheckSettings,
     ClipSettings,
+    DecontaminationSettings,
     DownloadSettings,
     ExtractSettings,
     FetchSettings,
@@ -21,6 +23,7 @@ from laion_assets.core.settings import (
     ResizeSettings,
     SampleSettings,
     SourceSettings,
+    SweepSettings,
     build,
     scalar_fields,
     settings_hash,
@@ -37,12 +40,16 @@ COMMANDS = {
     ("clip", "embed"): [ModelSettings],
     ("clip", "safety"): [ModelSettings],
     ("clip", "watermark"): [ModelSettings],
+    ("decontaminate",): [(DecontaminationSettings, ("eval_sets",)),
+                         (ResizeSettings, ("min_image_size", "max_aspect_ratio", "keep_original"))],
+    ("removals", "sweep"): [SweepSettings],
 }
 CONFIGS = [
     (ExtractConfig, [ExtractSettings]), (SampleCrawlConfig, [SampleSettings]),
     (DownloadConfig, [DownloadSettings, ResizeSettings]), (ScoreConfig, [ClipSettings]),
     (CrawlSourceResource, [SourceSettings]), (ImageFetchResource, [FetchSettings]),
     (ModelRegistryResource, [ModelSettings]), (ChecksResource, [CheckSettings]),
+    (DecontaminationConfig, [DecontaminationSettings]),
 ]
 
 

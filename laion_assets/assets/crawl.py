@@ -16,7 +16,7 @@ from laion_assets.assets import checks
 from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class
-from laion_assets.core.crawl import dedup, extract, manifest
+from laion_assets.core.crawl import dedup, extract, manifest, url_list
 from laion_assets.core.crawl.candidates import SCHEMA as PAIR_SCHEMA
 from laion_assets.core.crawl.extract import ChunkOutput
 from laion_assets.core.paths import Layout
@@ -54,11 +54,14 @@ def wat_manifest_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
               tags=tags.stage("parse"), backfill_policy=dg.BackfillPolicy.single_run(),
               retry_policy=network_retries(ops),
               check_specs=[checks.spec("wat_manifest", "schema", "chunk, position, path")])
-    def wat_manifest(context: dg.AssetExecutionContext, crawl_source: CrawlSourceResource):
-        """The crawl's `wat.paths.gz`, split into deterministic contiguous chunks. A backfill of many crawls runs
-        once for all of them."""
+    def wat_manifest(context: dg.AssetExecutionContext, crawl_source: CrawlSourceResource, storage: StorageResource):
+        """The crawl's `wat.paths.gz`, split into deterministic contiguous chunks (a URL list's files, for a list
+        registered as list-NAME). A backfill of many crawls runs once for all of them."""
         tables = {}
         for crawl in context.partition_keys:
+            if url_list.is_list(crawl):
+                tables[crawl] = url_list.manifest(storage.get(), crawl, layout)
+                continue
             tables[crawl] = manifest.run(crawl, crawl_source.settings(), layout, crawl_source.s3_client())
             context.log.info(f"{crawl}: {tables[crawl].num_rows} WAT files in {layout.chunks} chunks")
         first = next(iter(tables.values()))
@@ -86,6 +89,13 @@ def candidate_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsD
         wat_paths = manifest.chunk_paths(wat_manifest, chunk)
         context.log.info(f"{crawl} chunk {chunk}: {len(wat_paths)} WAT files")
         settings, source = build(ExtractSettings, config), crawl_source.settings()
+        if url_list.is_list(crawl):  # a URL list: its rows into the same buckets, instead of the WAT extraction
+            target = extract.ChunkTarget(storage.get(), crawl, chunk, layout)
+            report = url_list.run(storage.get(), crawl, wat_paths, target, settings)
+            metadata = to_metadata(report.metadata())
+            metadata["preview"] = preview_table(report.preview, PREVIEW_COLUMNS)
+            metadata["dagster/row_count"] = report.counts.pairs
+            return dg.MaterializeResult(value=report.output, metadata=metadata)
         report = extract.run(extract.chunk_locations(wat_paths, source), crawl,
                              extract.ChunkTarget(storage.get(), crawl, chunk, layout), settings, source,
                              crawl_source.s3_client(),
@@ -113,7 +123,7 @@ def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         crawls must have deduplicated this bucket first (backfill crawls in order)."""
         crawl, bucket = crawl_and_bucket(context)
         registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
-        earlier = sorted(c for c in registered if c < crawl)
+        earlier = earlier_crawls(crawl, registered, ops.dedup_lists_against_crawls)
         missing = missing_earlier_buckets(context.instance, context.assets_def.key, earlier, bucket)
         if missing:
             raise dg.Failure(f"{crawl} bucket {bucket}: earlier crawls have not deduplicated this bucket yet "
@@ -135,6 +145,12 @@ def _arrow_schema(frame: object) -> pa.Schema:
     """The Arrow schema a polars LazyFrame will be written with, from its schema alone (nothing is computed)."""
 
     return pl.DataFrame(schema=frame.collect_schema()).to_arrow().schema  # type: ignore[attr-defined]
+
+
+def earlier_crawls(crawl: str, registered: list[str], lists_against_crawls: bool) -> list[str]:
+    """The crawls whose URLs this crawl's are deduplicated against (`url_list.compared_crawls`: a URL list only
+    when asked)."""
+    return url_list.compared_crawls(crawl, registered, lists_against_crawls)
 
 
 def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earlier: list[str], bucket: str

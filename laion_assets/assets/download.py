@@ -4,6 +4,8 @@ The bucket's unique pairs come in through the IO manager; the shards are bulk fi
 download's record of its complete shards (`_manifest.json`, which the download writes last itself).
 """
 
+import dataclasses
+
 import dagster as dg
 import polars as pl
 
@@ -14,6 +16,7 @@ from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS
 from laion_assets.config import config_class
 from laion_assets.core import paths
+from laion_assets.core.crawl import url_list
 from laion_assets.core.paths import Layout
 from laion_assets.core.progress import throttled
 from laion_assets.core.settings import DownloadSettings, OperationsSettings, ResizeSettings, build
@@ -53,8 +56,17 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        columns = InputColumns(url="url", caption="text", language="language")
-        inputs = inputs_of(unique_pairs.select(["url", "text", "language"]).collect().to_arrow(), columns)
+        columns = InputColumns(url="url", caption="text", language="language", page_url="page_url", robots="robots")
+        settings = download_settings(config, image_fetch)
+        selected = unique_pairs.select(["url", "text", "language", "page_url", "robots"])
+        id_col = url_list.read_record(store, crawl).id_col if url_list.is_list(crawl) else ""
+        if id_col:  # a URL list's id (DataComp's uid) in every row of its shards, under its own name
+            selected = unique_pairs.select(["url", "text", "language", "page_url", "robots",
+                                            pl.col("record_id").alias(id_col)])
+            columns = dataclasses.replace(columns, keep=(id_col,))
+            settings = dataclasses.replace(settings, save_additional_columns=(*settings.save_additional_columns,
+                                                                              id_col))
+        inputs = inputs_of(selected.collect().to_arrow(), columns)
         seen = {"done": 0, "ok": 0}
         log = throttled(context.log.info)
 
@@ -64,7 +76,7 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
             log(f"{seen['done']} of {inputs.num_rows} URLs done, {seen['ok']} images")
 
         prefix = paths.image_shards(crawl, bucket, layout)
-        report = distributor.run(inputs, store, prefix, download_settings(config, image_fetch), columns, progress,
+        report = distributor.run(inputs, store, prefix, settings, columns, progress,
                           context.log.info)
         context.log.info(f"{crawl} bucket {bucket}: {report.summary()}")
         manifest = report.manifest

@@ -24,6 +24,7 @@ from laion_assets.automation import REPROCESS, versioned_sources
 from laion_assets.config import config_class
 from laion_assets.core import paths
 from laion_assets.core.clip.manifests import EmbeddingsManifest
+from laion_assets.core.crawl import url_list
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
 from laion_assets.core.release.filtered import FilteredBucket
@@ -49,11 +50,11 @@ def removal_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]
                              "release", ops.sensor_interval_s)
 
 
-def earlier_crawls(context: dg.AssetExecutionContext, crawl: str) -> list[str]:
+def earlier_crawls(context: dg.AssetExecutionContext, crawl: str, lists_against_crawls: bool = False) -> list[str]:
     """Registered crawls before this one whose image dedup exists; a missing one fails the run (backfill in
-    order), as URL dedup does."""
+    order), as URL dedup does. A URL list is compared with the crawls only when asked, as in URL dedup."""
     registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
-    earlier = sorted(c for c in registered if c < crawl)
+    earlier = url_list.compared_crawls(crawl, registered, lists_against_crawls)
     done = context.instance.get_materialized_partitions(context.assets_def.key)
     missing = [c for c in earlier if c not in done]
     if missing:
@@ -79,7 +80,8 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
         store = storage.get()
         settings = build(ReleaseSettings, config)
         # Earlier crawls' partitions of this very asset, where the IO manager stored them.
-        own = {c: stored_key(context.assets_def.key, {"crawl": c}, layout) for c in earlier_crawls(context, crawl)}
+        compared = earlier_crawls(context, crawl, ops.dedup_lists_against_crawls)
+        own = {c: stored_key(context.assets_def.key, {"crawl": c}, layout) for c in compared}
         earlier = {c: pl.scan_parquet(store.scratch_copies([key])[0]) for c, key in own.items()}
         removal_list = removals.load()
         table, report = images.run(store, crawl, image_shards, clip_scores, earlier, settings.near_radius,
@@ -171,9 +173,10 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         """One row per sample that downloaded, passed the CLIP threshold and is not removed (by the removal list or
         the concept filter): URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, aesthetic,
         then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of,
-        semantic_duplicate_of."""
+        semantic_duplicate_of, then the
+        columns the download added (a URL list's id, save_additional_columns)."""
         from laion_assets.core.release import filtered
-        from laion_assets.core.release.columns import FILTERED_SCHEMA
+        from laion_assets.core.release.release import release_schema
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
@@ -192,7 +195,8 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
             metadata[f"removed/{reason}"] = n
         accounted = record.rows + sum(record.removed.values()) == record.kept
         return dg.MaterializeResult(value=record, metadata=metadata, check_results=[
-            checks.schema("filtered_metadata", table.schema, FILTERED_SCHEMA),
+            # LAION's and our columns as documented, then what the download's rows added (a list's uid).
+            checks.schema("filtered_metadata", table.schema, release_schema([table.schema])),
             checks.holds("filtered_metadata", "one_row_per_kept_sample", accounted,
                          f"{record.rows} rows and {sum(record.removed.values())} removed of {record.kept} kept")])
 

@@ -14,6 +14,7 @@ What the stages write themselves (bulk files, with their completion markers):
     crawls/<crawl>/release/statistics.json|.md, plots/*.png
     crawls/<crawl>/knn_index/  and  knn_index/all/                                 (+ _report.json, last)
     removals/v<NNNNNN>.jsonl                                                        (append-only versions)
+    lists/<name>.json                          (a URL list registered as crawl list-<name>: where it is, its columns)
     registry/models.json
 
 What the IO manager stores, at keys from the asset key and partition alone (`output_key`): a table as Parquet, a
@@ -82,6 +83,11 @@ def crawl_root(crawl: str) -> str:
 def wat_listing(crawl: str) -> str:
     """Relative to the crawl source, not the storage root: Common Crawl's own layout."""
     return f"crawl-data/{crawl}/wat.paths.gz"
+
+
+def url_list(name: str) -> str:
+    """The record of a URL list registered in the graph (`laion-assets lists add`)."""
+    return f"lists/{name}.json"
 
 
 def crawl_data() -> str:
@@ -249,6 +255,12 @@ def removals() -> str:
 
 def removal_version(version: int) -> str:
     return f"{removals()}/v{version:06d}.jsonl"
+
+def evaluation_set(name: str, fingerprint: str) -> str:
+    """An evaluation set's hashes and embeddings as decontamination prepared them, for one source listing and
+    embedding model (the fingerprint): every crawl checked against it reuses them."""
+    return f"evaluation/{name}/{fingerprint}.parquet"
+
 
 # --- the kNN index ---------------------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from laion_assets.core.download.guard import parse_nameserver
+
 S = TypeVar("S")
 
 # One honest identity for every request the project makes (crawl files and images alike).
@@ -30,6 +32,15 @@ DEFAULT_IMAGE_BASE = "http://127.0.0.1:8765/"
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 MODEL_PRESETS = ("small", "laion")
+OUTPUT_FORMATS = ("webdataset", "files", "parquet")
+HASHES = ("none", "md5", "sha256", "sha512")
+INCREMENTAL_MODES = ("incremental", "overwrite", "extend")
+# The row columns img2dataset 1.47 reserves (its arguments_validator), refused in save_additional_columns as it
+# refuses them; ours (the other columns of a shard's Parquet rows) are refused too, since a kept column would
+# overwrite them.
+RESERVED_COLUMNS = ("key", "caption", "url", "width", "height", "original_width", "original_height", "status",
+                    "error_message", "exif", "md5", "sha256", "sha512")
+OUR_ROW_COLUMNS = ("http_status", "final_url", "phash", "language", "bytes_downloaded")
 DEPLOYMENTS = ("local", "production")
 
 
@@ -142,6 +153,12 @@ class SourceSettings(FromEnv):
     timeout_s: float = setting(120.0, "Socket timeout of one WAT file request, in seconds.", cli="--timeout")
     backoff_s: float = setting(1.0, "First delay before an HTTP retry, in seconds; doubles on each retry (S3 "
                                     "requests back off as botocore's standard mode does).", cli="--backoff")
+    requests_per_s: float = setting(10.0, "HTTP requests per second to one crawl source, per process (0: no limit); "
+                                          "halved by each 429 or 503, recovering with each success.")
+    max_retry_after_s: float = setting(120.0, "Longest Retry-After of a crawl source honoured, in seconds.",
+                                       cli="--max-retry-after")
+    throttle_budget_s: float = setting(900.0, "Seconds one crawl file may wait on 429/503 answers with Retry-After "
+                                              "without using its retries.")
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,9 @@ class ExtractSettings:
     # A WAT file unreadable after retries fails the partition (after the chunk's other files are written), so
     # that Dagster shows it as failed and a retry redoes it; the CLI exits with status 1.
     fail_on_unreadable_wat: bool = setting(True, "Fail when a WAT file cannot be read after retries.")
+    robots_meta_names: tuple[str, ...] = setting(("robots", "ccbot", "laion-assets"), "Names of the <meta> tags whose "
+                                                 "directives a pair keeps in its robots column (lower case; the "
+                                                 "download's agent token should be one).", cli="--robots-meta-name")
 
 
 # --- the sample crawl (offline) ------------------------------------------------------------------------
@@ -187,16 +207,40 @@ class FetchSettings(FromEnv):
                                       "request holds its connection slot.", cli="--deadline")
     max_bytes: int = setting(25 * 1024 * 1024, "Largest response body accepted, in bytes.")
     max_redirects: int = setting(5, "Redirects followed per URL, each hop re-checked.")
-    retries: int = setting(2, "Retries on timeouts, 5xx and connection resets (never 4xx, DNS or refused).")
+    retries: int = setting(2, "Retries on timeouts, 5xx and connection resets (never 4xx or refused; DNS has its "
+                              "own, dns_retries).")
     backoff_s: float = setting(0.5, "First retry delay in seconds; doubles on each retry.", cli="--backoff")
     max_retry_after_s: float = setting(30.0, "Longest Retry-After honoured, in seconds.", cli="--max-retry-after")
     respect_robots_txt: bool = setting(True, "Obey each host's robots.txt (RFC 9309).")
     respect_x_robots_tag: bool = setting(True, "Skip images whose X-Robots-Tag says noai, noimageai, noindex or "
                                                "noimageindex.")
+    respect_page_opt_out: bool = setting(True, "Skip the images of a page whose X-Robots-Tag or robots meta tag "
+                                               "(for our token, CCBot or every robot) says noai or noimageai.")
     respect_tdmrep: bool = setting(True, "Skip images reserved by TDMRep (tdm-reservation header or the origin's "
                                          "/.well-known/tdmrep.json).")
     allow_networks: tuple[str, ...] = setting((), "CIDR exempt from the address guard (repeatable).",
                                               cli="--allow-network", env="LAION_ASSETS_ALLOW_NETWORKS")
+    nameservers: tuple[str, ...] = setting((), "DNS server as IP[:PORT] (repeatable; default: the system's, from "
+                                               "/etc/resolv.conf). A local caching resolver is best, see "
+                                               "docs/download.md.", cli="--nameserver")
+    dns_timeout_s: float = setting(1.0, "Seconds a DNS query is given before another is sent beside it.",
+                                   cli="--dns-timeout")
+    dns_retries: int = setting(3, "DNS queries after the first on timeouts and server failures (never NXDOMAIN).")
+    dns_backoff_s: float = setting(0.1, "First delay after a DNS server failure, in seconds; doubles on each retry.",
+                                   cli="--dns-backoff")
+    dns_in_flight: int = setting(64, "Host names being looked up at once, per process.")
+    dns_negative_ttl_s: float = setting(30.0, "Seconds an NXDOMAIN or a name without addresses is remembered.",
+                                        cli="--dns-negative-ttl")
+    proxy: str = setting("", "Forward proxy for every request, http://[user:pass@]host:port (https URLs go "
+                             "through CONNECT); the address guard still judges each target first.")
+    trust_env: bool = setting(False, "Take the proxy from HTTP_PROXY / HTTPS_PROXY and honour NO_PROXY (when "
+                                     "--proxy is not given).")
+
+    def __post_init__(self) -> None:
+        for server in self.nameservers:
+            parse_nameserver(server)
+        if self.proxy and not self.proxy.startswith("http://"):
+            raise ValueError(f"proxy must be an http:// URL, not {self.proxy!r}")
 
 
 @dataclass(frozen=True)
@@ -211,6 +255,12 @@ class ResizeSettings:
     max_aspect_ratio: float = setting(0.0, "Images whose aspect ratio is over this fail (0: no limit).")
     max_pixels: int = setting(89_478_485, "Pixel budget checked from the header before any decoding.")
     keep_original: bool = setting(False, "Also store the downloaded bytes as {key}.original.{ext}.")
+    resize_only_if_bigger: bool = setting(False, "Only shrink: images already within image_size keep their size "
+                                                 "(still padded or cropped by the mode), as img2dataset's option.")
+    skip_reencode: bool = setting(False, "Keep the downloaded bytes when no resize, blur or alpha matting changed "
+                                         "the pixels and they already are in encode_format (img2dataset's option).")
+    disable_all_reencoding: bool = setting(False, "Store the downloaded bytes as they are: no resize, no blur, no "
+                                                  "re-encoding (the header is still read for the size checks).")
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -228,8 +278,72 @@ class DownloadSettings:
                                 "shards are split between them.")
     resize_threads: int = setting(1, "Decode/resize threads per process.")
     in_flight: int = setting(256, "URLs being fetched or resized at once, per process.")
+    output_format: str = setting("webdataset", f"One of {', '.join(OUTPUT_FORMATS)}: a tar per shard, a folder of "
+                                               "files per shard, or a Parquet file per shard with the image bytes "
+                                               "(img2dataset's layouts; the CLIP stage reads webdataset).")
+    save_additional_columns: tuple[str, ...] = setting((), "Input columns copied to each sample's row in the "
+                                                           "shard's Parquet and its .json (repeatable; img2dataset's "
+                                                           "reserved names refused).",
+                                                       cli="--save-additional-columns")
+    compute_hash: str = setting("sha256", f"Hash of the downloaded bytes in a column of its name: "
+                                          f"{', '.join(HASHES)} (sha256 is always there: the image dedup uses it).")
+    verify_hash: str = setting("", "COL,ALGO: compare the downloaded bytes' ALGO digest (md5, sha256, sha512) with "
+                                   "input column COL; a mismatch is status hash_mismatch with both digests.")
+    bbox_col: str = setting("", "Input column of boxes [x0, y0, x1, y1] relative to the image, blurred after the "
+                                "resize (DataComp's face_bboxes); also kept in the rows.")
+    extract_exif: bool = setting(False, "Record the image's EXIF tags as a JSON string in an `exif` column.")
+    incremental_mode: str = setting("incremental", f"One of {', '.join(INCREMENTAL_MODES)}: resume (complete "
+                                                   "shards kept), start over (the folder emptied first), or add "
+                                                   "shards after the existing ones (img2dataset's modes).")
+    shard_digits: int = setting(0, "Digits of the shard names and of the shard part of keys (img2dataset's "
+                                   "oom_shard_count; 0: at least 5, more when there are more shards).")
+    min_image_bytes: int = setting(5_000, "Downloaded bodies under this many bytes fail before decoding (LAION-5B "
+                                          "dropped images under 5 KB; 0 keeps everything, img2dataset's default).")
+    # A second chance: complete shards keep their successes and permanent failures, and only the rows whose
+    # failure another try may change (report.is_transient) are fetched again and the shard rewritten.
+    retry_failed: bool = setting(False, "Also re-fetch the transient failures of complete shards (timeouts, 5xx, "
+                                        "408/425/429, resets, temporary DNS failures, unreachable policy files); "
+                                        "never successes, other 4xx, NXDOMAIN or policy refusals.")
     fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
     resize: ResizeSettings = dataclasses.field(default_factory=ResizeSettings)
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {self.output_format!r}")
+        if self.compute_hash not in HASHES:
+            raise ValueError(f"compute_hash must be one of {HASHES}, not {self.compute_hash!r}")
+        if self.incremental_mode not in INCREMENTAL_MODES:
+            raise ValueError(f"incremental_mode must be one of {INCREMENTAL_MODES}, not {self.incremental_mode!r}")
+        if self.min_image_bytes < 0:
+            raise ValueError(f"min_image_bytes must be at least 0, not {self.min_image_bytes}")
+        reserved = [c for c in self.save_additional_columns if c in RESERVED_COLUMNS]
+        if reserved:
+            raise ValueError(f"You cannot use in save_additional_columns the following columns: {set(reserved)}. "
+                             "img2dataset reserves these columns for its own use, and so do we.")
+        ours = [c for c in self.save_additional_columns if c in OUR_ROW_COLUMNS]
+        if ours:
+            raise ValueError(f"save_additional_columns cannot hold {ours}: the shards' rows have such columns already")
+        self.verify()
+
+    def verify(self) -> tuple[str, str] | None:
+        """(column, algorithm) of verify_hash, or None."""
+        if not self.verify_hash:
+            return None
+        col, _, algo = self.verify_hash.partition(",")
+        col, algo = col.strip(), algo.strip().lower()
+        if not col or algo not in HASHES[1:]:
+            raise ValueError(f"verify_hash must be COL,ALGO with ALGO one of {HASHES[1:]}, not {self.verify_hash!r}")
+        return col, algo
+
+    def kept_columns(self) -> tuple[str, ...]:
+        """The input columns each row carries: the additional ones and the boxes (saved), the hash (compared)."""
+        verify = self.verify()
+        return tuple(dict.fromkeys([*self.save_additional_columns, *([self.bbox_col] if self.bbox_col else []),
+                                    *([verify[0]] if verify else [])]))
+
+    def saved_columns(self) -> tuple[str, ...]:
+        """The kept columns written to the rows (img2dataset leaves the verified hash column out)."""
+        return tuple(dict.fromkeys([*self.save_additional_columns, *([self.bbox_col] if self.bbox_col else [])]))
 
 
 # --- the CLIP stage --------------------------------------------------------------------------------------
@@ -365,11 +479,23 @@ class OperationsSettings(FromEnv):
                                    env="LAION_ASSETS_RETRY_DELAY_S")
     max_retries: int = setting(3, "Retries of a failed network-bound step within its run.",
                                env="LAION_ASSETS_MAX_RETRIES")
+    retry_failed_after_h: float = setting(24.0, "Hours after a bucket's download that the retry_downloads sensor "
+                                                "fetches its transient failures again (0: never).",
+                                          env="LAION_ASSETS_RETRY_FAILED_AFTER_H")
+    retry_failed_max_runs: int = setting(3, "Downloads a bucket's rows get in all, the first included: "
+                                            "retry_downloads stops asking after that.",
+                                         env="LAION_ASSETS_RETRY_FAILED_MAX_RUNS")
+    retry_failed_per_tick: int = setting(20, "Retry runs retry_downloads requests at most per evaluation.",
+                                         env="LAION_ASSETS_RETRY_FAILED_PER_TICK")
     executor: str = setting("in_process", "How a run executes its steps: in_process, multiprocess, or k8s (a pod "
                                           "per step, shaped by the assets' dagster-k8s/config tags).",
                             env="LAION_ASSETS_EXECUTOR")
     gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).",
                              env="LAION_ASSETS_GPU_IMAGE")
+    dedup_lists_against_crawls: bool = setting(False, "Cross-crawl URL and image dedup compare a URL list (crawl "
+                                                      "list-NAME) with the crawls and earlier lists (default: a list "
+                                                      "is deduplicated within itself only).",
+                                               env="LAION_ASSETS_DEDUP_LISTS_AGAINST_CRAWLS")
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -399,6 +525,52 @@ class IndexSettings:
     seed: int = setting(0, "Seed of the held-out query sample and of the merged index's training sample.")
     min_recall: float = setting(0.8, "Floor of recall@10 (image and text) below which the knn_index and "
                                      "knn_index_all assets' blocking `recall` check fails.")
+
+
+@dataclass(frozen=True)
+class DecontaminationSettings(FromEnv):
+    """Evaluation-set decontamination: what counts as a released sample being an evaluation image, and the
+    evaluation sets the `decontamination` asset checks every crawl against."""
+
+    phash_radius: int = setting(4, "Hamming radius (bits of the 64-bit pHash) within which a released image is an "
+                                   "evaluation image (as near_radius for duplicates).")
+    min_similarity: float = setting(0.95, "Image cosine (embedding CLIP) at or above which a released image is an "
+                                          "evaluation image.")
+    neighbours: int = setting(10, "Nearest indexed samples looked at per evaluation image.")
+    eval_sets: tuple[str, ...] = setting((), "Registered evaluation sets, NAME=SOURCE (a folder of images, a "
+                                             "webdataset or an embeddings folder; local or s3://): the "
+                                             "decontamination asset checks each crawl against every one.",
+                                         cli="--eval-set", env="LAION_ASSETS_EVAL_SETS")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_radius <= 16:
+            raise ValueError(f"phash_radius must be between 0 and 16 bits, not {self.phash_radius}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
+        for entry in self.eval_sets:
+            name, _, source = entry.partition("=")
+            if not name.strip() or not source.strip():
+                raise ValueError(f"an evaluation set is NAME=SOURCE, not {entry!r}")
+
+    def registered(self) -> dict[str, str]:
+        """{name: source} of the registered evaluation sets."""
+        return {e.partition("=")[0].strip(): e.partition("=")[2].strip() for e in self.eval_sets}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The neighbour sweep: indexed samples near what a removal list version removed, as candidates."""
+
+    min_similarity: float = setting(0.9, "Image cosine at or above which an indexed sample is a candidate.")
+    neighbours: int = setting(50, "Nearest indexed samples looked at per removed sample.")
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {self.neighbours}")
 
 
 @dataclass(frozen=True)

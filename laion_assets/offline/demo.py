@@ -77,7 +77,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
     "candidate_pairs": [("pairs", "pairs")],
     "unique_pairs": [("pairs", "rows_in"), ("unique", "rows_out")],
     "image_shards": [("images", "success"), ("failed", "failed_to_download"), ("not resized", "failed_to_resize"),
-                     ("refused by policy", "skipped_by_policy")],
+                     ("refused by policy", "skipped_by_policy"), ("of which page opt-outs", "skipped_page_opt_out")],
     "clip_scores": [("scored", "samples"), ("kept", "kept")],
     "image_embeddings": [("embedded", "dagster/row_count")],
     "watermark_scores": [("watermarked", "watermarked")],

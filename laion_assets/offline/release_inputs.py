@@ -85,7 +85,8 @@ def bucket_inputs(n: int, bucket: int, seed: int = 0, duplicate_rate: float = 0.
         "original_width": rng.integers(64, 2048, n).astype(np.int32),
         "original_height": rng.integers(64, 2048, n).astype(np.int32),
         "sha256": _hex(image_ids, 64), "phash": _hex(phash), "language": languages,
-        "bytes_downloaded": np.full(n, 30_000, np.int64)})
+        "bytes_downloaded": np.full(n, 30_000, np.int64), "attempts": np.ones(n, np.int32),
+        "runs": np.ones(n, np.int32)})
     frame = frame.with_columns(pl.when(pl.col("status") == "success").then(pl.col(c)).alias(c)
                                for c in ("sha256", "phash"))
     rows = frame.to_arrow().cast(ROW_SCHEMA)

@@ -148,6 +148,9 @@ def test_clip_commands_on_a_finished_download(finished_download, tmp_path):
     assert result.exit_code == 0, result.output
     img, txt, meta = embeddings.read_embeddings(Storage(str(emb)), paths.embedding_files("", 0))
     assert img.shape[0] == txt.shape[0] == meta.num_rows == kept
+    # The files name their model, so an index built on them can refuse another model's queries (the neighbour
+    # search, decontamination) and the service's extras apply to it.
+    assert embeddings.embedding_model(meta) == "small-clip-multi"
     result = run(main, ["clip", "safety", str(emb), "-o", str(tmp_path / "safety.parquet"), *models])
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "safety.parquet")["key"].equals(meta["key"])

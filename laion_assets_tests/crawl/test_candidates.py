@@ -259,7 +259,8 @@ def test_list_form_headers_give_the_same_pairs(realdata, tmp_path, real):
     assert c.pairs == base.num_rows
     assert table["url"].to_pylist() == base["url"].to_pylist()
     assert table["page_url"].to_pylist() == base["page_url"].to_pylist()
-    assert set(table["robots"].to_pylist()) == {"noimageai, noarchive"}
+    # The header first; then, for some pages, their robots meta tags.
+    assert {r.partition(";")[0] for r in table["robots"].to_pylist()} == {"noimageai, noarchive"}
 
 
 def test_records_without_alt_or_links(realdata):
@@ -383,3 +384,41 @@ def test_sample_crawl_is_real_wat_for_warcio_and_fastwarc(sample_mirror):
         # The sample crawl is made so that the rules fire on it.
         assert c.dropped_scheme and c.dropped_extension and c.dropped_no_alt and c.dropped_short_text
         assert c.english and c.other_language
+
+
+def test_robots_meta_tags_and_the_header_are_recorded_for_our_agents(realdata, tmp_path, real):
+    """Real records with an opt-out added: `noai` in a robots meta tag of some pages, `noimageai` in the
+    X-Robots-Tag header of others; meta tags of other names (and other robots) are not recorded."""
+    seen = {"n": 0}
+    meta_pages: set[str] = set()
+    header_pages: set[str] = set()
+
+    def opt_out(doc):
+        env = doc["Envelope"]
+        http = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata")
+        head = (http or {}).get("HTML-Metadata", {}).get("Head")
+        if not head:
+            return doc
+        seen["n"] += 1
+        url = env["WARC-Header-Metadata"]["WARC-Target-URI"]
+        if seen["n"] % 3 == 0:  # the shape the WAT keeps: a list of {"name", "content"}, names in any case
+            head["Metas"] = [*head.get("Metas", []), {"content": "NOAI, noindex", "name": "Robots"},
+                             {"content": "noimageai", "name": "googlebot"}, {"content": "x"}]
+            meta_pages.add(url)
+        elif seen["n"] % 3 == 1:
+            http.setdefault("Headers", {})["X-Robots-Tag"] = ["noimageai", "noarchive"]
+            header_pages.add(url)
+        return doc
+
+    path = tmp_path / "optout.warc.wat.gz"
+    rewrite(realdata / WAT_501, path, opt_out)
+    table, c = extract(path)
+    base, _ = real
+    assert c.pairs == base.num_rows  # the pairs are the same; only what the page says is added
+    robots = dict(zip(table["page_url"].to_pylist(), table["robots"].to_pylist(), strict=True))
+    some_meta = [robots[p] for p in meta_pages if p in robots]
+    some_header = [robots[p] for p in header_pages if p in robots]
+    assert some_meta and all(r.endswith("meta robots: noai, noindex") and "googlebot" not in r for r in some_meta)
+    assert some_header and all(r.startswith("noimageai, noarchive") for r in some_header)
+    untouched = set(robots) - meta_pages - header_pages
+    assert all("noai" not in robots[p] and "noimageai" not in robots[p] for p in untouched)

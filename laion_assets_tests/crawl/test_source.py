@@ -90,3 +90,56 @@ def test_an_s3_file_is_retried_by_botocore_alone(unavailable_s3):
             fetched("s3://commoncrawl/crawl-data/x.warc.wat.gz", SourceSettings(retries=1)):
         pass
     assert len(unavailable_s3) == 2, unavailable_s3  # not 2 x botocore's 5, nor x s3transfer's
+
+
+def test_a_source_answering_503_with_retry_after_to_every_third_request_is_slowed_down_not_failed(loopback):
+    """Common Crawl's "Slow Down": the listing and every WAT file still arrive, with no retry used up, each request
+    kept to the source's rate, and the Retry-After waited out by the next request whoever makes it."""
+    import gzip
+    import time
+
+    from laion_assets.core.crawl.source import RATES, read_listing
+
+    times: list[float] = []
+    files = {f"/crawl-data/CC-MAIN-2099-01/wat/{i}.warc.wat.gz": BODY[i:] for i in range(5)}
+    listing = gzip.compress("\n".join(p.lstrip("/") for p in files).encode())
+
+    def every_third(body: bytes):
+        def handler(h: http.server.BaseHTTPRequestHandler) -> None:
+            times.append(time.monotonic())
+            if len(times) % 3 == 0:
+                h.send_response(503)
+                h.send_header("Retry-After", "0.3")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+        return handler
+
+    loopback.routes["/crawl-data/CC-MAIN-2099-01/wat.paths.gz"] = every_third(listing)
+    for path, body in files.items():
+        loopback.routes[path] = every_third(body)
+    settings = SourceSettings(base=loopback.base, retries=0, backoff_s=0, requests_per_s=20)
+    paths = read_listing("CC-MAIN-2099-01", settings)
+    got = []
+    for rel in paths:
+        with fetched(f"{loopback.base}/{rel}", settings) as local, open(local, "rb") as fh:
+            got.append(fh.read())
+    assert got == list(files.values())  # retries=0, and nothing failed
+    assert len(times) == 8  # 6 files; the 3rd and 6th requests were answered 503
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.04  # 20 requests/s at most (a little under 0.05 s for the clock's grain)
+    assert all(gaps[i] >= 0.28 for i in (2, 5))  # the request after each 503 waited its Retry-After
+    assert RATES.gap(loopback.base, 0.05) > 0.05  # slowed down, recovering with each success
+
+
+def test_a_retry_after_beyond_the_budget_uses_the_retries(loopback):
+    loopback.routes["/wat.gz"] = lambda h: (h.send_response(429), h.send_header("Retry-After", "60"),
+                                            h.send_header("Content-Length", "0"), h.end_headers())
+    settings = SourceSettings(retries=1, backoff_s=0, throttle_budget_s=1, requests_per_s=0)
+    with pytest.raises(WatFetchError, match="failed after 2 attempts: HTTP Error 429"), \
+            fetched(f"{loopback.base}/wat.gz", settings):
+        pass

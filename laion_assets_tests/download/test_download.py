@@ -89,7 +89,9 @@ def test_every_bad_input_gets_one_row_with_a_clear_status(loopback, tmp_path):
     out = tmp_path / "out"
     # A 3 s deadline here: busy.jpg's Retry-After of 1 s left its retry under a second of a 2 s deadline, which a
     # loaded machine sometimes missed (the fetch then rightly gave up with HTTP 429).
-    settings = DownloadSettings(samples_per_shard=8, fetch=dataclasses.replace(FETCH, deadline_s=3.0))
+    # min_image_bytes 0: the bomb is a PNG header alone, refused by its pixel count from the header.
+    settings = DownloadSettings(samples_per_shard=8, min_image_bytes=0,
+                                fetch=dataclasses.replace(FETCH, deadline_s=3.0))
     report = download(urls, Storage(str(out)), "", settings)
     rows = read_rows(out)
     assert len(rows) == len(cases) == report.total

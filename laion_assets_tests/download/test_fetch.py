@@ -11,6 +11,7 @@ import pytest
 
 from laion_assets.core.download.fetch import Fetcher, FetchResult, opt_out
 from laion_assets.core.settings import FetchSettings
+from laion_assets.offline.dns_server import LoopbackDns
 from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 from laion_assets_tests.conftest import LoopbackServer
 from laion_assets_tests.handlers import Gauge, cut_after, drip, endless, first_then, redirect, respond, slow
@@ -188,36 +189,21 @@ def test_refused_origin_fails_while_reading_robots_txt():
     assert "Cannot connect" in r.error and "robots.txt" in r.error
 
 
-def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
-    """Answers getaddrinfo for the names in `answers` (and fails `.invalid` names, as RFC 6761 has every resolver
-    do) without asking any server; returns the names asked, in order."""
-    asked: list[str] = []
-    real = asyncio.base_events.BaseEventLoop.getaddrinfo
-
-    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
-        name = host.decode() if isinstance(host, bytes) else host
-        if name in answers:
-            asked.append(name)
-            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0)) if ":" in a else
-                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[name]]
-        if name.endswith(".invalid"):
-            asked.append(name)
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return await real(self, host, port, family=family, type=type, proto=proto, flags=flags)
-
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
-    return asked
+@pytest.fixture
+def dns() -> Iterator[LoopbackDns]:
+    """A name server on 127.0.0.1 answering what the test puts in `records` (other names: NXDOMAIN)."""
+    with LoopbackDns() as server:
+        yield server
 
 
-def test_dns_failure_is_not_retried(monkeypatch):
-    asked = fake_dns(monkeypatch, {})
-    r = fetch("http://no-such-host.invalid/a.jpg", **NO_POLICIES)
-    assert r.status == "failed_to_download" and r.attempts == 1 and "cannot resolve" in r.error
-    assert asked == ["no-such-host.invalid"]
-    asked.clear()
-    r = fetch("http://no-such-host.invalid/a.jpg")  # robots.txt first: the one lookup, and no image request
-    assert r.status == "failed_to_download" and r.attempts == 0 and "cannot resolve" in r.error
-    assert asked == ["no-such-host.invalid"]
+def test_dns_failure_is_not_retried(dns):
+    r = fetch("http://no-such-host.test/a.jpg", nameservers=(dns.address,), **NO_POLICIES)
+    assert r.status == "failed_to_download" and r.attempts == 1 and r.error.startswith("dns_nxdomain: cannot resolve")
+    assert dns.asked("no-such-host.test") in (1, 2)  # A and AAAA once (AAAA cancelled once A says NXDOMAIN)
+    dns.reset()
+    r = fetch("http://no-such-host.test/a.jpg", nameservers=(dns.address,))  # robots.txt first: no image request
+    assert r.status == "failed_to_download" and r.attempts == 0 and r.error.startswith("dns_nxdomain: cannot resolve")
+    assert dns.asked("no-such-host.test") in (1, 2)
 
 
 def test_retry_that_would_outlast_the_deadline_is_not_waited_for(loopback):
@@ -235,18 +221,18 @@ def test_retry_that_would_outlast_the_deadline_is_not_waited_for(loopback):
     [["127.0.0.1", "10.0.0.1"], ["169.254.169.254", "127.0.0.1"], ["127.0.0.1", "::ffff:10.0.0.1"],
      ["::ffff:169.254.169.254", "127.0.0.1"], ["127.0.0.1", "127.0.0.2"]],
 )
-def test_a_name_resolving_to_any_forbidden_address_is_refused(loopback, monkeypatch, addresses):
-    asked = fake_dns(monkeypatch, {"mixed.test": addresses, "clean.test": ["127.0.0.1"]})
+def test_a_name_resolving_to_any_forbidden_address_is_refused(loopback, dns, addresses):
+    dns.records.update({"mixed.test": addresses, "clean.test": ["127.0.0.1"]})
     loopback.static("/m.jpg", JPEG)
-    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg")
+    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg", nameservers=(dns.address,))
     assert r.status == "failed_to_download" and "forbidden" in r.error and r.body == b""
     assert loopback.hits == {}  # not even robots.txt
-    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg", **NO_POLICIES)
+    r = fetch(f"http://mixed.test:{loopback.port}/m.jpg", nameservers=(dns.address,), **NO_POLICIES)
     assert r.status == "failed_to_download" and "forbidden" in r.error and r.attempts == 1
     assert loopback.hits == {}
-    # The same fake answering allowed addresses only connects: the refusals above are the guard's.
-    assert fetch(f"http://clean.test:{loopback.port}/m.jpg").status == "success"
-    assert loopback.hits["/m.jpg"] == 1 and asked.count("mixed.test") == 2
+    # The same server answering allowed addresses only connects: the refusals above are the guard's.
+    assert fetch(f"http://clean.test:{loopback.port}/m.jpg", nameservers=(dns.address,)).status == "success"
+    assert loopback.hits["/m.jpg"] == 1 and dns.asked("mixed.test") == 4  # two fetchers, A and AAAA each
 
 
 # --- slots and the deadline --------------------------------------------------------------------------------

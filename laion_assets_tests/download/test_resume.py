@@ -71,7 +71,8 @@ def outputs(folder: Path) -> dict[str, bytes]:
         data = p.read_bytes()
         if p.name.endswith("_stats.json"):
             doc = orjson.loads(data)
-            doc.pop("duration_s")
+            for timing in ("duration_s", "duration", "start_time", "end_time"):
+                doc.pop(timing)
             data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
         files[p.name] = data
     return files

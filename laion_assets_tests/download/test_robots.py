@@ -13,6 +13,7 @@ import pytest
 from laion_assets.core.download.fetch import Fetcher, FetchResult
 from laion_assets.core.download.robots import (
     POLICY_MAX_BYTES,
+    POLICY_UNREACHABLE,
     PolicyCache,
     PolicyFile,
     RobotsPolicy,
@@ -24,7 +25,7 @@ from laion_assets.core.download.robots import (
 )
 from laion_assets.core.settings import FetchSettings
 from laion_assets_tests.conftest import LoopbackServer
-from laion_assets_tests.handlers import cut_after, redirect, respond, slow
+from laion_assets_tests.handlers import cut_after, first_then, redirect, respond, slow
 
 JPEG = b"\xff\xd8\xff\xe0 not really a jpeg, the fetcher does not care"
 FAST = dict(allow_networks=("127.0.0.1/32",), deadline_s=5.0, backoff_s=0.01, connect_timeout_s=2.0)
@@ -350,6 +351,44 @@ def test_policy_lookups_do_not_count_against_the_deadline(loopback):
     loopback.routes["/a.jpg"] = slow(respond(200, JPEG), 0.5)
     (r,) = fetch_all([f"{loopback.base}/a.jpg"], deadline_s=0.9, respect_tdmrep=False)
     assert r.status == "success", r.error
+
+
+def test_robots_txt_that_times_out_once_is_asked_again(loopback):
+    # One hiccup used to disallow the whole origin for the run.
+    handler, calls = first_then(slow(respond(200, b"User-agent: *\nDisallow: /private/\n"), 1.0),
+                                respond(200, b"User-agent: *\nDisallow: /private/\n"))
+    loopback.routes["/robots.txt"] = handler
+    images(loopback, "/a.jpg", "/private/b.jpg")
+    a, b = fetch_all([f"{loopback.base}/a.jpg", f"{loopback.base}/private/b.jpg"], connect_timeout_s=0.3)
+    assert a.status == "success", a.error
+    assert b.status == "skipped_by_policy" and "disallows /private/b.jpg" in b.error
+    assert len(calls) == 2 and "/private/b.jpg" not in loopback.hits
+
+
+@pytest.mark.parametrize("handler", [respond(503), slow(respond(200, b"User-agent: *\nAllow: /\n"), 1.0)])
+def test_robots_txt_unreachable_after_its_budget_says_so(loopback, handler):
+    loopback.routes["/robots.txt"] = handler
+    images(loopback, "/a.jpg")
+    (r,) = fetch_all([f"{loopback.base}/a.jpg"], connect_timeout_s=0.3, retries=2)
+    assert r.status == "skipped_by_policy" and r.error.startswith(f"{POLICY_UNREACHABLE}: robots.txt of"), r.error
+    assert "after 3 tries" in r.error and loopback.hits["/robots.txt"] == 3 and "/a.jpg" not in loopback.hits
+
+
+def test_a_later_run_asks_again(loopback):
+    loopback.routes["/robots.txt"] = respond(503)
+    images(loopback, "/a.jpg")
+    (first,) = fetch_all([f"{loopback.base}/a.jpg"], retries=0)
+    loopback.routes["/robots.txt"] = respond(404)
+    (later,) = fetch_all([f"{loopback.base}/a.jpg"], retries=0)
+    assert first.error.startswith(POLICY_UNREACHABLE) and later.status == "success"
+
+
+def test_a_redirect_we_may_not_follow_is_not_retried(loopback):
+    loopback.routes["/robots.txt"] = redirect(f"http://127.0.0.2:{loopback.port}/robots.txt")
+    images(loopback, "/a.jpg")
+    (r,) = fetch_all([f"{loopback.base}/a.jpg"], retries=2)
+    assert r.status == "skipped_by_policy" and not r.error.startswith(POLICY_UNREACHABLE)
+    assert loopback.hits["/robots.txt"] == 1
 
 
 # --- TDMRep through the fetcher ----------------------------------------------------------------------------

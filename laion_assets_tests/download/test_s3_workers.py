@@ -31,7 +31,8 @@ def test_worker_processes_get_the_credentials_of_the_storage(s3_server, loopback
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [f"{loopback.base}/{i}.jpg" for i in range(6)]}), urls)
     store = Storage("s3://workers/run", options)
-    settings = DownloadSettings(samples_per_shard=2, processes=2, resize=ResizeSettings(image_size=64),
+    settings = DownloadSettings(samples_per_shard=2, processes=2, min_image_bytes=0,
+                                resize=ResizeSettings(image_size=64),
                                 fetch=FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0))
     report = download(str(urls), store, "shards", settings)
     assert report.statuses["success"] == 6 and report.shards == 3
@@ -54,7 +55,8 @@ def test_worker_processes_get_the_environment_of_the_parent_as_it_is_now(s3_serv
         loopback.static(f"/{i}.jpg", jpeg_bytes(render(Scene("star", "red", "white", "top"), (200, 150), seed=i)))
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [f"{loopback.base}/{i}.jpg" for i in range(4)]}), urls)
-    settings = DownloadSettings(samples_per_shard=2, processes=2, resize=ResizeSettings(image_size=64),
+    settings = DownloadSettings(samples_per_shard=2, processes=2, min_image_bytes=0,
+                                resize=ResizeSettings(image_size=64),
                                 fetch=FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0))
     assert download(str(urls), Storage(str(tmp_path / "local")), "shards", settings).statuses["success"] == 4
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "later")

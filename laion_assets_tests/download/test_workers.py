@@ -20,7 +20,8 @@ from laion_assets.core.settings import DownloadSettings, FetchSettings, ResizeSe
 from laion_assets.core.storage import LocalStorage, Storage
 from laion_assets.offline.synthetic import Scene, jpeg_bytes, render
 
-SETTINGS = DownloadSettings(samples_per_shard=2, processes=2, resize=ResizeSettings(image_size=64),
+# min_image_bytes 0: the images are small (about 4 KB).
+SETTINGS = DownloadSettings(samples_per_shard=2, processes=2, min_image_bytes=0, resize=ResizeSettings(image_size=64),
                             fetch=FetchSettings(allow_networks=("127.0.0.1/32",), deadline_s=5.0))
 
 

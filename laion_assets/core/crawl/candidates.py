@@ -11,6 +11,11 @@ Rules, in the order they apply to each `IMG@/src` link of a `response` record's 
    truncated when absurdly long, and dropped when shorter than 5 characters;
 5. CLD3 names its language: a code when reliable, `""` (nolang) otherwise, with the probability.
 Every drop is counted by rule; nothing is dropped silently.
+
+Each pair also keeps its page's robots directives (`robots`), for the download to honour a page's AI opt-out:
+the page's X-Robots-Tag header (lower-cased, repeated headers comma-joined), then `; meta NAME: CONTENT` for each
+`<meta name=NAME>` of `Head.Metas` whose name is one of `ExtractSettings.robots_meta_names` (robots, CCBot, our
+token), e.g. `noarchive; meta robots: noai, noindex`; "" when the page said nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +69,20 @@ def joined(value: Any) -> str:
     if type(value) is list:
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def robots_directives(x_robots_tag: str, metas: Any, names: frozenset[str]) -> str:
+    """The page's robots record: its X-Robots-Tag, then its robots `<meta>` tags for `names` (WAT `Head.Metas`, a
+    list of {"name": ..., "content": ...}; anything else there is ignored)."""
+    parts = [x_robots_tag] if x_robots_tag else []
+    if type(metas) is list:
+        for meta in metas:
+            if type(meta) is not dict:
+                continue
+            name, content = meta.get("name"), meta.get("content")
+            if type(name) is str and type(content) is str and name.strip().lower() in names and content.strip():
+                parts.append(f"meta {name.strip().lower()}: {' '.join(content.lower().replace(';', ',').split())}")
+    return "; ".join(parts)
 
 
 def normalize_url(url: str, drop_extensions: tuple[str, ...] = ExtractSettings.drop_extensions) -> str | Drop:

@@ -15,7 +15,16 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.crawl.buckets import BucketWriter
-from laion_assets.core.crawl.candidates import COLUMNS, SCHEMA, Drop, clean_text, first, joined, resolve_url
+from laion_assets.core.crawl.candidates import (
+    COLUMNS,
+    SCHEMA,
+    Drop,
+    clean_text,
+    first,
+    joined,
+    resolve_url,
+    robots_directives,
+)
 from laion_assets.core.crawl.source import WatFetchError, fetched, join_source
 from laion_assets.core.crawl.wat import ReadStats, iter_metadata_records
 from laion_assets.core.paths import Layout
@@ -91,7 +100,7 @@ class Page:
     record_id: str
     base: str  # the page URL, or its Head.Base resolved against it
     base_scheme: str
-    robots: str  # the X-Robots-Tag header, lower-cased ("" when absent)
+    robots: str  # the X-Robots-Tag header and robots meta tags (candidates.robots_directives; "" when neither)
     links: list[Any]
 
 
@@ -99,7 +108,8 @@ class CorruptRecord(ValueError):
     """A record whose JSON does not parse or lacks the envelope's required parts."""
 
 
-def parse_page(payload: bytes) -> Page | None:
+def parse_page(payload: bytes, meta_names: frozenset[str] = frozenset(ExtractSettings.robots_meta_names)
+               ) -> Page | None:
     """The page of a WAT metadata record when it describes a response, else None; CorruptRecord if unreadable."""
     try:
         envelope = orjson.loads(payload)["Envelope"]
@@ -121,6 +131,8 @@ def parse_page(payload: bytes) -> Page | None:
             for name, value in (http.get("Headers") or {}).items():
                 if name.lower() == "x-robots-tag":
                     robots = joined(value).lower()
+        if head and head.get("Metas"):
+            robots = robots_directives(robots, head["Metas"], meta_names)
         return Page(page_url, first(warc.get("WARC-Record-ID")) or "", base, base.partition(":")[0].lower(), robots,
                     html.get("Links") or [])
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
@@ -147,6 +159,7 @@ class PairExtractor:
         self.settings = settings or ExtractSettings()
         self._detector = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
         self._cache: dict[str, tuple[str, str, float, bool] | None] = {}
+        self._meta_names = frozenset(n.lower() for n in self.settings.robots_meta_names)
 
     def _text(self, raw: str) -> tuple[str, str, float, bool] | None:
         """(text, language, probability, truncated) for a raw alt text, or None when too short."""
@@ -175,7 +188,7 @@ class PairExtractor:
                 continue
             counts.records_parsed += 1
             try:
-                page = parse_page(payload)
+                page = parse_page(payload, self._meta_names)
             except CorruptRecord:
                 counts.corrupt_records += 1
                 continue

@@ -4,10 +4,13 @@ the files it lists (paths relative to the source's root).
 
 How often a remote file is tried, at most (`SourceSettings`: `retries`, 4 by default, and `backoff_s`):
 
-- over HTTP(S), `retries + 1` downloads per step attempt, all retried here in one place (`download_http`, with
-  tenacity): after a 408, 425, 429 or 5xx answer, a connection error, a timeout or a short read, with delays of
-  `backoff_s`, `2 * backoff_s`, `4 * backoff_s`, ...; a download cut off resumes with a Range request where the
-  last one stopped. Any other HTTP error (404, 403, ...) fails at once.
+- over HTTP(S), `retries + 1` downloads per step attempt, all retried here in one place (`download_http`): after
+  a 408, 425, 429 or 5xx answer, a connection error, a timeout or a short read, with delays of about `backoff_s`,
+  `2 * backoff_s`, `4 * backoff_s`, ... (jittered by +-50%); a download cut off resumes with a Range request where
+  the last one stopped. Any other HTTP error (404, 403, ...) fails at once. Common Crawl's endpoint answers bursts
+  with 503 "Slow Down": requests to one source keep one rate (`requests_per_s`, per process), a 429 or 503 halves
+  it for every caller (it recovers with each success), and one that names its Retry-After is waited out without
+  using up a retry, within `throttle_budget_s` per file; so a backfill of many chunks slows down instead of failing.
 - on S3, `retries + 1` tries of each request per step attempt, made by botocore alone (standard retry mode, in the
   client of `s3_client_for`, which the crawl source resource hands on): throttling, 5xx, connection errors and
   timeouts, with botocore's jittered backoff. Nothing here loops around it, and s3transfer's own re-reads of a
@@ -25,16 +28,19 @@ failed run, each launch with that bound again: 3 * 20 = 60 there.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import gzip
 import http.client
 import os
+import random
 import tempfile
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
-
-import tenacity
 
 from laion_assets.core import paths
 from laion_assets.core.settings import USER_AGENT, SourceSettings
@@ -85,21 +91,110 @@ def _http_attempt(url: str, dest: str, settings: SourceSettings) -> None:
             raise ConnectionError(f"short read: {got} of {expected} bytes")
 
 
+class SourceRate:
+    """One request rate per source (scheme and host) in this process, shared by its threads: requests start at
+    least `1 / requests_per_s` apart. A throttling answer (429, 503) slows the source down for every caller: the
+    gap doubles (up to a minute) and nobody starts a request before the pause the answer asked for (its
+    Retry-After, else the backoff); each success brings the gap a tenth of the way back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[str, float] = {}
+        self._gap: dict[str, float] = {}
+
+    def wait(self, source: str, gap: float) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next.get(source, 0.0))
+            self._next[source] = start + self._gap.get(source, gap)
+        if start > now:
+            time.sleep(start - now)
+
+    def slow_down(self, source: str, gap: float, pause: float) -> None:
+        with self._lock:
+            if gap > 0:
+                self._gap[source] = min(60.0, 2 * max(self._gap.get(source, gap), gap))
+            self._next[source] = max(self._next.get(source, 0.0), time.monotonic() + pause)
+
+    def recovered(self, source: str, gap: float) -> None:
+        with self._lock:
+            slower = self._gap.get(source)
+            if slower is not None:
+                back = slower - (slower - gap) / 10
+                if back <= gap * 1.01:
+                    del self._gap[source]
+                else:
+                    self._gap[source] = back
+
+    def gap(self, source: str, gap: float) -> float:
+        with self._lock:
+            return self._gap.get(source, gap)
+
+
+RATES = SourceRate()
+THROTTLES = frozenset({429, 503})
+
+
+def retry_after_s(value: str | None, cap: float) -> float | None:
+    """A Retry-After value (seconds, or an HTTP date) as seconds from now, at most `cap`; None if absent or bad."""
+    if not value:
+        return None
+    try:
+        return min(cap, max(0.0, float(value)))
+    except ValueError:
+        try:
+            return min(cap, max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time()))
+        except (TypeError, ValueError):
+            return None
+
+
+def _source_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def download_http(url: str, dest: str, settings: SourceSettings) -> None:
     """Download with at most `retries + 1` attempts (transient errors only); a dropped connection resumes with a
-    Range request, and so does a call finding part of the file at `dest` already (the model files' fetch)."""
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.retries + 1),
-        wait=tenacity.wait_exponential(multiplier=settings.backoff_s),
-        retry=tenacity.retry_if_exception(_is_transient),
-    )
-    try:
-        retrying(_http_attempt, url, dest, settings)
-    except tenacity.RetryError as err:
-        last = err.last_attempt.exception()
-        raise WatFetchError(f"{url}: failed after {settings.retries + 1} attempts: {last}") from last
-    except urllib.error.HTTPError as err:  # not transient, so not retried
-        raise WatFetchError(f"{url}: HTTP {err.code}") from err
+    Range request, and so does a call finding part of the file at `dest` already (the model files' fetch).
+
+    Requests to one source keep its rate (`requests_per_s`, `RATES`). A 429 or 503 that says when to come back
+    (Retry-After, up to `max_retry_after_s`) is waited out without using a retry, while the file's waits stay
+    within `throttle_budget_s`: the server asked us to slow down, not to give up. Other transient failures wait
+    `backoff_s * 2**n`, jittered by +-50% so that many steps do not come back together."""
+    source = _source_of(url)
+    gap = 1.0 / settings.requests_per_s if settings.requests_per_s > 0 else 0.0
+    attempts = failures = 0
+    throttled_s = 0.0
+    while True:
+        RATES.wait(source, gap)
+        attempts += 1
+        retry_after = None
+        throttle = False
+        try:
+            _http_attempt(url, dest, settings)
+            RATES.recovered(source, gap)
+            return
+        except urllib.error.HTTPError as err:  # before OSError: HTTPError is one
+            if not _is_transient(err):
+                raise WatFetchError(f"{url}: HTTP {err.code}") from err
+            last: BaseException = err
+            throttle = err.code in THROTTLES
+            if throttle:
+                retry_after = retry_after_s(err.headers.get("Retry-After"), settings.max_retry_after_s)
+        except (OSError, http.client.IncompleteRead) as err:
+            last = err
+        if retry_after is not None and throttled_s + retry_after <= settings.throttle_budget_s:
+            throttled_s += retry_after
+            RATES.slow_down(source, gap, retry_after)
+            continue
+        failures += 1
+        if failures > settings.retries:
+            raise WatFetchError(f"{url}: failed after {attempts} attempts: {last}") from last
+        delay = settings.backoff_s * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+        if throttle:
+            RATES.slow_down(source, gap, delay)  # every caller of the source waits, not just this one
+        else:
+            time.sleep(delay)
 
 
 def _download_s3(uri: str, dest: str, s3_client: Any) -> None:

@@ -19,8 +19,10 @@ took 0.99x, 0.99x and 1.00x its median time at 100 samples per shard, 1.01x, 1.0
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -31,17 +33,22 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from laion_assets.core import paths
+from laion_assets.core.download import retry
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
 from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
 from laion_assets.core.download.runner import ProgressFn, ShardRunner, WorkItem
-from laion_assets.core.download.writer import Piece, write_shard
+from laion_assets.core.download.writer import Piece, ShardLayout, write_shard
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
+# pandas too: pyarrow imports it on its first conversion of Python rows (each shard's rows table), which would
+# otherwise cost every worker a quarter of a second, GIL held, at its first shard.
 WORKER_MODULES = ("laion_assets.core.download.runner", "laion_assets.core.download.fetch",
-                  "laion_assets.core.download.resize")
+                  "laion_assets.core.download.resize", "pandas")
 
 
 def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
@@ -65,16 +72,37 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
         columns: InputColumns | None = None, progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> DownloadReport:
     """The download stage's entry point (the image_shards asset and `laion-assets download` call it): every URL of
-    a URL list (a local Parquet file, or its input columns) into shards under `prefix` of `store`; resumable."""
+    a URL list (a file or folder in any format `inputs.py` reads, or its input columns) into shards under `prefix`
+    of `store`; resumable. With `settings.retry_failed`, the transient failures of shards already complete are
+    fetched again (`retry.py`)."""
     start = time.perf_counter()
-    inputs = source if isinstance(source, Inputs) else read_inputs(source, columns)
-    plan = make_plan(inputs, settings)
+    if max(1, settings.processes or (os.cpu_count() or 1)) > 1:
+        _forkserver()  # first: its imports (a second) overlap reading the inputs and planning
+    if isinstance(source, Inputs):
+        inputs = source
+    else:
+        columns = columns or InputColumns()
+        columns = dataclasses.replace(columns, keep=tuple(dict.fromkeys([*columns.keep, *settings.kept_columns()])))
+        inputs = read_inputs(source, columns)
+    missing = [c for c in settings.kept_columns() if c not in inputs.extra]
+    if missing:
+        raise ValueError(f"the URL list has no column {missing[0]!r} (asked by save_additional_columns, bbox_col or "
+                         f"verify_hash; kept columns: {', '.join(inputs.extra) or 'none'})")
     manifest_key = paths.shards_manifest(prefix)
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
     store.remove_stale_temporaries(prefix)
-    state = resume(store, prefix, plan)
+    layout = layout_of(inputs, settings)
+    if settings.retry_failed and layout is not None:
+        # retry.py rewrites webdataset shards with our row columns; the other layouts are not rewritten yet.
+        raise ValueError("retry_failed works on webdataset shards without added columns; rerun the download with "
+                         "incremental_mode incremental instead")
+    start_shard = apply_incremental_mode(store, prefix, settings.incremental_mode)
+    plan = make_plan(inputs, settings, start_shard, layout)
+    state = resume(store, prefix, plan, keep_others=settings.incremental_mode == "extend")
     report = DownloadReport(shards=len(plan.shards), shards_skipped=len(state.done), shards_redone=state.redone,
-                            shards_removed=len(state.removed))
+                            shards_removed=len(state.removed), input_malformed=inputs.malformed)
+    if log and inputs.malformed:
+        log(f"{inputs.malformed} malformed lines of the URL list skipped (counted in the report)")
     if log:
         log(f"{plan.rows} URLs in {len(plan.shards)} shards; {len(state.done)} already complete, {len(state.todo)} to"
             f" do ({state.redone} no longer match the input or settings); {len(state.removed)} beyond the plan removed")
@@ -93,6 +121,15 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
                            {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
                 new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
+    if settings.retry_failed and state.done:
+        # Only shards complete before this run: those written just now have had their tries.
+        with store.staging_dir() as staging:
+            second = retry.run(inputs, store, prefix, plan, state.done, settings, staging, progress)
+        done |= second.stats
+        report.retried, report.recovered, report.shards_rewritten = second.retried, second.recovered, len(second.stats)
+        if log:
+            log(f"retried {second.retried} transient failures in {len(second.stats)} shards:"
+                f" {second.recovered} recovered")
     for stats in done.values():
         report.add(stats)
     report.rows = sum(s.count for s in new)
@@ -101,6 +138,33 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     report.manifest = manifest
     report.seconds = time.perf_counter() - start
     return report
+
+
+def layout_of(inputs: Inputs, settings: DownloadSettings) -> ShardLayout | None:
+    """The shards' layout: None (webdataset, our rows: the writer's path since the start) unless asked otherwise."""
+    saved = settings.saved_columns()
+    layout = ShardLayout(
+        output_format=settings.output_format,
+        extra=pa.schema([inputs.table.schema.field(c) for c in saved]) if saved else None,
+        hash_col=settings.compute_hash if settings.compute_hash in ("md5", "sha512") else "",
+        exif=settings.extract_exif, image_field=settings.resize.encode_format)
+    return None if layout == ShardLayout(image_field=settings.resize.encode_format) else layout
+
+
+def apply_incremental_mode(store: Storage, prefix: str, mode: str) -> int:
+    """img2dataset's incremental modes on the download's folder; the first shard number of this download.
+    incremental: resume (complete shards kept, the plan decides the rest); overwrite: the folder emptied first;
+    extend: the existing shards kept and this download's numbered after the largest."""
+    if mode == "overwrite":
+        for key in store.list(prefix):
+            store.delete(key)
+        return 0
+    if mode == "extend":
+        numbers = [int(name) for key in store.list(prefix)
+                   if (name := paths.shard_of(prefix, key)) is not None and name.isdigit()
+                   and key.endswith("_stats.json")]
+        return max(numbers, default=-1) + 1
+    return 0
 
 
 @dataclass(frozen=True)
@@ -168,17 +232,24 @@ class _Joiner:
             got.append(piece)
             if len(got) == self.expected[piece.shard.name]:
                 self.writes.append(self.pool.submit(write_shard, got, self.job.store, self.job.prefix,
-                                                    self.job.plan.settings, self.job.staging))
+                                                    self.job.plan.settings, self.job.staging, self.job.plan.layout))
 
     def results(self) -> list[ShardStats]:
         return [w.result() for w in self.writes]
 
 
+def _forkserver() -> Any:
+    """The forkserver context, its server started (it imports WORKER_MODULES once; workers fork from it)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_MODULES))
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
 def _run_processes(job: _Job, work: list[list[WorkItem]], progress: ProgressFn | None) -> list[ShardStats]:
     """One task per process (its work items as a single stream); progress comes back on a queue drained while
     the tasks run. A worker that dies breaks the pool: the others are stopped and BrokenProcessPool raised."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(WORKER_MODULES))
+    ctx = _forkserver()
     # A SimpleQueue's put writes to the pipe at once (no feeder thread), so a task's progress is all readable
     # by the time its result is.
     messages = ctx.SimpleQueue() if progress else None

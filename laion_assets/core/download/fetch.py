@@ -1,9 +1,11 @@
 """Polite and safe HTTP fetching of image URLs with aiohttp.
 
-Safety: only http(s); every host is resolved by a guarded resolver that refuses forbidden addresses (one
-forbidden address in the answer refuses the host) and caches what it checked, and the connector connects to
-exactly those addresses (no second lookup, so DNS rebinding cannot slip through); redirects are followed by
-hand, each hop re-checked, at most `max_redirects`; a byte cap per response.
+Safety: only http(s); every host is resolved (c-ares, with retries and a cache: `dns.py`) by a guarded resolver
+that refuses forbidden addresses (one forbidden address in the answer refuses the host), and the connector
+connects to exactly those addresses (no second lookup, so DNS rebinding cannot slip through); redirects are
+followed by hand, each hop re-checked, at most `max_redirects`; a byte cap per response. Through a proxy
+(`proxy`, or the environment's with `trust_env`) the target is resolved and checked here and the request names
+the checked address, so the proxy never resolves it again; the proxy itself is trusted.
 
 Politeness: an honest User-Agent; robots.txt (RFC 9309) and TDMRep (`/.well-known/tdmrep.json` and the
 `tdm-reservation` header) per origin, see `robots.py`; `X-Robots-Tag` opt-outs; at most `per_host` requests
@@ -19,7 +21,8 @@ own: it must never queue a request that holds its slots.
 
 Retries (`retries`, backoff doubling from `backoff_s`, or `Retry-After` up to `max_retry_after_s`): timeouts
 of a connect or a read (not the deadline), HTTP 5xx, 408, 425 and 429, connection resets and bodies cut short.
-Not retried: other 4xx, DNS failures, refused connections, TLS errors, forbidden addresses, and a retry whose
+Not retried: other 4xx, DNS failures (the resolver has retried already; the error starts with its reason,
+`dns_temporary` or `dns_nxdomain`...), refused connections, TLS errors, forbidden addresses, and a retry whose
 wait would outlast the deadline.
 
 Outcomes: "success"; "skipped_by_policy" (robots.txt, TDMRep, X-Robots-Tag; `error` says which and why);
@@ -34,14 +37,17 @@ import contextlib
 import ipaddress
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
+from laion_assets.core.download.dns import DnsResolver, ResolveFailure
 from laion_assets.core.download.guard import IPNetwork, forbidden_reason, parse_networks
 from laion_assets.core.download.robots import (
     POLICY_MAX_BYTES,
@@ -82,10 +88,6 @@ class ForbiddenAddress(OSError):
     pass
 
 
-class ResolveFailure(OSError):
-    """The name did not resolve (a DNS failure is not retried)."""
-
-
 @dataclass
 class FetchResult:
     status: str  # success | failed_to_download | skipped_by_policy
@@ -97,42 +99,42 @@ class FetchResult:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves with the system resolver, refuses forbidden addresses, and caches the checked answer."""
+    """Resolves through the DNS resolver (`dns.py`) and refuses a name any of whose addresses is forbidden; what it
+    returns is what the connector connects to. `trusted` names (the configured proxy) are not judged."""
 
-    def __init__(self, allow: tuple[IPNetwork, ...], ttl_s: float = 300.0) -> None:
+    def __init__(self, dns: DnsResolver, allow: tuple[IPNetwork, ...], trusted: frozenset[str] = frozenset()) -> None:
+        self.dns = dns
         self._allow = allow
-        self._ttl = ttl_s
-        self._cache: dict[tuple[str, int], tuple[float, list[ResolveResult]]] = {}
-        self._loop = asyncio.get_running_loop()
+        self._trusted = trusted
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
-        key = (host, port)
-        hit = self._cache.get(key)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
-        try:
-            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=socket.AF_UNSPEC)
-        except socket.gaierror as err:
-            raise ResolveFailure(f"cannot resolve {host}: {err}") from err
-        results: list[ResolveResult] = []
+    def trusts(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self._trusted
+
+    async def checked(self, host: str, trusted: bool = False) -> tuple[tuple[int, str], ...]:
+        """The (family, address) pairs of `host`, every one allowed (unless `trusted`); ForbiddenAddress or
+        ResolveFailure."""
+        answer = await self.dns.resolve(host)
+        if trusted:
+            return answer.addresses
         refused = []
-        for fam, _, proto, _, sockaddr in infos:
-            address = sockaddr[0]
+        for _, address in answer.addresses:
             reason = forbidden_reason(address, self._allow)
             if reason:
                 refused.append(f"{address} ({reason})")
-                continue
-            results.append(ResolveResult(hostname=host, host=address, port=sockaddr[1], family=fam, proto=proto,
-                                         flags=socket.AI_NUMERICHOST))
         if refused:
             # One forbidden answer taints the host: a mixed answer is how rebinding attacks start.
             raise ForbiddenAddress(f"{host} resolves to a forbidden address: {', '.join(refused)}")
-        self._cache[key] = (time.monotonic() + self._ttl, results)
-        return results
+        return answer.addresses
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        # The connector asks for the proxy's name too; a target with that name was checked by Fetcher._get.
+        return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=socket.IPPROTO_TCP,
+                              flags=socket.AI_NUMERICHOST)
+                for fam, address in await self.checked(host, trusted=self.trusts(host))]
 
     async def close(self) -> None:
-        pass
+        await self.dns.close()
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:
@@ -177,6 +179,8 @@ def _transient(err: BaseException) -> bool:
 
 
 def _describe(err: BaseException) -> str:
+    if isinstance(err, (ForbiddenAddress, ResolveFailure)):
+        return str(err)
     os_error = getattr(err, "os_error", None)
     if isinstance(os_error, (ForbiddenAddress, ResolveFailure)):
         return str(os_error)  # aiohttp's own text of these reads "[None]"
@@ -210,6 +214,21 @@ async def _paused(deadline: asyncio.Timeout) -> AsyncIterator[None]:
     finally:
         if not deadline.expired():
             deadline.reschedule(when + loop.time() - start)
+
+
+def _proxies(settings: FetchSettings) -> dict[str, str]:
+    """Scheme -> proxy URL (and "no" -> NO_PROXY): the configured proxy for both schemes, else with `trust_env` the
+    environment's, read once."""
+    if settings.proxy:
+        return {"http": settings.proxy, "https": settings.proxy}
+    if settings.trust_env:
+        found = urllib.request.getproxies_environment()
+        return {k: v for k, v in found.items() if k in ("http", "https", "no")}
+    return {}
+
+
+def _host_of(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower().rstrip(".")
 
 
 class _HostLimits:
@@ -280,7 +299,12 @@ class Fetcher:
         s = self.settings
         # limit=0: our semaphores bound the image requests, and a request holding its slots must never queue in
         # the connector. Policy reads hold no slot (at most one per origin being looked up).
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._allow), use_dns_cache=False, limit=0,
+        dns = DnsResolver(s.nameservers, timeout_s=s.dns_timeout_s, retries=s.dns_retries, backoff_s=s.dns_backoff_s,
+                          in_flight=s.dns_in_flight, negative_ttl_s=s.dns_negative_ttl_s)
+        self._proxies = _proxies(s)
+        trusted = frozenset(h for h in (_host_of(p) for p in self._proxies.values() if "://" in p) if h)
+        self._resolver = GuardedResolver(dns, self._allow, trusted)
+        connector = aiohttp.TCPConnector(resolver=self._resolver, use_dns_cache=False, limit=0,
                                          limit_per_host=0, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.connect_timeout_s)
         self._session = aiohttp.ClientSession(
@@ -289,9 +313,12 @@ class Fetcher:
         )
         self._hosts = _HostLimits(s.per_host)
         self._connections = asyncio.Semaphore(s.connections)
-        policy_timeout = min(POLICY_TIMEOUT_S, s.deadline_s)
-        self._robots = PolicyCache(ROBOTS_PATH, self._read_policy_file, RobotsPolicy.from_file, policy_timeout)
-        self._tdmrep = PolicyCache(TDMREP_PATH, self._read_policy_file, TdmPolicy.from_file, policy_timeout)
+        # An origin's budget: as long as one URL's deadline, a read at most POLICY_TIMEOUT_S of it, and the
+        # image fetch's retries and backoff for transient failures.
+        policy = dict(timeout_s=s.deadline_s, attempt_timeout_s=min(POLICY_TIMEOUT_S, s.deadline_s),
+                      retries=s.retries, backoff_s=s.backoff_s)
+        self._robots = PolicyCache(ROBOTS_PATH, self._read_policy_file, RobotsPolicy.from_file, **policy)
+        self._tdmrep = PolicyCache(TDMREP_PATH, self._read_policy_file, TdmPolicy.from_file, **policy)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -299,6 +326,7 @@ class Fetcher:
         await self._tdmrep.close()
         if self._session:
             await self._session.close()
+        await self._resolver.close()  # the connector closes only a resolver it made itself
 
     def _check_target(self, url: str) -> tuple[str, str]:
         """(origin, host key) of a URL we may connect to, or FetchFailure."""
@@ -326,6 +354,49 @@ class Fetcher:
         origin = f"{parts.scheme}://{authority}" + (f":{port}" if port not in (None, default) else "")
         return origin, f"{authority}:{port or default}"
 
+    @contextlib.asynccontextmanager
+    async def _get(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET without following redirects, directly or through the URL's proxy.
+
+        Through a proxy the connector only ever sees the proxy, so the target is judged here: its name resolved and
+        every address checked, and the request sent to the checked address (Host header and TLS name kept), so that
+        the proxy cannot resolve it to anything else.
+        """
+        assert self._session is not None
+        proxy = self._proxy_for(url)
+        if proxy is None:
+            host = urlsplit(url).hostname or ""
+            if self._resolver.trusts(host):
+                await self._resolver.checked(host)  # the proxy's own name as a target (NO_PROXY) is judged too
+            async with self._session.get(url, allow_redirects=False) as resp:
+                yield resp
+            return
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            target, headers, tls_name = url, None, None  # a literal: judged by _check_target
+        except ValueError:
+            family, address = (await self._resolver.checked(host))[0]
+            shown = f"[{address}]" if family == socket.AF_INET6 else address
+            netloc = shown + (f":{parts.port}" if parts.port else "")
+            target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+            authority = parts.netloc.rpartition("@")[2]
+            headers = {"Host": authority}
+            tls_name = host if parts.scheme == "https" else None
+        async with self._session.get(target, allow_redirects=False, proxy=proxy,
+                                     proxy_auth=aiohttp.BasicAuth.from_url(URL(proxy)), headers=headers,
+                                     server_hostname=tls_name) as resp:
+            yield resp
+
+    def _proxy_for(self, url: str) -> str | None:
+        if not self._proxies:
+            return None
+        if "no" in self._proxies and urllib.request.proxy_bypass_environment(urlsplit(url).hostname or "",
+                                                                             self._proxies):
+            return None
+        return self._proxies.get(urlsplit(url).scheme)
+
     async def _read_policy_file(self, url: str) -> PolicyFile:
         """A robots.txt or tdmrep.json: capped, redirects followed through the guard; never raises."""
         assert self._session is not None
@@ -335,7 +406,7 @@ class Fetcher:
             try:
                 if hop:
                     self._check_target(current)
-                async with self._session.get(current, allow_redirects=False) as resp:
+                async with self._get(current) as resp:
                     status, location = resp.status, resp.headers.get("Location")
                     if status in REDIRECTS and location:
                         current = urljoin(current, location)
@@ -345,8 +416,8 @@ class Fetcher:
                     body, truncated = await _read_capped(resp, POLICY_MAX_BYTES)
                     return PolicyFile(url, resp.status, whole_lines(body, truncated))
             except FetchFailure as err:
-                return PolicyFile(url, error=f"redirect to {current}: {err}")
-            except aiohttp.ClientConnectorError as err:
+                return PolicyFile(url, error=f"redirect to {current}: {err}", permanent=True)
+            except (aiohttp.ClientConnectorError, ForbiddenAddress, ResolveFailure) as err:
                 # On the origin itself the image request would meet the same; on a redirect it is the file's fate.
                 return PolicyFile(url, error=_describe(err), origin_unreachable=hop == 0)
             except (aiohttp.ClientError, OSError, ValueError) as err:
@@ -383,7 +454,7 @@ class Fetcher:
                     if hop:
                         await self._check_policies(current, origin)
                     await slots.hold(host)
-            async with self._session.get(current, allow_redirects=False) as resp:
+            async with self._get(current) as resp:
                 if resp.status in REDIRECTS:
                     location = resp.headers.get("Location")
                     if not location:

@@ -55,3 +55,25 @@ def forbidden_reason(address: str | IPAddress, allow: tuple[IPNetwork, ...] = ()
     if not ip.is_global:
         return "not-global"
     return None
+
+
+def parse_nameserver(text: str) -> str:
+    """IP[:PORT] (IPv6 as [IP]:PORT or bare) to c-ares's form; a ValueError names what is wrong."""
+    value = text.strip()
+    host, port = value, None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"name server {text!r}: expected [IPv6]:PORT")
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"name server {text!r}: not an IP address (IP[:PORT])") from None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"name server {text!r}: bad port {port!r}")
+    shown = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{shown}:{port}" if port else str(ip)

@@ -1,28 +1,51 @@
-"""Reading a Parquet URL list: the input columns, and a fingerprint of any slice of it."""
+"""Reading a URL list (any format `inputs.py` reads): the input columns, and a fingerprint of any slice of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_assets.core.download.inputs import InputSpec, ReadCounts, read_table
+
+# The columns the download itself reads; any other column of the input table is a kept one.
+OWN_COLUMNS = ("url", "caption", "language", "page_url", "robots")
+
 
 @dataclass(frozen=True)
 class InputColumns:
-    """Which columns of the URL list hold what; caption and language may be missing (read as empty)."""
+    """Which columns of the URL list hold what; caption and language may be missing (read as empty), and so may
+    the page's URL and robots directives (the crawl's `page_url` and `robots`: then no page opt-out applies)."""
 
     url: str = "url"
     caption: str = "caption"
     language: str = "language"
+    page_url: str = "page_url"
+    robots: str = "robots"
+    input_format: str = ""  # empty: from the file names (a Parquet file by default)
+    keep: tuple[str, ...] = ()  # other columns carried to every sample's row (save_additional_columns, ...)
 
 
 @dataclass(frozen=True)
 class Inputs:
     """The input columns as Arrow (compact); Python strings are made one shard at a time."""
 
-    table: pa.Table  # url, caption, language
+    table: pa.Table  # url, caption, language, [page_url, robots], then the kept columns
+    malformed: int = 0  # input lines skipped as malformed (counted, never silently)
+
+    @property
+    def extra(self) -> tuple[str, ...]:
+        """The kept columns' names."""
+        return tuple(c for c in self.table.column_names if c not in OWN_COLUMNS)
+
+    def extras(self, lo: int, hi: int) -> list[dict]:
+        """The kept columns of rows [lo, hi), one dict per row (empty dicts when none are kept)."""
+        if not self.extra:
+            return [{} for _ in range(hi - lo)]
+        return self.table.slice(lo, hi - lo).select(list(self.extra)).to_pylist()
 
     @property
     def num_rows(self) -> int:
@@ -32,17 +55,28 @@ class Inputs:
         part = self.table.slice(lo, hi - lo)
         return list(zip(*(part[c].to_pylist() for c in ("url", "caption", "language")), strict=True))
 
-    def save(self, path: str) -> None:
-        """For worker processes: an Arrow IPC file they map instead of re-reading the input."""
-        import pyarrow.feather as feather
+    def opted_out_pages(self) -> dict[int, tuple[str, str]]:
+        """Row -> (page URL, robots directives) of the rows whose page's directives mention noai or noimageai
+        (a handful: found without making a Python string per row)."""
+        if "robots" not in self.table.column_names:
+            return {}
+        import pyarrow.compute as pc
 
-        feather.write_feather(self.table, path, compression="uncompressed")
+        hits = pc.indices_nonzero(pc.fill_null(pc.match_substring_regex(self.table["robots"], "noai|noimageai"),
+                                               False)).to_pylist()
+        pages, robots = self.table["page_url"].take(hits).to_pylist(), self.table["robots"].take(hits).to_pylist()
+        return {i: (p or "", r) for i, p, r in zip(hits, pages, robots, strict=True)}
+
+    def save(self, path: str) -> None:
+        """For worker processes: an Arrow IPC file they map instead of re-reading the input. Written with pyarrow.ipc
+        rather than feather, whose writer imports pandas (a quarter of a second of every download's start)."""
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
 
     @classmethod
     def load(cls, path: str) -> Inputs:
-        import pyarrow.feather as feather
-
-        return cls(feather.read_table(path, memory_map=True))
+        # The map stays open: the table's buffers are views of it.
+        return cls(pa.ipc.open_file(pa.memory_map(path)).read_all())
 
     def fingerprint(self, lo: int, hi: int) -> str:
         """A hash of rows [lo, hi): a shard made from other rows (an edited or reordered input) never matches."""
@@ -52,6 +86,13 @@ class Inputs:
                 # 0x1f separates values, 0x00 marks a null, so ("a", None) and ("a", "") differ.
                 digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass"))
                 digest.update(b"\x1f")
+        if self.extra:  # only then, so that the fingerprints of lists without kept columns stay as they were
+            import orjson
+
+            digest.update(repr(pa.schema([self.table.schema.field(c) for c in self.extra])).encode())
+            for extra in self.extras(lo, hi):
+                digest.update(orjson.dumps(extra, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
+                                           default=str))
         return digest.hexdigest()
 
 
@@ -75,14 +116,22 @@ def inputs_of(table: pa.Table, columns: InputColumns | None = None) -> Inputs:
             return pa.nulls(table.num_rows, pa.string())
         return table[name].cast(pa.string())
 
-    return Inputs(pa.table({"url": column(columns.url), "caption": column(columns.caption),
-                            "language": column(columns.language)}))
+    missing = [c for c in columns.keep if c not in table.column_names]
+    if missing:
+        raise ValueError(f"the URL list has no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+    wanted = {"url": column(columns.url), "caption": column(columns.caption), "language": column(columns.language)}
+    if columns.robots in table.column_names:
+        wanted |= {"page_url": column(columns.page_url), "robots": column(columns.robots)}
+    return Inputs(pa.table({**wanted, **{c: table[c] for c in columns.keep}}))
 
 
 def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
-    """The input columns of a Parquet URL list (only those columns are read)."""
+    """The input columns of a URL list: a file or a folder in any format `inputs.py` reads (streamed, only those
+    columns kept). Malformed lines are counted in `Inputs.malformed`."""
     columns = columns or InputColumns()
-    file = open_url_list(path, columns.url)
-    names = file.schema_arrow.names
-    wanted = list(dict.fromkeys(c for c in (columns.url, columns.caption, columns.language) if c in names))
-    return inputs_of(file.read(columns=wanted), columns)
+    counts = ReadCounts()
+    spec = InputSpec(path, columns.input_format, columns.url, columns.caption, columns.language, columns.keep,
+                     optional=(columns.page_url, columns.robots))
+    table = read_table(spec, counts)  # url, caption, language under these names, the others under their own
+    read = dataclasses.replace(columns, url="url", caption="caption", language="language")
+    return dataclasses.replace(inputs_of(table, read), malformed=counts.malformed)

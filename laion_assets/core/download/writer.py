@@ -1,5 +1,7 @@
 """Writing shards: results arrive in any order, are spilled to a local file, and are written in key order as
-img2dataset lays a shard out (`.tar`, `.parquet` with a row per URL, `_stats.json` last).
+img2dataset lays a shard out (`.tar`, `.parquet` with a row per URL, `_stats.json` last). Its other two output
+formats too (`ShardLayout`): `files` (a folder per shard of `{key}.jpg`, `.txt`, `.json`, beside the same
+`.parquet` rows) and `parquet` (the rows with the image bytes and caption in `jpg` and `txt` columns, no tar).
 
 A shard may be made in pieces (contiguous row ranges, by several processes); `write_shard` joins them, so
 the bytes are the same however the work was split.
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardPlan
-from laion_assets.core.download.report import ShardStats
+from laion_assets.core.download.report import PAGE_OPT_OUT, ShardStats, is_transient
 from laion_assets.core.storage import Storage
 
 ROW_SCHEMA = pa.schema([
@@ -43,7 +45,31 @@ ROW_SCHEMA = pa.schema([
     ("phash", pa.string()),
     ("language", pa.string()),
     ("bytes_downloaded", pa.int64()),
+    ("attempts", pa.int32()),  # image requests sent for this URL, over all runs (null: made before it was counted)
+    ("runs", pa.int32()),  # downloads that tried this URL: 1, plus one for each --retry-failed that fetched it again
 ])
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a download's shards look beyond our defaults: the output format and the rows' added columns (the
+    kept input columns with their Arrow types, the compute_hash column, exif)."""
+
+    output_format: str = "webdataset"
+    extra: pa.Schema | None = None
+    hash_col: str = ""  # md5 or sha512 (sha256 is always a column)
+    exif: bool = False
+    image_field: str = "jpg"
+
+    def schema(self) -> pa.Schema:
+        fields = list(ROW_SCHEMA)
+        if self.hash_col:
+            fields.append(pa.field(self.hash_col, pa.string()))
+        if self.exif:
+            fields.append(pa.field("exif", pa.string()))
+        if self.extra is not None:
+            fields += list(self.extra)
+        return pa.schema(fields)
 
 
 def new_row(key: str, url: str | None, caption: str | None, language: str | None) -> dict[str, Any]:
@@ -51,7 +77,7 @@ def new_row(key: str, url: str | None, caption: str | None, language: str | None
     return {"key": key, "url": url, "caption": caption, "status": "failed_to_download", "error_message": None,
             "http_status": None, "final_url": None, "width": None, "height": None, "original_width": None,
             "original_height": None, "sha256": None, "phash": None, "language": language or "",
-            "bytes_downloaded": 0}
+            "bytes_downloaded": 0, "attempts": 0, "runs": 1}
 
 
 def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
@@ -130,21 +156,41 @@ class PieceBuilder:
                      self.started)
 
 
+def img2dataset_counts(stats: ShardStats, rows: list[dict[str, Any]], started: float) -> None:
+    """The `_stats.json` fields img2dataset writes, beside ours (a skip or hash mismatch failed to download there)."""
+    stats.successes = stats.statuses.get("success", 0)
+    stats.failed_to_resize = stats.statuses.get("failed_to_resize", 0)
+    stats.failed_to_download = stats.count - stats.successes - stats.failed_to_resize
+    stats.status_dict = dict(Counter("success" if r["status"] == "success" else r["error_message"] or r["status"]
+                                     for r in rows))
+    stats.end_time = time.time()
+    stats.start_time = stats.end_time - (time.perf_counter() - started)
+    stats.duration = round(stats.end_time - stats.start_time, 3)
+
+
 def _samples(pieces: list[Piece]) -> Iterator[tuple[str, dict[str, bytes]]]:
     for piece in pieces:
         with open(piece.spill, "rb") as spill:
             for row, files in zip(piece.rows, piece.images, strict=True):
                 if not files:
                     continue
-                members = {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row)}
+                images = {}
                 for name, offset, length in files:
                     spill.seek(offset)
-                    members[name] = spill.read(length)
-                yield row["key"], members
+                    images[name] = spill.read(length)
+                yield row["key"], sample_members(row, images)
 
 
-def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str, staging: str) -> ShardStats:
-    """Commit one shard from its pieces (in row order): tar, then parquet, then the stats marker."""
+def sample_members(row: dict[str, Any], images: dict[str, bytes]) -> dict[str, bytes]:
+    """A sample's tar members: its caption, its row as JSON, and its image files."""
+    return {"txt": (row["caption"] or "").encode("utf-8"), "json": orjson.dumps(row), **images}
+
+
+def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str, staging: str,
+                layout: ShardLayout | None = None) -> ShardStats:
+    """Commit one shard from its pieces (in row order): tar (or files), then parquet, then the stats marker."""
+    if layout is not None and layout != ShardLayout():
+        return _write_laid_out(pieces, store, prefix, settings, staging, layout)
     pieces = sorted(pieces, key=lambda p: p.lo)
     shard = pieces[0].shard
     gaps = any(a.hi != b.lo for a, b in zip(pieces, pieces[1:], strict=False))
@@ -154,9 +200,7 @@ def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str,
     keys = paths.shard(prefix, shard.name)
     stats = ShardStats(shard=shard.shard, name=shard.name, count=len(rows), rows=[shard.lo, shard.hi],
                        input_fingerprint=shard.fingerprint, settings=settings)
-    stats.statuses = dict(Counter(r["status"] for r in rows))
-    stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
-    stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
+    count_rows(stats, rows)
     tar_path = os.path.join(staging, f"{shard.name}.tar")
     write_tar(tar_path, _samples(pieces))
     stats.bytes_written = os.path.getsize(tar_path)
@@ -169,8 +213,80 @@ def write_shard(pieces: list[Piece], store: Storage, prefix: str, settings: str,
     for piece in pieces:
         _remove(piece.spill)
     stats.duration_s = round(time.perf_counter() - min(p.started for p in pieces), 3)
+    img2dataset_counts(stats, rows, min(p.started for p in pieces))
     store.write_bytes(keys.stats, stats.to_json())
     return stats
+
+
+def _check_pieces(pieces: list[Piece]) -> ShardPlan:
+    shard = pieces[0].shard
+    gaps = any(a.hi != b.lo for a, b in zip(pieces, pieces[1:], strict=False))
+    if gaps or (pieces[0].lo, pieces[-1].hi) != (shard.lo, shard.hi):
+        raise RuntimeError(f"shard {shard.name}: pieces do not cover rows {shard.lo}-{shard.hi}")
+    return shard
+
+
+def _write_laid_out(pieces: list[Piece], store: Storage, prefix: str, settings: str, staging: str,
+                    layout: ShardLayout) -> ShardStats:
+    """write_shard for added row columns or another output format; the webdataset path above stays as it was."""
+    pieces = sorted(pieces, key=lambda p: p.lo)
+    shard = _check_pieces(pieces)
+    rows = [r for p in pieces for r in p.rows]
+    keys = paths.shard(prefix, shard.name)
+    stats = ShardStats(shard=shard.shard, name=shard.name, count=len(rows), rows=[shard.lo, shard.hi],
+                       input_fingerprint=shard.fingerprint, settings=settings)
+    count_rows(stats, rows)
+    schema = layout.schema()
+    if layout.output_format == "webdataset":
+        tar_path = os.path.join(staging, f"{shard.name}.tar")
+        write_tar(tar_path, _samples(pieces))
+        stats.bytes_written = os.path.getsize(tar_path)
+        store.put_file(tar_path, keys.tar)
+        _remove(tar_path)
+    elif layout.output_format == "files":
+        for key, members in _samples(pieces):
+            for name, data in members.items():
+                store.write_bytes(paths.join(prefix, f"{shard.name}/{key}.{name}"), data)
+                stats.bytes_written += len(data)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if layout.output_format == "parquet":
+        images: list[bytes | None] = []
+        for piece in pieces:
+            with open(piece.spill, "rb") as spill:
+                for files in piece.images:
+                    found = None
+                    for name, offset, length in files:
+                        if name == layout.image_field:
+                            spill.seek(offset)
+                            found = spill.read(length)
+                    images.append(found)
+        captions = [(r["caption"] or "") if img is not None else None for r, img in zip(rows, images, strict=True)]
+        table = table.append_column(pa.field(layout.image_field, pa.binary()), pa.array(images, pa.binary()))
+        table = table.append_column(pa.field("txt", pa.string()), pa.array(captions, pa.string()))
+    rows_path = os.path.join(staging, f"{shard.name}.parquet")
+    pq.write_table(table, rows_path, compression="zstd")
+    if layout.output_format == "parquet":
+        stats.bytes_written = os.path.getsize(rows_path)
+    store.put_file(rows_path, keys.rows)
+    _remove(rows_path)
+    for piece in pieces:
+        _remove(piece.spill)
+    started = min(p.started for p in pieces)
+    stats.duration_s = round(time.perf_counter() - started, 3)
+    img2dataset_counts(stats, rows, started)
+    store.write_bytes(keys.stats, stats.to_json())
+    return stats
+
+
+def count_rows(stats: ShardStats, rows: list[dict[str, Any]]) -> None:
+    """The marker's counts of a shard's rows."""
+    stats.statuses = dict(Counter(r["status"] for r in rows))
+    stats.errors = dict(Counter(r["error_message"] for r in rows if r["error_message"]))
+    stats.bytes_downloaded = sum(r["bytes_downloaded"] or 0 for r in rows)
+    stats.retryable = sum(is_transient(r["status"], r["error_message"], r["http_status"]) for r in rows)
+    stats.page_opt_outs = sum(r["status"] == "skipped_by_policy" and (r["error_message"] or "").startswith(PAGE_OPT_OUT)
+                              for r in rows)
+    stats.runs = max((r.get("runs") or 1 for r in rows), default=1)
 
 
 def _remove(path: str) -> None:

@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from laion_assets.core import paths
 from laion_assets.core.download.plan import ShardsManifest
+from laion_assets.core.download.writer import ROW_SCHEMA
 from laion_assets.core.records import JsonRecord
-from laion_assets.core.release.columns import PARQUET_OPTIONS, filtered_dtypes, subset_expr, url_text_hash_expr
+from laion_assets.core.release.columns import (
+    FILTERED_SCHEMA,
+    PARQUET_OPTIONS,
+    filtered_dtypes,
+    subset_expr,
+    url_text_hash_expr,
+)
 from laion_assets.core.storage import Storage
 
 CONCEPT_FILTER = "concept-filter"  # the removal reason of a sample the concept filter flags (core/clip/concepts.py)
@@ -75,9 +82,25 @@ def download_rows(store: Storage, manifest: ShardsManifest) -> pl.DataFrame:
     # One polars scan of only the needed columns (several times faster than pyarrow's read_table + from_arrow
     # on one core); collected inside local_copies, which are temporary downloads on S3.
     with store.local_copies([k.rows for k in keys]) as local:
-        frames = [pl.scan_parquet(path).select(DOWNLOAD_COLUMNS).with_columns(pl.lit(k.tar).alias("shard"))
-                  for path, k in zip(local, keys, strict=True)]
-        return pl.concat(frames, how="vertical_relaxed").collect()
+        scans = [pl.scan_parquet(path) for path in local]
+        frames = [scan.select([*DOWNLOAD_COLUMNS, *added_columns(scan.collect_schema().names())])
+                  .with_columns(pl.lit(k.tar).alias("shard")) for scan, k in zip(scans, keys, strict=True)]
+        # diagonal: a column one shard lacks (added by a later incremental run) is null there, never an error.
+        return pl.concat(frames, how="diagonal_relaxed").collect()
+
+
+def added_columns(names: list[str]) -> list[str]:
+    """The columns a download's rows carry beyond ours (`save_additional_columns`, a URL list's id column such as
+    DataComp's `uid`, compute_hash's digest, exif): kept through the filtered metadata into the release, so a release
+    can be joined back to the list it came from."""
+    ours = set(ROW_SCHEMA.names)
+    return [n for n in names if n not in ours]
+
+
+def released_name(column: str) -> str:
+    """An added column's name in the filtered metadata: its own, or `input_<name>` where it would collide with one
+    of LAION's or our release columns (a list with its own `hash` or `subset`)."""
+    return f"input_{column}" if column in FILTERED_SCHEMA.names else column
 
 
 def kept_samples(downloads: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
@@ -138,6 +161,7 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
         aesthetic = pl.DataFrame(schema={"key": pl.String, "aesthetic": pl.Float32})
     if semantic is None:
         semantic = pl.DataFrame(schema={"key": pl.String, "semantic_duplicate_of": pl.String})
+    added = [pl.col(c).alias(released_name(c)) for c in added_columns(downloads.columns) if c != "shard"]
     flagged = safety.filter(pl.col("concept_filtered").fill_null(False)).select("key") if (
         "concept_filtered" in safety.columns) else safety.clear().select("key")
 
@@ -173,7 +197,7 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
         "phash",
         "language_score", pl.lit(crawl).alias("crawl"),
         subset_expr(pl.col("language")).alias("subset"),
-        "duplicate_of", "near_duplicate_of", "semantic_duplicate_of").cast(filtered_dtypes()).collect()
+        "duplicate_of", "near_duplicate_of", "semantic_duplicate_of", *added).cast(filtered_dtypes()).collect()
     return out, removed
 
 

@@ -113,10 +113,22 @@ def with_semantic_column(table: Any) -> Any:
     return table.append_column("semantic_duplicate_of", pa.nulls(table.num_rows, pa.string()))
 
 
+def release_schema(schemas: list[Any]) -> Any:
+    """FILTERED_SCHEMA, then the columns the buckets' files add (a URL list's own, such as DataComp's `uid`), in the
+    order they first appear: every part of a release has the same columns."""
+    import pyarrow as pa
+
+    fields = list(FILTERED_SCHEMA)
+    for schema in schemas:
+        fields += [f for f in schema if f.name not in {g.name for g in fields}]
+    return pa.schema(fields)
+
+
 def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expected: list[str],
         settings: ReleaseSettings, models: dict[str, Any], code_version: str) -> ReleaseManifest:
     """The release's entry point: the crawl's release written from every bucket's filtered metadata; returns the
     manifest (committed last, its completion marker)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -136,16 +148,20 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
     # One pass over the buckets' files, in bucket order, each bucket split among the three subsets' writers: the
     # rows of each subset keep their bucket and key order, and every file is read once (not once per subset).
     with store.local_copies([b.file for b in ordered]) as local, store.staging_dir() as stage:
-        writers = {subset: _PartWriter(store, crawl, subset, stage, settings.rows_per_part) for subset in SUBSETS}
+        schema = release_schema([pq.read_schema(path) for path in local])
+        writers = {subset: _PartWriter(store, crawl, subset, stage, settings.rows_per_part, schema)
+                   for subset in SUBSETS}
         for path in local:
             # A whole bucket at once (what its join held anyway): twice as fast as reading it in batches.
             table = with_semantic_column(pq.read_table(path))
             missing = set(FILTERED_SCHEMA.names) - set(table.column_names)
             if missing:
                 raise ValueError(f"{path}: not filtered metadata, columns {sorted(missing)} missing")
-            table = table.select(FILTERED_SCHEMA.names)
-            if table.schema != FILTERED_SCHEMA:
-                table = table.cast(FILTERED_SCHEMA)
+            for name in set(schema.names) - set(table.column_names):  # an added column another bucket has
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+            table = table.select(schema.names)
+            if table.schema != schema:
+                table = table.cast(schema)
             for name, n in _dropped_by_kind(table, settings).items():
                 dropped[name] += n
             mask = _kept_mask(table, settings)
@@ -181,8 +197,9 @@ class _PartWriter:
     """One subset's parts: rows buffered into row groups of BATCH_ROWS, a new part every `rows_per_part` rows, each
     part committed (with its size and sha256) as soon as it is full."""
 
-    def __init__(self, store: Storage, crawl: str, subset: str, stage: str, rows_per_part: int) -> None:
+    def __init__(self, store: Storage, crawl: str, subset: str, stage: str, rows_per_part: int, schema: Any) -> None:
         self.store, self.crawl, self.subset, self.stage, self.rows_per_part = store, crawl, subset, stage, rows_per_part
+        self.schema = schema
         self.parts: list[ReleasePart] = []
         self.pending: list[Any] = []  # tables not yet written, fewer than BATCH_ROWS rows in all
         self.pending_rows = 0
@@ -206,7 +223,7 @@ class _PartWriter:
             return
         if self.writer is None:
             self.local = os.path.join(self.stage, f"{self.subset}-{len(self.parts)}.parquet")
-            self.writer, self.rows = pq.ParquetWriter(self.local, FILTERED_SCHEMA, **PARQUET_OPTIONS), 0
+            self.writer, self.rows = pq.ParquetWriter(self.local, self.schema, **PARQUET_OPTIONS), 0
         table = pa.concat_tables(self.pending)
         take = min(table.num_rows, BATCH_ROWS, self.rows_per_part - self.rows)
         self.writer.write_table(table.slice(0, take), row_group_size=take)

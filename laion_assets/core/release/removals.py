@@ -249,6 +249,15 @@ def _read_version(store: Storage, number: int) -> list[RemovalEntry]:
             if line.strip()]
 
 
+def added_in(store: Storage, version: int | None = None) -> RemovalList:
+    """The entries one version added (default: the latest; an empty list when there is none), named by it."""
+    found = versions(store)
+    if version is not None and version not in found:
+        raise KeyError(f"no removal list version {version} in {store.uri(paths.removals())} (have {found})")
+    number = version if version is not None else (found[-1] if found else 0)
+    return RemovalList(version_name(number), tuple(_read_version(store, number)) if number else ())
+
+
 def load(store: Storage, version: int | None = None) -> RemovalList:
     """The removal list at a version (default: the latest; an empty list when there is none)."""
     found = versions(store)

@@ -1,0 +1,117 @@
+"""URL lists in every format img2dataset reads, read to the same rows; bad input named, counted or refused."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets.core.download.inputs import INPUT_FORMATS, InputError, InputSpec, ReadCounts, read_table
+from laion_assets.core.download.reader import InputColumns, read_inputs
+
+ROWS = [{"url": f"http://example.com/{i}.jpg", "caption": f"a caption, with \"quotes\" {i}", "uid": f"{i:032x}"}
+        for i in range(7)]
+
+
+def write_list(folder: Path, fmt: str, rows: list[dict] = ROWS) -> Path:
+    base = fmt.removesuffix(".gz")
+    path = folder / f"list.{fmt}"
+    if base == "parquet":
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        data = buf.getvalue().to_pybytes()
+    elif base == "txt":
+        data = "".join(r["url"] + "\n" for r in rows).encode()
+    elif base in ("csv", "tsv"):
+        lines: list[str] = []
+
+        class Sink:
+            def write(self, s: str) -> None:
+                lines.append(s)
+
+        writer = csv.DictWriter(Sink(), fieldnames=list(rows[0]), delimiter="," if base == "csv" else "\t",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = "".join(lines).encode()
+    elif base == "json":
+        data = json.dumps(rows).encode()
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("fmt", INPUT_FORMATS)
+def test_every_format_reads_to_the_same_rows(tmp_path, fmt):
+    path = write_list(tmp_path, fmt)
+    keep = () if fmt.startswith("txt") else ("uid",)
+    counts = ReadCounts()
+    table = read_table(InputSpec(str(path), keep=keep), counts)  # the format from the file name
+    expected = [{"url": r["url"], "caption": None if fmt.startswith("txt") else r["caption"], "language": None,
+                 **({"uid": r["uid"]} if keep else {})} for r in ROWS]
+    assert table.to_pylist() == expected
+    assert (counts.files, counts.rows, counts.malformed) == (1, len(ROWS), 0)
+    # ... and the same named explicitly, as img2dataset's input_format
+    assert read_table(InputSpec(str(path), fmt, keep=keep)).to_pylist() == expected
+
+
+def test_a_folder_of_files_is_read_in_name_order(tmp_path):
+    for i, part in enumerate((ROWS[:3], ROWS[3:])):
+        sub = tmp_path / f"p{i}"
+        sub.mkdir()
+        write_list(sub, "tsv.gz", part).rename(tmp_path / f"part-{i}.tsv.gz")
+    (tmp_path / "README.md").write_text("not a list")
+    inputs = read_inputs(str(tmp_path), InputColumns(input_format="tsv.gz", keep=("uid",)))
+    assert inputs.table["uid"].to_pylist() == [r["uid"] for r in ROWS]
+    assert inputs.extras(5, 7) == [{"uid": ROWS[5]["uid"]}, {"uid": ROWS[6]["uid"]}]
+
+
+def test_https_and_s3_lists(tmp_path, loopback, s3_server, monkeypatch):
+    path = write_list(tmp_path, "jsonl.gz")
+    loopback.static("/lists/list.jsonl.gz", path.read_bytes())
+    table = read_table(InputSpec(f"{loopback.base}/lists/list.jsonl.gz", keep=("uid",)))
+    assert table["uid"].to_pylist() == [r["uid"] for r in ROWS]
+    for name, value in (("AWS_ENDPOINT_URL", s3_server), ("AWS_ACCESS_KEY_ID", "t"), ("AWS_SECRET_ACCESS_KEY", "t"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="lists")
+    client.put_object(Bucket="lists", Key="cc/part-0.parquet", Body=write_list(tmp_path, "parquet").read_bytes())
+    client.put_object(Bucket="lists", Key="cc/part-1.parquet", Body=write_list(tmp_path, "parquet").read_bytes())
+    table = read_table(InputSpec("s3://lists/cc", "parquet", keep=("uid",)))
+    assert table.num_rows == 2 * len(ROWS)
+
+
+def test_malformed_lines_are_counted_and_the_rest_kept(tmp_path):
+    tsv = tmp_path / "l.tsv"
+    tsv.write_text("url\tcaption\nhttp://a/1.jpg\tone\nthree\tfields\there\nhttp://a/2.jpg\ttwo\n")
+    counts = ReadCounts()
+    assert read_table(InputSpec(str(tsv)), counts)["url"].to_pylist() == ["http://a/1.jpg", "http://a/2.jpg"]
+    assert counts.malformed == 1 and "three" in counts.examples[0]
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_text('{"url": "http://a/1.jpg"}\n{not json\n[1, 2]\n\n{"url": "http://a/2.jpg"}\n')
+    inputs = read_inputs(str(jsonl))
+    assert inputs.table["url"].to_pylist() == ["http://a/1.jpg", "http://a/2.jpg"] and inputs.malformed == 2
+
+
+def test_a_missing_column_is_named(tmp_path):
+    path = write_list(tmp_path, "csv")
+    with pytest.raises(InputError, match=r"no column 'link', the URL column \(columns: url, caption, uid\)"):
+        read_table(InputSpec(str(path), url_col="link"))
+    with pytest.raises(InputError, match="no column 'face_bboxes', the column asked to be kept"):
+        read_table(InputSpec(str(path), keep=("face_bboxes",)))
+
+
+def test_an_unknown_format_is_refused(tmp_path):
+    with pytest.raises(InputError, match="unknown input format 'xml'"):
+        InputSpec(str(tmp_path), "xml")
+    (tmp_path / "list.xml").write_text("<urls/>")
+    with pytest.raises(InputError, match="no URL list files"):
+        read_table(InputSpec(str(tmp_path)))
