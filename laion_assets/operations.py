@@ -82,6 +82,7 @@ def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterabl
     free = _tagged(asset_graph, tags.STAGE, *tags.FREE_STAGES)
     late = _tagged(asset_graph, tags.STAGE, *tags.AFTER_IMAGE_DEDUP)
     url_dedup, image_dedup = _gate(asset_graph, "url"), _gate(asset_graph, "image")
+    semantic_dedup = _gate(asset_graph, "semantic")  # compares with earlier crawls too: they go first
     materialized = {key: instance.get_materialized_partitions(key) for key in keys}
     work: set[AssetKeyPartitionKey] = set()
     earlier_done = earlier_images_done = True
@@ -92,6 +93,7 @@ def plan_work(instance: dg.DagsterInstance, asset_graph: object, crawls: Iterabl
             dedup_missing = bool(_not_done(instance, url_dedup, dedup_def, crawl_partition_keys(dedup_def, crawl),
                                            materialized[url_dedup]))
         images_missing = image_dedup is not None and crawl not in materialized[image_dedup]
+        images_missing |= semantic_dedup is not None and crawl not in materialized[semantic_dedup]
         if crawl in wanted:
             for key in keys:
                 if key not in free and not earlier_done:

@@ -16,7 +16,8 @@ AFTER_IMAGE_DEDUP = ("release", "index")
 
 
 def stage(name: str, cross_crawl_dedup: str | None = None) -> dict[str, str]:
-    """An asset's tags: its stage, and `url` or `image` for the dedup that compares a crawl with earlier ones."""
+    """An asset's tags: its stage, and `url`, `image` or `semantic` for the dedup that compares a crawl with earlier
+    ones."""
     if name not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, not {name!r}")
     return {STAGE: name, **({CROSS_CRAWL_DEDUP: cross_crawl_dedup} if cross_crawl_dedup else {})}

@@ -93,13 +93,14 @@ class Graph:
             self.per_bucket("aesthetic_scores", crawl)
 
 
-RELEASE_STAGE = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
+RELEASE_STAGE = ("image_dedup", "semantic_dedup", "filtered_metadata", "release", "dataset_statistics")
 
 
 def release_crawl(graph: Graph, crawl: str = SAMPLE_CRAWL, config: dict | None = None) -> None:
-    """The release stage of a crawl whose CLIP stage ran: image dedup, filtered metadata per bucket, the release (with
-    `config`), its statistics."""
+    """The release stage of a crawl whose CLIP stage ran: image and semantic dedup, filtered metadata per bucket, the
+    release (with `config`), its statistics."""
     graph.run("image_dedup", crawl)
+    graph.run("semantic_dedup", crawl)
     graph.per_bucket("filtered_metadata", crawl)
     graph.run("release", crawl, config)
     graph.run("dataset_statistics", crawl)

@@ -21,7 +21,8 @@ from laion_assets_tests.graph import CLIP_STAGE, LAYOUT, Graph, graph_resources,
 
 ALL_ASSETS = {"sample_crawl", "wat_manifest", "candidate_pairs", "unique_pairs", "image_shards", *CLIP_STAGE,
               "clip_filter_models", "embedding_model", "safety_model", "watermark_model", "aesthetic_model"}
-RELEASE_STAGE = {"removal_list", "image_dedup", "filtered_metadata", "release", "dataset_statistics"}
+RELEASE_STAGE = {"removal_list", "image_dedup", "semantic_dedup", "filtered_metadata", "release",
+                 "dataset_statistics"}
 INDEX_STAGE = {"knn_index", "knn_index_all"}
 DECONTAMINATION = {"decontamination"}
 

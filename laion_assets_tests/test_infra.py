@@ -358,7 +358,7 @@ def test_gpu_pool_assets_request_a_gpu(chart: Any) -> None:
 def test_release_and_index_steps_get_a_memory_limit_of_their_own(chart: Any) -> None:
     """The release stage and the indices do not inherit the code server's size: each step's pod asks for what its
     bounded-memory design needs, with a limit equal to the request."""
-    heavy = {"image_dedup", "filtered_metadata", "release", "knn_index", "knn_index_all"}
+    heavy = {"image_dedup", "semantic_dedup", "filtered_metadata", "release", "knn_index", "knn_index_all"}
     assets = {key.path[-1]: a for a in build_assets(Layout()) if isinstance(a, dg.AssetsDefinition)
               for key in a.keys if key.path[-1] in heavy}
     assert set(assets) == heavy

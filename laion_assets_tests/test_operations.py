@@ -103,7 +103,8 @@ def test_a_later_crawls_release_stage_waits_for_the_earlier_crawls_image_dedup(s
     instance, defs, _ = setup
     sensor_tick(defs, "new_crawls", instance)
     graph = defs.resolve_asset_graph()
-    release_stage = {"image_dedup", "filtered_metadata", "release", "dataset_statistics", "knn_index"}
+    release_stage = {"image_dedup", "semantic_dedup", "filtered_metadata", "release", "dataset_statistics",
+                     "knn_index"}
     for key in graph.materializable_asset_keys:  # A done up to its CLIP stage, its image dedup not yet
         partitions_def = graph.get(key).partitions_def
         if partitions_def is not None and key.to_user_string() not in release_stage:
@@ -113,7 +114,10 @@ def test_a_later_crawls_release_stage_waits_for_the_earlier_crawls_image_dedup(s
     assert not release_stage & set(work)  # its image dedup would fail without A's
     materialized(instance, "image_dedup", [A])
     work = work_of(backfill_request(graph, plan_work(instance, graph, [B]), "test"))
-    assert work["image_dedup"] == {B} and work["knn_index"] == {B}
+    assert not release_stage & set(work)  # nor its semantic dedup without A's
+    materialized(instance, "semantic_dedup", [A])
+    work = work_of(backfill_request(graph, plan_work(instance, graph, [B]), "test"))
+    assert work["image_dedup"] == {B} and work["semantic_dedup"] == {B} and work["knn_index"] == {B}
 
 def test_an_earlier_crawls_missing_dedup_refuses_a_later_one(setup, tmp_path):
     from laion_assets.assets.crawl import missing_earlier_buckets

@@ -1,5 +1,5 @@
-"""The release stage: crawl-wide image dedup, filtered metadata per crawl x bucket in LAION-5B's columns, and the
-crawl's release (parts + manifest).
+"""The release stage: crawl-wide image dedup and semantic dedup, filtered metadata per crawl x bucket in LAION-5B's
+columns, and the crawl's release (parts + manifest).
 
 Everything comes in through the IO manager: the downloads' shard manifests, the CLIP stage's score tables, the
 unique pairs (for the language score), the dedup table; the release reads the filtered metadata records."""
@@ -9,13 +9,21 @@ import polars as pl
 
 from laion_assets import k8s, tags
 from laion_assets.assets import checks
-from laion_assets.assets.clip import AESTHETIC_SCORES, CLIP_SCORES, SAFETY_SCORES, WATERMARK_SCORES
+from laion_assets.assets.clip import (
+    AESTHETIC_SCORES,
+    CLIP_SCORES,
+    EMBEDDING_MODEL,
+    IMAGE_EMBEDDINGS,
+    SAFETY_SCORES,
+    WATERMARK_SCORES,
+)
 from laion_assets.assets.crawl import UNIQUE_PAIRS
 from laion_assets.assets.download import IMAGE_SHARDS
 from laion_assets.assets.metadata import preview_table, to_metadata
 from laion_assets.automation import REPROCESS, versioned_sources
 from laion_assets.config import config_class
 from laion_assets.core import paths
+from laion_assets.core.clip.manifests import EmbeddingsManifest
 from laion_assets.core.crawl import url_list
 from laion_assets.core.download.plan import ShardsManifest
 from laion_assets.core.paths import Layout
@@ -24,7 +32,7 @@ from laion_assets.core.release.release import ReleaseManifest
 from laion_assets.core.settings import OperationsSettings, ReleaseSettings, build
 from laion_assets.io_manager import stored_key
 from laion_assets.partitions import bucket_partitions, crawl_and_bucket, crawl_of, crawl_partitions, to_crawl
-from laion_assets.resources import RemovalListResource, StorageResource
+from laion_assets.resources import ModelRegistryResource, RemovalListResource, StorageResource
 
 CODE_VERSION = "1"
 ReleaseConfig = config_class("ReleaseConfig", ReleaseSettings, doc="Image dedup and the release's layout.")
@@ -33,6 +41,7 @@ PREVIEW_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "
 REMOVAL_SOURCES = {"removal_list": "The removal list under removals/ (data version: its latest version): a new "
                                    "version re-runs the image dedup, filtered metadata, release and statistics."}
 REMOVAL_LIST, IMAGE_DEDUP = dg.AssetKey("removal_list"), dg.AssetKey("image_dedup")
+SEMANTIC_DEDUP = dg.AssetKey("semantic_dedup")
 FILTERED_METADATA, RELEASE = dg.AssetKey("filtered_metadata"), dg.AssetKey("release")
 
 
@@ -91,6 +100,59 @@ def image_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefin
     return image_dedup
 
 
+def semantic_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=crawl_partitions, kinds={"faiss", "parquet"}, group_name="release",
+              tags=tags.stage("release", cross_crawl_dedup="semantic"),
+              op_tags=k8s.cpu_pod(cpu="2", memory="4Gi"), code_version=CODE_VERSION,
+              automation_condition=REPROCESS, deps=[REMOVAL_LIST, EMBEDDING_MODEL],
+              ins={"image_embeddings": dg.AssetIn(IMAGE_EMBEDDINGS, partition_mapping=to_crawl),
+                   "image_dedup": dg.AssetIn(IMAGE_DEDUP)})
+    def semantic_dedup(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: StorageResource,
+                       removals: RemovalListResource, models: ModelRegistryResource,
+                       image_embeddings: dict[str, EmbeddingsManifest], image_dedup: pl.LazyFrame):
+        """Every embedded sample of the crawl marked as a semantic duplicate (image embeddings' cosine >= 1 -
+        semantic_eps, SemDeDup) of the first such sample by crawl, bucket and key, across all buckets and earlier
+        crawls; removed samples and exact duplicates do not compete."""
+        from laion_assets.core.release import semantic
+        from laion_assets.core.release.semdedup import EmbeddingModelError
+
+        crawl = crawl_of(context)
+        store = storage.get()
+        settings = build(ReleaseSettings, config)
+        earlier = {}
+        for c in earlier_crawls(context, crawl):
+            table = pl.scan_parquet(store.scratch_copies([stored_key(context.assets_def.key, {"crawl": c},
+                                                                     layout)])[0])
+            buckets = table.select(pl.col("bucket").unique()).collect()["bucket"].to_list()
+            earlier[c] = semantic.EarlierCrawl(table, {b: paths.bucket_embeddings(c, b, layout) for b in buckets})
+        removal_list = removals.load()
+        try:
+            expected = models.model_set(False).embed.name
+        except (FileNotFoundError, ValueError) as err:
+            # The registry names the model; without it the embeddings' own tags and dimensions are still checked.
+            context.log.warning(f"no embedding model from the registry ({err}): not checked by name")
+            expected = ""
+        try:
+            table, report = semantic.run(store, crawl, {b: m.files for b, m in image_embeddings.items()},
+                                         image_dedup, earlier, settings, expected,
+                                         removal_list.reasons if len(removal_list) else None, removal_list.version)
+        except EmbeddingModelError as err:
+            raise dg.Failure(str(err)) from err
+        context.log.info(f"{crawl}: {report.duplicates} of {report.samples} embedded samples are semantic "
+                         f"duplicates ({report.share:.2%}, cosine >= {1 - report.eps:g})")
+        metadata = to_metadata(report.metadata())
+        metadata.update({"removal_version": removal_list.version,
+                         # A number per crawl, so that the UI plots the share across crawls.
+                         "semantic_duplicate_share": float(report.share),
+                         "dagster/row_count": report.samples})
+        dupes = pl.scan_parquet(table.path).filter(pl.col("semantic_duplicate_of").is_not_null()).head(10).collect()
+        metadata["preview"] = preview_table(dupes.to_dicts(), ["sample_id", "semantic_duplicate_of",
+                                                               "semantic_similarity"])
+        return dg.MaterializeResult(value=table, metadata=metadata)
+
+    return semantic_dedup
+
+
 def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=bucket_partitions(layout), kinds={"polars", "parquet"}, group_name="release",
               tags=tags.stage("release"), op_tags=k8s.cpu_pod(cpu="1", memory="4Gi"), code_version=CODE_VERSION,
@@ -99,17 +161,19 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
                    "safety_scores": dg.AssetIn(SAFETY_SCORES), "watermark_scores": dg.AssetIn(WATERMARK_SCORES),
                    "unique_pairs": dg.AssetIn(UNIQUE_PAIRS),
                    "image_dedup": dg.AssetIn(IMAGE_DEDUP, partition_mapping=to_crawl),
-                   "aesthetic_scores": dg.AssetIn(AESTHETIC_SCORES)},
+                   "aesthetic_scores": dg.AssetIn(AESTHETIC_SCORES),
+                   "semantic_dedup": dg.AssetIn(SEMANTIC_DEDUP, partition_mapping=to_crawl)},
               check_specs=[checks.spec("filtered_metadata", "schema", "LAION-5B's columns, then ours"),
                            checks.spec("filtered_metadata", "one_row_per_kept_sample",
                                        "every kept sample is a row or counted as removed")])
     def filtered_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
                           removals: RemovalListResource, image_shards: ShardsManifest, clip_scores: pl.LazyFrame,
                           safety_scores: pl.LazyFrame, watermark_scores: pl.LazyFrame, unique_pairs: pl.LazyFrame,
-                          image_dedup: pl.LazyFrame, aesthetic_scores: pl.LazyFrame):
+                          image_dedup: pl.LazyFrame, aesthetic_scores: pl.LazyFrame, semantic_dedup: pl.LazyFrame):
         """One row per sample that downloaded, passed the CLIP threshold and is not removed (by the removal list or
         the concept filter): URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, pwatermark, punsafe, hash, aesthetic,
-        then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of, then the
+        then key, shard, sha256, phash, language_score, crawl, subset, duplicate_of, near_duplicate_of,
+        semantic_duplicate_of, then the
         columns the download added (a URL list's id, save_additional_columns)."""
         from laion_assets.core.release import filtered
         from laion_assets.core.release.release import release_schema
@@ -123,7 +187,7 @@ def filtered_metadata_asset(layout: Layout, ops: OperationsSettings) -> dg.Asset
         record, table = filtered.run(store, crawl, bucket, layout, image_shards, clip_scores, safety_scores,
                                      watermark_scores, language, duplicates,
                                      removal_list.reasons if len(removal_list) else None, removal_list.version,
-                                     aesthetic_scores)
+                                     aesthetic_scores, semantic_dedup.filter(pl.col("bucket") == bucket))
         metadata = to_metadata(record.metadata())
         metadata.update({"dagster/row_count": record.rows, "dagster/uri": store.uri(record.file),
                          "preview": preview_table(table.slice(0, 8).to_pylist(), PREVIEW_COLUMNS)})
@@ -206,5 +270,5 @@ def dataset_statistics_asset(layout: Layout, ops: OperationsSettings) -> dg.Asse
 
 def build_release_assets(layout: Layout, ops: OperationsSettings) -> list:
     sources, _ = removal_sources(ops)
-    return [*sources, image_dedup_asset(layout, ops), filtered_metadata_asset(layout, ops), release_asset(layout, ops),
-            dataset_statistics_asset(layout, ops)]
+    return [*sources, image_dedup_asset(layout, ops), semantic_dedup_asset(layout, ops),
+            filtered_metadata_asset(layout, ops), release_asset(layout, ops), dataset_statistics_asset(layout, ops)]

@@ -403,7 +403,7 @@ class ClipSettings:
 
 @dataclass(frozen=True)
 class ReleaseSettings:
-    """Image dedup and the release's layout."""
+    """Image and semantic dedup and the release's layout."""
 
     near_radius: int = setting(4, "Hamming radius (bits of the 64-bit pHash) within which images are near "
                                   "duplicates.")
@@ -413,6 +413,16 @@ class ReleaseSettings:
     rows_per_part: int = setting(1_000_000, "Most rows in one release part.")
     dedup_partition_rows: int = setting(1_000_000, "Samples the image dedup holds in memory at once (it spills the "
                                                    "crawl to disk in partitions of about this size).")
+    semantic_eps: float = setting(0.05, "Semantic dedup: two samples whose image embeddings have a cosine similarity "
+                                        "of at least 1 - eps are semantic duplicates (SemDeDup's epsilon).")
+    semantic_cluster_rows: int = setting(1_000, "Semantic dedup: samples per k-means cluster (the clusters are "
+                                                "counted from the data: samples / this); pairs are compared within "
+                                                "a cluster.")
+    semantic_partition_rows: int = setting(200_000, "Samples the semantic dedup holds in memory at once (it spills "
+                                                    "the crawl's embeddings to disk in partitions of about this "
+                                                    "size).")
+    drop_semantic_duplicates: bool = setting(False, "Leave semantic duplicates out of the release too (default: "
+                                                    "marked only).")
 
     def __post_init__(self) -> None:
         if self.dedup_partition_rows < 1:
@@ -421,6 +431,11 @@ class ReleaseSettings:
             raise ValueError(f"near_radius must be between 0 and 16 bits, not {self.near_radius}")
         if self.rows_per_part < 1:
             raise ValueError(f"rows_per_part must be at least 1, not {self.rows_per_part}")
+        if not 0 < self.semantic_eps < 1:
+            raise ValueError(f"semantic_eps must be between 0 and 1 (cosine >= 1 - eps), not {self.semantic_eps}")
+        if self.semantic_cluster_rows < 2 or self.semantic_partition_rows < 1:
+            raise ValueError("semantic_cluster_rows must be at least 2 and semantic_partition_rows at least 1, not "
+                             f"{self.semantic_cluster_rows}, {self.semantic_partition_rows}")
 
 
 def settings_hash(*settings: Any) -> str:

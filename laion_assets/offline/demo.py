@@ -84,6 +84,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
     "safety_scores": [("unsafe", "unsafe"), ("concept-filtered", "concept_filtered")],
     "aesthetic_scores": [("mean", "mean"), (">= 4.5", "at_least_4.5"), (">= 6.5", "at_least_6.5")],
     "image_dedup": [("exact duplicates", "exact_duplicates"), ("near duplicates", "near_duplicates")],
+    "semantic_dedup": [("semantic duplicates", "duplicates"), ("share", "share")],
     "filtered_metadata": [("rows", "rows")],
     "release": [("released", "rows")],
     "dataset_statistics": [],
@@ -187,12 +188,14 @@ def run_demo(storage: str | None = None) -> dict[str, Any]:
 
 
 def _release(demo: _Demo, crawl: str) -> dict[str, Any]:
-    """The release stage: image dedup, filtered metadata per bucket, the release and its statistics."""
+    """The release stage: image and semantic dedup, filtered metadata per bucket, the release and its statistics."""
     dedup = demo.run("image_dedup", crawl)
+    semantic = demo.run("semantic_dedup", crawl)
     filtered = demo.per_bucket("filtered_metadata", crawl)
     release = demo.run("release", crawl)
     statistics = demo.run("dataset_statistics", crawl)
     return {"exact_duplicates": dedup.get("exact_duplicates", 0), "near_duplicates": dedup.get("near_duplicates", 0),
+            "semantic_duplicates": semantic.get("duplicates", 0),
             "filtered": _total(filtered, "rows"), "released": release.get("rows", 0),
             "subsets": {s: release.get(f"rows_{s}", 0) for s in ("en", "multi", "nolang")},
             "statistics": statistics.get("statistics", "")}

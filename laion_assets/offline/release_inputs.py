@@ -116,3 +116,30 @@ def bucket_inputs(n: int, bucket: int, seed: int = 0, duplicate_rate: float = 0.
     return BucketInputs(rows, scores.to_arrow().cast(SCORE_SCHEMA), safety.to_arrow().cast(SAFETY_SCHEMA),
                         watermark.to_arrow().cast(WATERMARK_SCHEMA), pairs.to_arrow(),
                         aesthetic.to_arrow().cast(AESTHETIC_SCHEMA))
+
+
+def bucket_embeddings(inputs: BucketInputs, bucket: int, seed: int = 0, dim: int = 16, semantic_rate: float = 0.05,
+                      shared_images: int = 0) -> tuple[np.ndarray, pa.Table]:
+    """L2-normalised float16 image embeddings of a bucket's kept samples (sorted by key, as the CLIP stage writes
+    them) and their metadata (key, url, caption, language). `semantic_rate` of them are another sample's vector with
+    a little noise (cosine about 0.999: planted semantic duplicates); the first `shared_images` samples' images
+    (the same bytes in every bucket) get the same vector in every bucket. Drawn from a generator of their own, so
+    that the other inputs stay what they were."""
+    import polars as pl
+
+    rng = np.random.default_rng([seed, bucket, 7])
+    kept = pl.from_arrow(inputs.scores).filter(pl.col("keep")).sort("key")
+    assert isinstance(kept, pl.DataFrame)
+    k = kept.height
+    x = rng.standard_normal((k, dim)).astype(np.float32)
+    copies = np.nonzero(rng.random(k) < semantic_rate)[0]
+    sources = rng.integers(0, max(1, k), len(copies))
+    x[copies] = x[sources] + 0.01 * rng.standard_normal((len(copies), dim)).astype(np.float32)
+    if shared_images:
+        shared = np.random.default_rng([seed, 7]).standard_normal((shared_images, dim)).astype(np.float32)
+        index = kept["key"].str.to_integer(strict=False).to_numpy()
+        picked = np.nonzero(index < shared_images)[0]
+        x[picked] = shared[index[picked]]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    meta = kept.select("key", "url", "caption", "language").to_arrow()
+    return x.astype(np.float16), meta

@@ -99,6 +99,7 @@ def test_missing_upstream_partitions_fail_naming_them_and_write_nothing(tmp_path
     made = write_crawl(store, CRAWL, n=50)
     graph.instance.add_dynamic_partitions("crawls", [CRAWL])
     graph.run("image_dedup", CRAWL)
+    graph.run("semantic_dedup", CRAWL)
     graph.run("filtered_metadata", dg.MultiPartitionKey({"crawl": CRAWL, "bucket": "0000"}))
     result = graph.run("release", CRAWL, raise_on_error=False)
     assert not result.success

@@ -9,16 +9,17 @@ from typing import Any
 import dagster as dg
 
 from laion_assets.core import paths
+from laion_assets.core.clip.embeddings import write_embeddings
 from laion_assets.core.download.plan import ShardEntry, ShardsManifest
 from laion_assets.core.storage import Storage
-from laion_assets.offline.release_inputs import BucketInputs, bucket_inputs
+from laion_assets.offline.release_inputs import BucketInputs, bucket_embeddings, bucket_inputs
 from laion_assets_tests.graph import LAYOUT, Graph, graph_resources, output
 
-RELEASE_ASSETS = ("image_dedup", "filtered_metadata", "release", "dataset_statistics")
+RELEASE_ASSETS = ("image_dedup", "semantic_dedup", "filtered_metadata", "release", "dataset_statistics")
 
 
-def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, layout: paths.Layout = LAYOUT
-                 ) -> None:
+def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, layout: paths.Layout = LAYOUT,
+                 seed: int = 0, shared_images: int = 0) -> None:
     prefix = paths.image_shards(crawl, bucket, layout)
     keys = paths.shard(prefix, "00000")
     store.write_parquet(keys.rows, inputs.rows)
@@ -33,6 +34,9 @@ def write_bucket(store: Storage, crawl: str, bucket: str, inputs: BucketInputs, 
     store.write_parquet(output("watermark_scores", crawl, bucket, layout=layout), inputs.watermark)
     store.write_parquet(output("aesthetic_scores", crawl, bucket, layout=layout), inputs.aesthetic)
     store.write_parquet(output("unique_pairs", crawl, bucket, layout=layout), inputs.pairs)
+    img, meta = bucket_embeddings(inputs, int(bucket), seed=seed, shared_images=shared_images)
+    embedded = write_embeddings(store, paths.bucket_embeddings(crawl, bucket, layout), img, img, meta)
+    store.write_bytes(output("image_embeddings", crawl, bucket, ".json", layout), embedded.to_json())
 
 
 def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_images: int = 5) -> dict[str, Any]:
@@ -40,7 +44,7 @@ def write_crawl(store: Storage, crawl: str, n: int = 400, seed: int = 0, shared_
     made = {}
     for i, bucket in enumerate(LAYOUT.bucket_keys()):
         made[bucket] = bucket_inputs(n, i, seed=seed, shared_images=shared_images)
-        write_bucket(store, crawl, bucket, made[bucket])
+        write_bucket(store, crawl, bucket, made[bucket], seed=seed, shared_images=shared_images)
     return made
 
 
@@ -60,10 +64,11 @@ class ReleaseGraph(Graph):
         return result
 
     def release(self, crawl: str, config: dict | None = None) -> None:
-        """image_dedup, every bucket's filtered_metadata, the release, then its statistics."""
+        """image_dedup, semantic_dedup, every bucket's filtered_metadata, the release, then its statistics."""
         if not self.instance.has_dynamic_partition("crawls", crawl):
             self.instance.add_dynamic_partitions("crawls", [crawl])
         self.run("image_dedup", crawl, config and {"near_radius": config.get("near_radius", 4)})
+        self.run("semantic_dedup", crawl, config and {k: v for k, v in config.items() if k.startswith("semantic_")})
         for bucket in LAYOUT.bucket_keys():
             self.run("filtered_metadata", dg.MultiPartitionKey({"crawl": crawl, "bucket": bucket}))
         self.run("release", crawl, config)

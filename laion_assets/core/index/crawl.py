@@ -56,6 +56,8 @@ def index_rows(embeddings: Mapping[str, EmbeddingsManifest], filtered: Mapping[s
             drop = drop | pl.col("duplicate_of").is_not_null()
         if release.drop_near_duplicates:
             drop = drop | pl.col("near_duplicate_of").is_not_null()
+        if release.drop_semantic_duplicates and "semantic_duplicate_of" in rows.columns:
+            drop = drop | pl.col("semantic_duplicate_of").is_not_null()
         rows = rows.select(
             "URL", pl.col("TEXT").alias("caption"), "key", "shard", "WIDTH", "HEIGHT", "similarity", "punsafe",
             "pwatermark", "LANGUAGE", pl.col("shard").alias("tar"), "sha256", "phash",

@@ -32,7 +32,7 @@ FILTERED_SCHEMA = pa.schema([
     ("aesthetic", pa.float32()),
     ("key", pa.string()), ("shard", pa.string()), ("sha256", pa.string()), ("phash", pa.string()),
     ("language_score", pa.float32()), ("crawl", pa.string()), ("subset", pa.string()),
-    ("duplicate_of", pa.string()), ("near_duplicate_of", pa.string()),
+    ("duplicate_of", pa.string()), ("near_duplicate_of", pa.string()), ("semantic_duplicate_of", pa.string()),
 ])
 SEPARATOR = b"\x00"
 # How the filtered metadata and the release parts are written: zstd, with dictionary pages only for the columns of

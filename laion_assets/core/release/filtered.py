@@ -1,6 +1,6 @@
 """The filtered metadata of one crawl x bucket: every sample that downloaded, passed the CLIP threshold and is not
 removed, in LAION-5B's columns (plus ours), joined from the download rows, the CLIP scores, the safety, aesthetic
-and watermark scores, the unique pairs' language score and the crawl's image dedup.
+and watermark scores, the unique pairs' language score, the crawl's image dedup and its semantic dedup.
 
 A kept sample with no safety, aesthetic or watermark score (its image failed to decode there) keeps its row with a
 null `punsafe` / `aesthetic` / `pwatermark`, as any row that is missing a score; a sample a removal list names is not
@@ -55,6 +55,7 @@ class FilteredBucket(JsonRecord):
     subsets: dict[str, int] = field(default_factory=dict)
     exact_duplicates: int = 0
     near_duplicates: int = 0
+    semantic_duplicates: int = 0
     models: dict[str, Any] = field(default_factory=dict)  # what produced the columns: model -> threshold
     seconds: float = 0.0
 
@@ -63,7 +64,8 @@ class FilteredBucket(JsonRecord):
                 "removed": sum(self.removed.values()), "removed_by_reason": self.removed,
                 "removal_version": self.removal_version, "subsets": self.subsets,
                 "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
-                "models": self.models, "seconds": round(self.seconds, 3)}
+                "semantic_duplicates": self.semantic_duplicates, "models": self.models,
+                "seconds": round(self.seconds, 3)}
 
 
 class MissingScoresError(ValueError):
@@ -145,17 +147,20 @@ def with_language_score(downloads: pl.DataFrame, language_scores: pl.DataFrame) 
 
 def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.DataFrame, safety: pl.DataFrame,
                    watermark: pl.DataFrame, language_scores: pl.DataFrame, duplicates: pl.DataFrame,
-                   removals: RemovalMatcher | None = None, aesthetic: pl.DataFrame | None = None
-                   ) -> tuple[pl.DataFrame, dict[str, int]]:
+                   removals: RemovalMatcher | None = None, aesthetic: pl.DataFrame | None = None,
+                   semantic: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
     """The bucket's rows in FILTERED_SCHEMA order, sorted by key, and the samples removed per reason.
 
     `duplicates`: key, duplicate_of, near_duplicate_of of this bucket's samples (from the crawl's image dedup);
     `language_scores`: url, language_score (from the unique pairs); `safety`: key, punsafe and, when the concept
-    filter ran, concept_filtered; `aesthetic`: key, aesthetic (None: no aesthetic scores, a null column)."""
+    filter ran, concept_filtered; `aesthetic`: key, aesthetic (None: no aesthetic scores, a null column);
+    `semantic`: key, semantic_duplicate_of (from the crawl's semantic dedup; None: a null column)."""
     import polars as pl
 
     if aesthetic is None:
         aesthetic = pl.DataFrame(schema={"key": pl.String, "aesthetic": pl.Float32})
+    if semantic is None:
+        semantic = pl.DataFrame(schema={"key": pl.String, "semantic_duplicate_of": pl.String})
     added = [pl.col(c).alias(released_name(c)) for c in added_columns(downloads.columns) if c != "shard"]
     flagged = safety.filter(pl.col("concept_filtered").fill_null(False)).select("key") if (
         "concept_filtered" in safety.columns) else safety.clear().select("key")
@@ -163,10 +168,11 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
     marks = duplicates.select("key", "duplicate_of", "near_duplicate_of",
                               (pl.col("removed") if "removed" in duplicates.columns else pl.lit(None, pl.String))
                               .alias("_dedup_removed"))
-    downloads, scores, safety, watermark, marks, aesthetic, flagged = join_keys(
+    downloads, scores, safety, watermark, marks, aesthetic, flagged, semantic = join_keys(
         with_language_score(downloads, language_scores), scores, safety.select("key", "punsafe"),
         watermark.select("key", "pwatermark"), marks, aesthetic.select("key", "aesthetic"),
-        flagged.with_columns(pl.lit(CONCEPT_FILTER).alias("_concept")))
+        flagged.with_columns(pl.lit(CONCEPT_FILTER).alias("_concept")),
+        semantic.select("key", "semantic_duplicate_of"))
     rows = kept_samples(downloads, scores).join(marks.drop("key"), on="_k", how="left", maintain_order="left")
     # Removed: what the list applied by the image dedup named, or what the list applied now names (the newer
     # one, when a version came since: a rebuild never brings a removed sample back).
@@ -181,7 +187,8 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
     rows = (rows.filter(pl.col("_removed").is_null())
             .join(safety.drop("key"), on="_k", how="left", maintain_order="left")
             .join(watermark.drop("key"), on="_k", how="left", maintain_order="left")
-            .join(aesthetic.drop("key"), on="_k", how="left", maintain_order="left"))
+            .join(aesthetic.drop("key"), on="_k", how="left", maintain_order="left")
+            .join(semantic.drop("key"), on="_k", how="left", maintain_order="left"))
     out = rows.lazy().select(
         pl.col("url").alias("URL"), pl.col("caption").alias("TEXT"),
         pl.col("original_width").alias("WIDTH"), pl.col("original_height").alias("HEIGHT"),
@@ -190,7 +197,7 @@ def build_filtered(crawl: str, bucket: str, downloads: pl.DataFrame, scores: pl.
         "phash",
         "language_score", pl.lit(crawl).alias("crawl"),
         subset_expr(pl.col("language")).alias("subset"),
-        "duplicate_of", "near_duplicate_of", *added).cast(filtered_dtypes()).collect()
+        "duplicate_of", "near_duplicate_of", "semantic_duplicate_of", *added).cast(filtered_dtypes()).collect()
     return out, removed
 
 
@@ -213,9 +220,10 @@ def run(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest:
         scores: pl.DataFrame | pl.LazyFrame, safety: pl.DataFrame | pl.LazyFrame,
         watermark: pl.DataFrame | pl.LazyFrame, language_scores: pl.DataFrame,
         duplicates: pl.DataFrame | pl.LazyFrame, removals: RemovalMatcher | None = None,
-        removal_version: str = "", aesthetic: pl.DataFrame | pl.LazyFrame | None = None
-        ) -> tuple[FilteredBucket, pa.Table]:
-    """The filtered metadata's entry point: the bucket's filtered metadata, written; its record and its rows."""
+        removal_version: str = "", aesthetic: pl.DataFrame | pl.LazyFrame | None = None,
+        semantic: pl.DataFrame | pl.LazyFrame | None = None) -> tuple[FilteredBucket, pa.Table]:
+    """The filtered metadata's entry point: the bucket's filtered metadata, written; its record and its rows.
+    `semantic`: the bucket's rows of the crawl's semantic dedup (None: not run, a null column)."""
     start = time.perf_counter()
     downloads = download_rows(store, manifest)
     scores = _columns(scores, ["key", "model", "similarity", "threshold", "keep"])
@@ -225,14 +233,16 @@ def run(store: Storage, crawl: str, bucket: str, layout: paths.Layout, manifest:
     watermark = _columns(watermark, ["key", "model", "pwatermark"])
     marks = ["key", "duplicate_of", "near_duplicate_of"]
     duplicates = _columns(duplicates, marks + ["removed"] * ("removed" in duplicates.lazy().collect_schema()))
+    semantic = _columns(semantic, ["key", "semantic_duplicate_of"]) if semantic is not None else None
     frame, removed = build_filtered(crawl, bucket, downloads, scores, safety, watermark, language_scores,
-                                    duplicates, removals, aesthetic)
+                                    duplicates, removals, aesthetic, semantic)
     report = FilteredBucket(crawl=crawl, bucket=bucket, file="", rows=0,
                             downloaded=int((downloads["status"] == "success").sum()),
                             kept=int(scores["keep"].sum()), removed=removed, removal_version=removal_version,
                             subsets={s: int(n) for s, n in frame.group_by("subset").len().sort("subset").iter_rows()},
                             exact_duplicates=int(frame["duplicate_of"].is_not_null().sum()),
-                            near_duplicates=int(frame["near_duplicate_of"].is_not_null().sum()))
+                            near_duplicates=int(frame["near_duplicate_of"].is_not_null().sum()),
+                            semantic_duplicates=int(frame["semantic_duplicate_of"].is_not_null().sum()))
     report.models = models_used(scores, safety, watermark, aesthetic)
     table = frame.to_arrow()
     write_filtered(store, crawl, bucket, layout, table, report)

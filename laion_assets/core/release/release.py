@@ -4,7 +4,7 @@
 A rebuild first deletes the manifest (so that no reader trusts a half-rewritten release), writes every part,
 removes the parts of the previous release that the new one does not have, then writes the manifest. Rows keep the
 order of their buckets and keys, so the same inputs give the same bytes. Exact duplicates are dropped by default,
-near duplicates only marked (`ReleaseSettings`).
+near and semantic duplicates only marked (`ReleaseSettings`).
 """
 
 from __future__ import annotations
@@ -69,18 +69,48 @@ class IncompleteReleaseError(ValueError):
 
 
 
+DUPLICATE_COLUMNS = (("exact_duplicates", "duplicate_of"), ("near_duplicates", "near_duplicate_of"),
+                     ("semantic_duplicates", "semantic_duplicate_of"))
+
+
+def dropped_columns(settings: ReleaseSettings) -> list[tuple[str, str]]:
+    """(name, column) of the duplicate marks whose rows the release leaves out, in the order they are counted."""
+    drops = (settings.drop_exact_duplicates, settings.drop_near_duplicates, settings.drop_semantic_duplicates)
+    return [pair for pair, drop in zip(DUPLICATE_COLUMNS, drops, strict=True) if drop]
+
+
 def _kept_mask(batch: Any, settings: ReleaseSettings) -> Any:
-    """Which rows of a table of filtered metadata the release keeps (exact, and optionally near, duplicates out);
-    None when it keeps them all."""
+    """Which rows of a table of filtered metadata the release keeps (exact, and optionally near and semantic,
+    duplicates out); None when it keeps them all."""
     import pyarrow.compute as pc
 
-    dropped = [c for c, drop in (("duplicate_of", settings.drop_exact_duplicates),
-                                 ("near_duplicate_of", settings.drop_near_duplicates)) if drop]
     keep = None
-    for column in dropped:
+    for _, column in dropped_columns(settings):
         null = pc.is_null(batch.column(column))
         keep = null if keep is None else pc.and_(keep, null)
     return keep
+
+
+def _dropped_by_kind(table: Any, settings: ReleaseSettings) -> dict[str, int]:
+    """The rows each dropped kind leaves out, a row counted under the first kind that marks it."""
+    import pyarrow.compute as pc
+
+    out, taken = {}, None
+    for name, column in dropped_columns(settings):
+        marked = pc.is_valid(table.column(column))
+        fresh = marked if taken is None else pc.and_(marked, pc.invert(taken))
+        out[name] = int(pc.sum(fresh).as_py() or 0)
+        taken = marked if taken is None else pc.or_(taken, marked)
+    return out
+
+
+def with_semantic_column(table: Any) -> Any:
+    """Filtered metadata written before the semantic dedup existed: its column, null."""
+    import pyarrow as pa
+
+    if "semantic_duplicate_of" in table.column_names:
+        return table
+    return table.append_column("semantic_duplicate_of", pa.nulls(table.num_rows, pa.string()))
 
 
 def release_schema(schemas: list[Any]) -> Any:
@@ -114,7 +144,7 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
     store.delete(paths.release_manifest(crawl))
     parts: list[ReleasePart] = []
     counts = dict.fromkeys(SUBSETS, 0)
-    exact_dropped = total = 0
+    dropped = {name: 0 for name, _ in DUPLICATE_COLUMNS}
     # One pass over the buckets' files, in bucket order, each bucket split among the three subsets' writers: the
     # rows of each subset keep their bucket and key order, and every file is read once (not once per subset).
     with store.local_copies([b.file for b in ordered]) as local, store.staging_dir() as stage:
@@ -123,7 +153,7 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
                    for subset in SUBSETS}
         for path in local:
             # A whole bucket at once (what its join held anyway): twice as fast as reading it in batches.
-            table = pq.read_table(path)
+            table = with_semantic_column(pq.read_table(path))
             missing = set(FILTERED_SCHEMA.names) - set(table.column_names)
             if missing:
                 raise ValueError(f"{path}: not filtered metadata, columns {sorted(missing)} missing")
@@ -132,9 +162,8 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
             table = table.select(schema.names)
             if table.schema != schema:
                 table = table.cast(schema)
-            total += table.num_rows
-            if settings.drop_exact_duplicates:
-                exact_dropped += table.num_rows - table.column("duplicate_of").null_count
+            for name, n in _dropped_by_kind(table, settings).items():
+                dropped[name] += n
             mask = _kept_mask(table, settings)
             # One filter per subset, the duplicates' mask folded in: each row's strings are copied once.
             for subset, writer in writers.items():
@@ -147,9 +176,9 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
     for key in sorted(old - {paths.join(root, p.file) for p in parts}):
         if paths.is_release_part(key):
             store.delete(key)
-    released = sum(counts.values())
     exact = sum(b.exact_duplicates for b in ordered)
     near = sum(b.near_duplicates for b in ordered)
+    semantic = sum(b.semantic_duplicates for b in ordered)
     removed: dict[str, int] = {}
     for b in ordered:
         for reason, n in b.removed.items():
@@ -157,8 +186,7 @@ def run(store: Storage, crawl: str, buckets: Mapping[str, FilteredBucket], expec
     manifest = ReleaseManifest(
         crawl=crawl, counts=counts, parts=parts, removed=removed,
         removal_version=max((b.removal_version for b in ordered), default=""),
-        dropped={"exact_duplicates": exact_dropped, "near_duplicates": total - released - exact_dropped},
-        duplicates={"exact": exact, "near": near},
+        dropped=dropped, duplicates={"exact": exact, "near": near, "semantic": semantic},
         models=models, settings=settings_dict(settings), code_version=code_version,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), buckets=sorted(buckets))
     store.write_bytes(paths.release_manifest(crawl), manifest.to_json())
@@ -262,17 +290,15 @@ def account_rows(store: Storage, manifest: ReleaseManifest, buckets: Mapping[str
     """Count the parts' rows as stored (Parquet footers, not the manifest's counts) and the rows the release must
     have: every filtered row (the filtered metadata already lacks removed samples) less the duplicates the settings
     drop, counted from the filtered files' own duplicate columns."""
-    import pyarrow.compute as pc
-
     released = sum(store.parquet_rows(k) for k in manifest.part_keys())
     filtered = dropped = 0
     for record in buckets.values():
-        table = store.read_parquet(record.file, columns=["duplicate_of", "near_duplicate_of"])
-        drop = pc.is_valid(table["duplicate_of"]) if settings.drop_exact_duplicates else None
-        if settings.drop_near_duplicates:
-            near = pc.is_valid(table["near_duplicate_of"])
-            drop = near if drop is None else pc.or_(drop, near)
+        try:
+            table = store.read_parquet(record.file, columns=[c for _, c in DUPLICATE_COLUMNS])
+        except (KeyError, ValueError):  # written before the semantic dedup existed
+            old = store.read_parquet(record.file, columns=[c for _, c in DUPLICATE_COLUMNS[:2]])
+            table = with_semantic_column(old)
         filtered += table.num_rows
-        dropped += int(pc.sum(drop).as_py() or 0) if drop is not None else 0
+        dropped += sum(_dropped_by_kind(table, settings).values())
     removed = sum(sum(b.removed.values()) for b in buckets.values())
     return RowAccount(released, filtered, removed, dropped)

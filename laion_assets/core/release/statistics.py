@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 REQUIRED_COLUMNS = ("TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark")
-OPTIONAL_COLUMNS = ("LANGUAGE", "subset", "aesthetic")
+OPTIONAL_COLUMNS = ("LANGUAGE", "subset", "aesthetic", "semantic_duplicate_of")
 # LAION-Aesthetics: the samples at these scores and above; the score histogrammed in steps of 0.001 from -20.
 AESTHETIC_THRESHOLDS = (4.5, 5.0, 6.0, 6.5)
 AESTHETIC_STEP, AESTHETIC_LOW = 0.001, -20.0
@@ -76,6 +76,7 @@ class SubsetAccumulator:
         default_factory=lambda: {c: np.zeros(SCORE_BINS, np.int64) for c in ("similarity", "punsafe", "pwatermark")})
     aesthetic: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # counts per AESTHETIC_STEP
     aesthetic_at_least: dict[float, int] = field(default_factory=lambda: dict.fromkeys(AESTHETIC_THRESHOLDS, 0))
+    semantic_duplicates: int = 0  # rows the semantic dedup marked (the release keeps them unless told to drop)
 
     def add(self, batch: Any) -> None:
         """Add a polars DataFrame of rows."""
@@ -91,6 +92,8 @@ class SubsetAccumulator:
                                  .to_numpy())
         self.unsafe += int((batch["punsafe"].fill_null(0) > UNSAFE_ABOVE).sum())
         self.watermark += int((batch["pwatermark"].fill_null(0) > WATERMARK_ABOVE).sum())
+        if "semantic_duplicate_of" in batch.columns:
+            self.semantic_duplicates += int(batch["semantic_duplicate_of"].is_not_null().sum())
         if "LANGUAGE" in batch.columns:
             for lang, n in batch["LANGUAGE"].fill_null("").value_counts().iter_rows():
                 self.languages[lang] += int(n)
@@ -116,6 +119,8 @@ class SubsetAccumulator:
             "unsafe_proportion": self.unsafe / n if n else 0.0,
             "watermark_proportion": self.watermark / n if n else 0.0,
             "average_text_length": float((lengths * self.text_length).sum() / n) if n else 0.0,
+            "semantic_duplicates": self.semantic_duplicates,
+            "semantic_duplicate_proportion": self.semantic_duplicates / n if n else 0.0,
             "quantiles": {"q": list(QUANTILES), "width": quantiles_of(self.width),
                           "height": quantiles_of(self.height), "text_length": quantiles_of(self.text_length)},
             "top_languages": [{"language": lang or "(none)", "count": c, "proportion": c / n if n else 0.0}
@@ -195,6 +200,9 @@ def headline_figures(stats: dict[str, Any]) -> dict[str, float]:
         for column in ("width", "height", "text_length"):
             value = q[column][median]
             out[f"{name}/median_{column}"] = value if value == value else 0.0  # NaN (no rows) as 0
+        for key in ("semantic_duplicates", "semantic_duplicate_proportion"):
+            if key in figures:  # statistics.json written before the semantic dedup lacks them
+                out[f"{name}/{key}"] = figures[key]
         aesthetic = figures.get("aesthetic", {})
         if aesthetic.get("scored"):
             out[f"{name}/median_aesthetic"] = aesthetic["quantiles"][median]
@@ -222,6 +230,9 @@ def to_markdown(stats: dict[str, Any], title: str = "Dataset statistics") -> str
     lines = [f"# {title}", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label in labels.items():
         lines.append(f"| {label} | " + " | ".join(_num(sub[n][key]) for n in names) + " |")
+    if any(sub[n].get("semantic_duplicates") for n in names):
+        lines.append("| Semantic duplicates (marked) | "
+                     + " | ".join(_num(sub[n].get("semantic_duplicates", 0)) for n in names) + " |")
     if any(sub[n].get("aesthetic", {}).get("scored") for n in names):
         for t in AESTHETIC_THRESHOLDS:
             lines.append(f"| Aesthetic >= {t:g} (LAION-Aesthetics) | "
