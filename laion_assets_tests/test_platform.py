@@ -86,7 +86,8 @@ def shard_bytes(root: Path, crawl: str) -> dict[str, bytes]:
             data = p.read_bytes()
             if p.name.endswith("_stats.json"):
                 doc = orjson.loads(data)
-                doc.pop("duration_s")
+                for timing in ("duration_s", "duration", "start_time", "end_time"):  # ours and img2dataset's
+                    doc.pop(timing)
                 data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
             out[f"{bucket}/{p.name}"] = data
     return out
