@@ -168,7 +168,10 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     if forkserver.processes(settings) > 1:
-        forkserver.start(settings)  # before the stage's own imports (pyarrow, a fifth of a second): they overlap
+        # Before the stage's own imports (pyarrow, a fifth of a second), so that they overlap. This module too: the
+        # console script imports it, and each worker runs that script as it starts (click and our options, a
+        # twentieth of a second a worker).
+        forkserver.start(settings, also=(__name__,))
 
     from laion_assets.core.download.distributor import run as run_download
     from laion_assets.core.download.reader import InputColumns

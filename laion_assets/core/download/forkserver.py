@@ -32,10 +32,14 @@ def worker_modules(settings: DownloadSettings) -> tuple[str, ...]:
     return WORKER_MODULES + (("pandas",) if settings.output_format == "parquet" else ())
 
 
-def start(settings: DownloadSettings) -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its server started with `worker_modules` preloaded (a no-op when it runs already:
-    the first download's preload list stays; a worker imports anything else it needs itself)."""
+def start(settings: DownloadSettings, also: tuple[str, ...] = ()) -> multiprocessing.context.ForkServerContext:
+    """The forkserver context, its server started with `worker_modules` and `also` preloaded (a no-op when it runs
+    already: the first download's preload list stays; a worker imports anything else it needs itself).
+
+    `also`: what the parent's main script imports. Every worker runs that script again as it starts (multiprocessing
+    re-imports the parent's `__main__`; Python 3.11's fork server never preloads it, as its own preload of "__main__"
+    looks for a key that get_preparation_data does not write), which costs nothing once its imports are loaded."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(worker_modules(settings)))
+    ctx.set_forkserver_preload([*worker_modules(settings), *also])
     multiprocessing.forkserver.ensure_running()
     return ctx
