@@ -160,14 +160,21 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
              quiet: bool, **kwargs: Any) -> None:
     """Download, resize and write the images of a URL list (a file or folder: local, s3:// or https://) as
     webdataset shards, or img2dataset's files or parquet layouts (resumable)."""
-    from laion_assets.core.download.distributor import run as run_download
-    from laion_assets.core.download.reader import InputColumns
+    from laion_assets.core.download import forkserver
 
     try:
         settings = build(DownloadSettings, kwargs, fetch=build(FetchSettings, kwargs),
                          resize=build(ResizeSettings, kwargs))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    if forkserver.processes(settings) > 1:
+        # Before the stage's own imports (pyarrow, a fifth of a second), so that they overlap. This module too: the
+        # console script imports it, and each worker runs that script as it starts (click and our options, a
+        # twentieth of a second a worker).
+        forkserver.start(settings, also=(__name__,))
+
+    from laion_assets.core.download.distributor import run as run_download
+    from laion_assets.core.download.reader import InputColumns
     with _bar(None, "url", quiet) as bar:
         ok = [0]
 

@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import math
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from laion_assets.core import paths
-from laion_assets.core.download import retry
+from laion_assets.core.download import forkserver, retry
 from laion_assets.core.download.plan import Plan, build_manifest, make_plan, resume
 from laion_assets.core.download.reader import InputColumns, Inputs, read_inputs
 from laion_assets.core.download.report import DownloadReport, ShardStats
@@ -44,11 +43,6 @@ from laion_assets.core.download.runner import ProgressFn, ShardRunner, WorkItem
 from laion_assets.core.download.writer import Piece, ShardLayout, write_shard
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
-
-# pandas too: pyarrow imports it on its first conversion of Python rows (each shard's rows table), which would
-# otherwise cost every worker a quarter of a second, GIL held, at its first shard.
-WORKER_MODULES = ("laion_assets.core.download.runner", "laion_assets.core.download.fetch",
-                  "laion_assets.core.download.resize", "pandas")
 
 
 def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
@@ -76,8 +70,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     of `store`; resumable. With `settings.retry_failed`, the transient failures of shards already complete are
     fetched again (`retry.py`)."""
     start = time.perf_counter()
-    if max(1, settings.processes or (os.cpu_count() or 1)) > 1:
-        _forkserver()  # first: its imports (a second) overlap reading the inputs and planning
+    if forkserver.processes(settings) > 1:
+        forkserver.start(settings)  # first: its imports (half a second) overlap reading the inputs and planning
     if isinstance(source, Inputs):
         inputs = source
     else:
@@ -106,8 +100,7 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     if log:
         log(f"{plan.rows} URLs in {len(plan.shards)} shards; {len(state.done)} already complete, {len(state.todo)} to"
             f" do ({state.redone} no longer match the input or settings); {len(state.removed)} beyond the plan removed")
-    processes = max(1, settings.processes or (os.cpu_count() or 1))
-    work = split_work(state.todo, processes)
+    work = split_work(state.todo, forkserver.processes(settings))
     new: list[ShardStats] = []
     if work:
         with store.staging_dir() as staging:
@@ -238,18 +231,10 @@ class _Joiner:
         return [w.result() for w in self.writes]
 
 
-def _forkserver() -> Any:
-    """The forkserver context, its server started (it imports WORKER_MODULES once; workers fork from it)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(WORKER_MODULES))
-    multiprocessing.forkserver.ensure_running()
-    return ctx
-
-
 def _run_processes(job: _Job, work: list[list[WorkItem]], progress: ProgressFn | None) -> list[ShardStats]:
     """One task per process (its work items as a single stream); progress comes back on a queue drained while
     the tasks run. A worker that dies breaks the pool: the others are stopped and BrokenProcessPool raised."""
-    ctx = _forkserver()
+    ctx = forkserver.start(job.settings)
     # A SimpleQueue's put writes to the pipe at once (no feeder thread), so a task's progress is all readable
     # by the time its result is.
     messages = ctx.SimpleQueue() if progress else None

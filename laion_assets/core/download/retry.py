@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_assets.core import paths
@@ -34,7 +33,7 @@ from laion_assets.core.download.plan import Plan, ShardPlan
 from laion_assets.core.download.reader import Inputs
 from laion_assets.core.download.report import ShardStats, is_transient
 from laion_assets.core.download.runner import ProgressFn, ShardRunner
-from laion_assets.core.download.writer import ROW_SCHEMA, count_rows, new_row, sample_members, write_tar
+from laion_assets.core.download.writer import ROW_SCHEMA, count_rows, new_row, rows_table, sample_members, write_tar
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
@@ -153,7 +152,7 @@ def rewrite_shard(store: Storage, prefix: str, shard: ShardPlan, old: ShardStats
     merged = [new[i][0] if i in new else r for i, r in enumerate(rows)]
     try:
         write_tar(tar_path, _merged(rows, new, old_tar))
-        pq.write_table(pa.Table.from_pylist(merged, schema=ROW_SCHEMA), rows_path, compression="zstd")
+        pq.write_table(rows_table(merged, ROW_SCHEMA), rows_path, compression="zstd")
         stats = ShardStats(shard=old.shard, name=old.name, count=old.count, rows=old.rows,
                            input_fingerprint=old.input_fingerprint, settings=old.settings)
         count_rows(stats, merged)
