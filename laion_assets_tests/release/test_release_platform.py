@@ -46,8 +46,8 @@ def test_removals_reprocess_the_release_under_the_daemon(platform):
     _, env, dagster = platform
     instance, graph = crawled(dagster, env, SAMPLE_CRAWL, SMALL)
     release_crawl(graph)
-    # The indices and the decontamination too: with every asset of the crawl materialized, new_crawls finds nothing missing to backfill,
-    # and every run after the removal comes from the automation.
+    # The indices and the decontamination too: with every asset of the crawl materialized, new_crawls finds nothing
+    # missing to backfill, and every run after the removal comes from the automation.
     graph.run("knn_index", SAMPLE_CRAWL, {"index_key": "Flat", "eval_queries": 20})
     graph.run("knn_index_all", None, {"eval_queries": 10})
     graph.run("decontamination", SAMPLE_CRAWL)  # no evaluation set registered: it checks nothing, and is done
