@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from laion_assets.core.crawl.source import retry_after_s
 from laion_assets.core.download.dns import DnsResolver, ResolveFailure
 from laion_assets.core.download.guard import IPNetwork, forbidden_reason, parse_networks
 from laion_assets.core.download.robots import (
@@ -135,20 +135,6 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self.dns.close()
-
-
-def _retry_after(value: str | None, cap: float) -> float | None:
-    if not value:
-        return None
-    try:
-        return min(cap, max(0.0, float(value)))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return min(cap, max(0.0, parsedate_to_datetime(value).timestamp() - time.time()))
-        except (TypeError, ValueError):
-            return None
 
 
 def opt_out(x_robots_tag: str, agent_token: str) -> str | None:
@@ -464,7 +450,7 @@ class Fetcher:
                 if resp.status != 200:
                     transient = resp.status in RETRY_STATUSES or resp.status >= 500
                     raise FetchFailure(f"HTTP {resp.status}", resp.status, transient,
-                                       _retry_after(resp.headers.get("Retry-After"), s.max_retry_after_s))
+                                       retry_after_s(resp.headers.get("Retry-After"), s.max_retry_after_s))
                 if s.respect_x_robots_tag:
                     directive = opt_out(", ".join(resp.headers.getall("X-Robots-Tag", [])), s.agent_token)
                     if directive:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -292,17 +292,7 @@ class ImageDeduper:
 
     def names(self, sids: pl.Series) -> pl.DataFrame:
         """sid -> `crawl/bucket/key` for the given sids (those that won something: few)."""
-        import polars as pl
-
-        wanted = pl.DataFrame({"sid": sids.unique().drop_nulls()}).with_columns(
-            (pl.col("sid") // (1 << SOURCE_SHIFT)).alias("source"),
-            (pl.col("sid") % (1 << SOURCE_SHIFT)).alias("rank"))
-        out = [pl.DataFrame(schema={"sid": pl.UInt64, "name": pl.String})]
-        for (source,), rows in wanted.partition_by("source", as_dict=True).items():
-            crawl, bucket = self.sources[int(source)]
-            keys = pl.read_ipc(self._keys_file(int(source)))["key"]
-            out.append(rows.select("sid", (f"{crawl}/{bucket}/" + keys.gather(rows["rank"])).alias("name")))
-        return pl.concat(out)
+        return sample_names(sids, self.sources, self._keys_file)
 
 
 def mark_duplicates(samples: pl.DataFrame, radius: int, work: str | None = None,
@@ -335,3 +325,19 @@ def mark_duplicates(samples: pl.DataFrame, radius: int, work: str | None = None,
     counts = DedupCounts(samples=out.height, exact_duplicates=int(out["duplicate_of"].is_not_null().sum()),
                          near_duplicates=int(out["near_duplicate_of"].is_not_null().sum()))
     return out, counts
+
+
+def sample_names(sids: pl.Series, sources: list[tuple[str, str]], keys_file: Callable[[int], str]) -> pl.DataFrame:
+    """sid -> `crawl/bucket/key` for the given sids, from each source's spilled keys (`keys_file(source)`, in the
+    key order that ranks were given in): only the sources the sids name are read."""
+    import polars as pl
+
+    wanted = pl.DataFrame({"sid": sids.unique().drop_nulls()}).with_columns(
+        (pl.col("sid") // (1 << SOURCE_SHIFT)).alias("source"),
+        (pl.col("sid") % (1 << SOURCE_SHIFT)).alias("rank"))
+    out = [pl.DataFrame(schema={"sid": pl.UInt64, "name": pl.String})]
+    for (source,), rows in wanted.partition_by("source", as_dict=True).items():
+        crawl, bucket = sources[int(source)]
+        keys = pl.read_ipc(keys_file(int(source)))["key"]
+        out.append(rows.select("sid", (f"{crawl}/{bucket}/" + keys.gather(rows["rank"])).alias("name")))
+    return pl.concat(out)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from laion_assets.core.release.dedup import SOURCE_SHIFT
+from laion_assets.core.release.dedup import SOURCE_SHIFT, sample_names
 
 if TYPE_CHECKING:
     import polars as pl
@@ -336,14 +336,4 @@ class SemanticDeduper:
 
     def names(self, sids: pl.Series) -> pl.DataFrame:
         """sid -> `crawl/bucket/key` for the given sids (those that won something)."""
-        import polars as pl
-
-        wanted = pl.DataFrame({"sid": sids.unique().drop_nulls()}).with_columns(
-            (pl.col("sid") // (1 << SOURCE_SHIFT)).alias("source"),
-            (pl.col("sid") % (1 << SOURCE_SHIFT)).alias("rank"))
-        out = [pl.DataFrame(schema={"sid": pl.UInt64, "name": pl.String})]
-        for (source,), rows in wanted.partition_by("source", as_dict=True).items():
-            crawl, bucket = self.sources[int(source)]
-            keys = pl.read_ipc(self._keys_file(int(source)))["key"]
-            out.append(rows.select("sid", (f"{crawl}/{bucket}/" + keys.gather(rows["rank"])).alias("name")))
-        return pl.concat(out)
+        return sample_names(sids, self.sources, self._keys_file)
