@@ -32,6 +32,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from laion_assets.core.settings import USER_AGENT
+from laion_assets.core.storage import Storage
+
 FORMATS = ("txt", "csv", "tsv", "json", "jsonl", "parquet")
 INPUT_FORMATS = tuple(f for base in FORMATS for f in (base, f"{base}.gz"))
 BATCH_ROWS = 65_536
@@ -96,9 +99,7 @@ def _s3_parts(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _s3_storage(bucket: str) -> Any:
-    from laion_assets.core.storage import Storage
-
+def _s3_storage(bucket: str) -> Storage:
     return Storage(f"s3://{bucket}")
 
 
@@ -133,7 +134,7 @@ def list_inputs(location: str, input_format: str = "") -> list[str]:
 def open_binary(path: str) -> Iterator[IO[bytes]]:
     """A file's bytes as a stream, read as they are consumed."""
     if path.startswith(("http://", "https://")):
-        request = urllib.request.Request(path, headers={"User-Agent": _user_agent()})
+        request = urllib.request.Request(path, headers={"User-Agent": USER_AGENT})
         with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - http(s) only, checked above
             yield response
     elif path.startswith("s3://"):
@@ -146,12 +147,6 @@ def open_binary(path: str) -> Iterator[IO[bytes]]:
     else:
         with open(path, "rb") as fh:
             yield fh
-
-
-def _user_agent() -> str:
-    from laion_assets.core.settings import USER_AGENT
-
-    return USER_AGENT
 
 
 @contextlib.contextmanager

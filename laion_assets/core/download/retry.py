@@ -85,7 +85,7 @@ class RetryRunner(ShardRunner):
                         row["attempts"] = old["attempts"] or 0
                         row["runs"] = (old["runs"] or 1) + 1
                         async with slots:
-                            files = await self._process(fetcher, shard.lo + pos, row)
+                            files = await self._process(fetcher, shard.lo + pos, row["url"], row)
                         self.progress.add(row["status"] == "success")
                         return pos, (row, files)
 
@@ -94,17 +94,6 @@ class RetryRunner(ShardRunner):
             self.progress.flush()
         finally:
             self._resize_pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _process(self, fetcher: Any, index: int, row: dict[str, Any]) -> dict[str, bytes]:
-        try:
-            refusal = self.page_refusal(index)
-            if refusal:
-                row.update(status="skipped_by_policy", error_message=refusal)
-                return {}
-            return await self._fetch_and_resize(fetcher, row["url"], row)
-        except Exception as err:  # noqa: BLE001 - the fetcher never raises; this guards against our own bugs
-            row.update(status="failed_to_download", error_message=f"{type(err).__name__}: {err}", final_url=None)
-            return {}
 
 
 def _old_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -119,15 +119,7 @@ class ShardRunner:
         if self.plan.layout is not None:
             self._layout_columns(row, extra)
         try:
-            refusal = self.page_refusal(index)
-            if refusal:
-                row.update(status="skipped_by_policy", error_message=refusal)
-                files = {}
-            else:
-                files = await self._fetch_and_resize(fetcher, url, row, extra)
-        except Exception as err:  # noqa: BLE001 - the fetcher never raises; this guards against our own bugs
-            row.update(status="failed_to_download", error_message=f"{type(err).__name__}: {err}", final_url=None)
-            files = {}
+            files = await self._process(fetcher, index, url, row, extra)
         finally:
             self._slots.release()
         if builder.add(index, row, files):
@@ -165,6 +157,19 @@ class ShardRunner:
                                                                  f"found {found}")
                 return True
         return False
+
+    async def _process(self, fetcher: Any, index: int, url: str | None, row: dict[str, Any],
+                       extra: dict[str, Any] | None = None) -> dict[str, bytes]:
+        """A row's sample files: none when its page opted out, else fetched and resized; `row` updated either way."""
+        try:
+            refusal = self.page_refusal(index)
+            if refusal:
+                row.update(status="skipped_by_policy", error_message=refusal)
+                return {}
+            return await self._fetch_and_resize(fetcher, url, row, extra)
+        except Exception as err:  # noqa: BLE001 - the fetcher never raises; this guards against our own bugs
+            row.update(status="failed_to_download", error_message=f"{type(err).__name__}: {err}", final_url=None)
+            return {}
 
     def page_refusal(self, index: int) -> str | None:
         """Why the page that links input row `index` forbids AI use of its images (noai, noimageai), or None."""
