@@ -13,11 +13,10 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from laion_assets.assets.crawl import earlier_crawls
 from laion_assets.cli import main
 from laion_assets.core import paths
 from laion_assets.core.crawl import extract
-from laion_assets.core.crawl.url_list import UrlList
+from laion_assets.core.crawl.url_list import UrlList, compared_crawls
 from laion_assets.core.release.release import ReleaseManifest
 from laion_assets.core.settings import SAMPLE_CRAWL
 from laion_assets.offline.demo import image_server
@@ -98,9 +97,9 @@ def test_a_list_registered_and_materialized_to_a_release_and_an_index(tmp_path):
 
 def test_cross_crawl_dedup_leaves_lists_alone_unless_asked():
     registered = ["CC-MAIN-2023-01", "CC-MAIN-2024-01", "list-a", "list-b"]
-    assert earlier_crawls("list-b", registered, False) == []
-    assert earlier_crawls("list-b", registered, True) == ["CC-MAIN-2023-01", "CC-MAIN-2024-01", "list-a"]
-    assert earlier_crawls("CC-MAIN-2024-01", registered, True) == ["CC-MAIN-2023-01"]
+    assert compared_crawls("list-b", registered, False) == []
+    assert compared_crawls("list-b", registered, True) == ["CC-MAIN-2023-01", "CC-MAIN-2024-01", "list-a"]
+    assert compared_crawls("CC-MAIN-2024-01", registered, True) == ["CC-MAIN-2023-01"]
 
 
 def test_lists_add_on_the_command_line(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def unique_pairs_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         crawls must have deduplicated this bucket first (backfill crawls in order)."""
         crawl, bucket = crawl_and_bucket(context)
         registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
-        earlier = earlier_crawls(crawl, registered, ops.dedup_lists_against_crawls)
+        earlier = url_list.compared_crawls(crawl, registered, ops.dedup_lists_against_crawls)
         missing = missing_earlier_buckets(context.instance, context.assets_def.key, earlier, bucket)
         if missing:
             raise dg.Failure(f"{crawl} bucket {bucket}: earlier crawls have not deduplicated this bucket yet "
@@ -145,12 +145,6 @@ def _arrow_schema(frame: object) -> pa.Schema:
     """The Arrow schema a polars LazyFrame will be written with, from its schema alone (nothing is computed)."""
 
     return pl.DataFrame(schema=frame.collect_schema()).to_arrow().schema  # type: ignore[attr-defined]
-
-
-def earlier_crawls(crawl: str, registered: list[str], lists_against_crawls: bool) -> list[str]:
-    """The crawls whose URLs this crawl's are deduplicated against (`url_list.compared_crawls`: a URL list only
-    when asked)."""
-    return url_list.compared_crawls(crawl, registered, lists_against_crawls)
 
 
 def missing_earlier_buckets(instance: dg.DagsterInstance, key: dg.AssetKey, earlier: list[str], bucket: str
