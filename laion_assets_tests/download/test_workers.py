@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -116,3 +119,42 @@ def test_an_exception_in_a_worker_fails_the_download_with_its_traceback(loopback
     assert "Traceback (most recent call last)" in text and "in put_file" in text
     assert "OSError: no space left on the test's device" in text
     assert not (tmp_path / "raises" / "_manifest.json").exists()
+
+
+FORK_SERVER_BLAS = """
+import ctypes, json, os
+from concurrent.futures import ProcessPoolExecutor
+from laion_assets.core.download import forkserver
+from laion_assets.core.settings import DownloadSettings
+
+def blas_threads():
+    # The threads OpenBLAS was set up with as it loaded, in the fork server: a worker inherits its state.
+    import numpy  # loaded by the server's preload already
+    paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads64_"):
+            if hasattr(lib, name):
+                return getattr(lib, name)(), os.environ.get("OPENBLAS_NUM_THREADS")
+    return None, os.environ.get("OPENBLAS_NUM_THREADS")
+
+if __name__ == "__main__":
+    ctx = forkserver.start(DownloadSettings(processes=2))
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        threads, env = pool.submit(blas_threads).result()
+    print(json.dumps({"threads": threads, "env": env, "here": os.environ.get("OPENBLAS_NUM_THREADS")}))
+"""
+
+
+def test_the_fork_server_loads_blas_single_threaded(tmp_path):
+    """numpy's OpenBLAS would start a busy-waiting thread per further core in the fork server as it loads (numpy
+    comes with pyarrow): the server sets itself single-threaded first, and its workers inherit that; the process
+    that started it is left as it was."""
+    script = tmp_path / "fork_server_blas.py"
+    script.write_text(FORK_SERVER_BLAS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    if seen["threads"] is None:
+        pytest.skip("numpy here is not built on OpenBLAS")
+    assert seen == {"threads": 1, "env": "1", "here": None}
