@@ -51,8 +51,9 @@ def removal_sources(ops: OperationsSettings) -> tuple[list, dg.SensorDefinition]
 
 
 def earlier_crawls(context: dg.AssetExecutionContext, crawl: str, lists_against_crawls: bool = False) -> list[str]:
-    """Registered crawls before this one whose image dedup exists; a missing one fails the run (backfill in
-    order), as URL dedup does. A URL list is compared with the crawls only when asked, as in URL dedup."""
+    """Registered crawls before this one whose image (or semantic) dedup exists; a missing one fails the run
+    (backfill in order), as URL dedup does. A URL list is compared with the crawls only when asked
+    (`dedup_lists_against_crawls`), as in URL dedup."""
     registered = context.instance.get_dynamic_partitions(crawl_partitions.name)
     earlier = url_list.compared_crawls(crawl, registered, lists_against_crawls)
     done = context.instance.get_materialized_partitions(context.assets_def.key)
@@ -120,7 +121,7 @@ def semantic_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDe
         store = storage.get()
         settings = build(ReleaseSettings, config)
         earlier = {}
-        for c in earlier_crawls(context, crawl):
+        for c in earlier_crawls(context, crawl, ops.dedup_lists_against_crawls):
             table = pl.scan_parquet(store.scratch_copies([stored_key(context.assets_def.key, {"crawl": c},
                                                                      layout)])[0])
             buckets = table.select(pl.col("bucket").unique()).collect()["bucket"].to_list()

@@ -492,9 +492,9 @@ class OperationsSettings(FromEnv):
                             env="LAION_ASSETS_EXECUTOR")
     gpu_image: str = setting("", "Container image of GPU steps under the k8s executor (the CUDA build).",
                              env="LAION_ASSETS_GPU_IMAGE")
-    dedup_lists_against_crawls: bool = setting(False, "Cross-crawl URL and image dedup compare a URL list (crawl "
-                                                      "list-NAME) with the crawls and earlier lists (default: a list "
-                                                      "is deduplicated within itself only).",
+    dedup_lists_against_crawls: bool = setting(False, "Cross-crawl URL, image and semantic dedup compare a URL "
+                                                      "list (crawl list-NAME) with the crawls and earlier lists "
+                                                      "(default: a list is deduplicated within itself only).",
                                                env="LAION_ASSETS_DEDUP_LISTS_AGAINST_CRAWLS")
 
     def __post_init__(self) -> None:
