@@ -648,7 +648,7 @@ def removals_sweep(storage: str, version: int | None, output: str, crawls: tuple
                    reason: str, **kwargs: Any) -> None:
     """The indexed samples near what a removal list version removed, as candidate rows for review (a kNN query
     around each removed sample's embedding); with --add --reason, the candidates become the next version."""
-    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.clip.embeddings import EmbeddingModelMismatch
     from laion_assets.core.release import sweep
 
     if add and not reason.strip():
@@ -688,7 +688,7 @@ def decontaminate_command(eval_source: str, name: str, storage: str, crawls: tup
     embeddings folder) by sha256, pHash within --phash-radius or image cosine >= --min-similarity in the kNN indices,
     written to the removal list as sha256 entries with reason eval:<name>. The resize options are the download's:
     the evaluation images are hashed and embedded as the crawl stored its images."""
-    from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+    from laion_assets.core.clip.embeddings import EmbeddingModelMismatch
     from laion_assets.core.release import decontaminate as stage
 
     try:

@@ -4,7 +4,6 @@ The bucket's unique pairs come in through the IO manager; the shards are bulk fi
 download's record of its complete shards (`_manifest.json`, which the download writes last itself).
 """
 
-import dataclasses
 
 import dagster as dg
 import polars as pl
@@ -52,21 +51,12 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
         URL (success or not) and a `_stats.json` marker per shard; reruns skip complete shards whose input rows and
         settings are unchanged; `_manifest.json` lists the complete shards, written last."""
         from laion_assets.core.download import distributor
-        from laion_assets.core.download.reader import InputColumns, inputs_of
+        from laion_assets.core.download.reader import pairs_inputs
 
         crawl, bucket = crawl_and_bucket(context)
         store = storage.get()
-        columns = InputColumns(url="url", caption="text", language="language", page_url="page_url", robots="robots")
-        settings = download_settings(config, image_fetch)
-        selected = unique_pairs.select(["url", "text", "language", "page_url", "robots"])
         id_col = url_list.read_record(store, crawl).id_col if url_list.is_list(crawl) else ""
-        if id_col:  # a URL list's id (DataComp's uid) in every row of its shards, under its own name
-            selected = unique_pairs.select(["url", "text", "language", "page_url", "robots",
-                                            pl.col("record_id").alias(id_col)])
-            columns = dataclasses.replace(columns, keep=(id_col,))
-            settings = dataclasses.replace(settings, save_additional_columns=(*settings.save_additional_columns,
-                                                                              id_col))
-        inputs = inputs_of(selected.collect().to_arrow(), columns)
+        inputs, settings = pairs_inputs(unique_pairs, download_settings(config, image_fetch), id_col)
         seen = {"done": 0, "ok": 0}
         log = throttled(context.log.info)
 
@@ -76,8 +66,7 @@ def image_shards_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDefi
             log(f"{seen['done']} of {inputs.num_rows} URLs done, {seen['ok']} images")
 
         prefix = paths.image_shards(crawl, bucket, layout)
-        report = distributor.run(inputs, store, prefix, settings, columns, progress,
-                          context.log.info)
+        report = distributor.run(inputs, store, prefix, settings, progress=progress, log=context.log.info)
         context.log.info(f"{crawl} bucket {bucket}: {report.summary()}")
         manifest = report.manifest
         metadata = to_metadata(report.metadata())

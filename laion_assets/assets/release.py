@@ -114,8 +114,8 @@ def semantic_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDe
         """Every embedded sample of the crawl marked as a semantic duplicate (image embeddings' cosine >= 1 -
         semantic_eps, SemDeDup) of the first such sample by crawl, bucket and key, across all buckets and earlier
         crawls; removed samples and exact duplicates do not compete."""
+        from laion_assets.core.clip.embeddings import EmbeddingModelMismatch
         from laion_assets.core.release import semantic
-        from laion_assets.core.release.semdedup import EmbeddingModelError
 
         crawl = crawl_of(context)
         store = storage.get()
@@ -137,7 +137,7 @@ def semantic_dedup_asset(layout: Layout, ops: OperationsSettings) -> dg.AssetsDe
             table, report = semantic.run(store, crawl, {b: m.files for b, m in image_embeddings.items()},
                                          image_dedup, earlier, settings, expected,
                                          removal_list.reasons if len(removal_list) else None, removal_list.version)
-        except EmbeddingModelError as err:
+        except EmbeddingModelMismatch as err:
             raise dg.Failure(str(err)) from err
         context.log.info(f"{crawl}: {report.duplicates} of {report.samples} embedded samples are semantic "
                          f"duplicates ({report.share:.2%}, cosine >= {1 - report.eps:g})")

@@ -21,8 +21,7 @@ from PIL import Image
 
 from laion_assets.cli import main
 from laion_assets.core import paths
-from laion_assets.core.clip.embeddings import write_embeddings
-from laion_assets.core.index.neighbours import EmbeddingModelMismatch
+from laion_assets.core.clip.embeddings import EmbeddingModelMismatch, write_embeddings
 from laion_assets.core.release import decontaminate, sweep
 from laion_assets.core.release import removals as rl
 from laion_assets.core.settings import DecontaminationSettings, ModelSettings, SweepSettings

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 
 from laion_assets.core import paths
-from laion_assets.core.clip.embeddings import write_embeddings
+from laion_assets.core.clip.embeddings import EmbeddingModelMismatch, write_embeddings
 from laion_assets.core.release import semantic
-from laion_assets.core.release.semdedup import EmbeddingModelError, SemanticDeduper, cluster_pairs
+from laion_assets.core.release.semdedup import SemanticDeduper, cluster_pairs
 from laion_assets.core.settings import ReleaseSettings
 from laion_assets.core.storage import Storage
 from laion_assets_tests.graph import LAYOUT
@@ -114,7 +114,7 @@ def test_the_spilled_path_finds_what_the_in_memory_one_does(tmp_path):
 def test_embeddings_of_another_dimension_or_model_are_refused_naming_both(tmp_path):
     deduper = SemanticDeduper([(CRAWL, "0000"), (CRAWL, "0001")], 0.05, str(tmp_path), 10, 10, 10)
     deduper.add(CRAWL, "0000", pl.Series(["a"]), np.ones((1, 768), np.float16), np.ones(1, bool))
-    with pytest.raises(EmbeddingModelError, match="512-d embeddings among 768-d"):
+    with pytest.raises(EmbeddingModelMismatch, match="512-d embeddings among 768-d"):
         deduper.add(CRAWL, "0001", pl.Series(["b"]), np.ones((1, 512), np.float16), np.ones(1, bool))
     store = Storage(str(tmp_path / "root"))
     keys = paths.bucket_embeddings(CRAWL, "0000", LAYOUT)
@@ -123,14 +123,14 @@ def test_embeddings_of_another_dimension_or_model_are_refused_naming_both(tmp_pa
     dedup = pl.LazyFrame({"crawl": [CRAWL], "bucket": ["0000"], "key": ["a"], "url": ["u"], "sha256": ["0"],
                           "phash": ["0"], "duplicate_of": [None], "removed": [None]},
                          schema_overrides={"duplicate_of": pl.String, "removed": pl.String})
-    with pytest.raises(EmbeddingModelError, match="ViT-B-32.*ViT-L-14"):
+    with pytest.raises(EmbeddingModelMismatch, match="ViT-B-32.*ViT-L-14"):
         semantic.run(store, CRAWL, {"0000": keys}, dedup, {}, ReleaseSettings(), "ViT-L-14")
     # An earlier crawl deduplicated with another model is refused the same way.
     earlier = semantic.EarlierCrawl(pl.LazyFrame({"bucket": ["0000"], "key": ["a"], "model": ["ViT-H-14"],
                                                   "semantic_duplicate_of": [None], "removed": [None]},
                                                  schema_overrides={"semantic_duplicate_of": pl.String,
                                                                    "removed": pl.String}), {"0000": keys})
-    with pytest.raises(EmbeddingModelError, match="ViT-H-14.*ViT-B-32"):
+    with pytest.raises(EmbeddingModelMismatch, match="ViT-H-14.*ViT-B-32"):
         semantic.run(store, LATER, {}, dedup.clear(), {CRAWL: earlier}, ReleaseSettings(), "ViT-B-32")
 
 

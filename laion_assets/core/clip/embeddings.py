@@ -27,6 +27,12 @@ EMBED_META_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("cap
 _IMG_SHA, _TXT_SHA, _ROWS = b"laion_assets.img_emb_sha256", b"laion_assets.text_emb_sha256", b"laion_assets.rows"
 
 
+class EmbeddingModelMismatch(ValueError):
+    """Embeddings of another model (or dimension) than those they are compared with: queries against an index
+    (`index.neighbours.check_model`), a crawl's embeddings in the semantic dedup (`release.semdedup.check_model`).
+    The message names both models and what to do."""
+
+
 class IncompleteEmbeddingsError(RuntimeError):
     """A bucket's embedding files are missing or do not belong together (a write was interrupted)."""
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_assets.core.download.inputs import InputSpec, ReadCounts, read_table
+from laion_assets.core.settings import DownloadSettings
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # The columns the download itself reads; any other column of the input table is a kept one.
 OWN_COLUMNS = ("url", "caption", "language", "page_url", "robots")
@@ -135,3 +140,23 @@ def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
     table = read_table(spec, counts)  # url, caption, language under these names, the others under their own
     read = dataclasses.replace(columns, url="url", caption="caption", language="language")
     return dataclasses.replace(inputs_of(table, read), malformed=counts.malformed)
+
+
+# What the download reads of a crawl's unique pairs (the unique_pairs asset's columns).
+PAIR_COLUMNS = InputColumns(url="url", caption="text", language="language", page_url="page_url", robots="robots")
+
+
+def pairs_inputs(pairs: pl.LazyFrame, settings: DownloadSettings, id_col: str = "") -> tuple[Inputs, DownloadSettings]:
+    """A bucket's unique pairs as a download's inputs, and the settings to download them with. `id_col`: a URL
+    list's id column (`lists add --id-col`, e.g. DataComp's uid), which its pairs carry as `record_id`: kept
+    under its own name in every row of the shards (their .parquet and each sample's .json), so that the rows,
+    filtered_metadata and the release join back to the list."""
+    c = PAIR_COLUMNS
+    names = [c.url, c.caption, c.language, c.page_url, c.robots]
+    if not id_col:
+        return inputs_of(pairs.select(names).collect().to_arrow(), c), settings
+    import polars as pl
+
+    table = pairs.select([*names, pl.col("record_id").alias(id_col)]).collect().to_arrow()
+    settings = dataclasses.replace(settings, save_additional_columns=(*settings.save_additional_columns, id_col))
+    return inputs_of(table, dataclasses.replace(c, keep=(id_col,))), settings

@@ -16,16 +16,13 @@ import numpy as np
 import polars as pl
 
 from laion_assets.core import paths
+from laion_assets.core.clip.embeddings import EmbeddingModelMismatch
 from laion_assets.core.index.search import IndexUnavailable, OpenIndex, open_index
 from laion_assets.core.storage import Storage
 
 # What a hit carries: enough to name the sample and to write a removal entry for it, never its image.
 HIT_COLUMNS = ("URL", "key", "sha256", "phash", "caption")
 QUERY_BATCH = 1024
-
-
-class EmbeddingModelMismatch(ValueError):
-    """Query embeddings of another model (or dimension) than the index's: the message names both."""
 
 
 def indexed_crawls(store: Storage, crawls: list[str] | None = None) -> list[str]:

@@ -76,7 +76,7 @@ def run(store: Storage, crawl: str, embeddings: Mapping[str, EmbeddingKeys], ima
     (a local Parquet file that lives as long as the process, one row group per bucket, sorted by key) and a report.
     `embeddings` is keyed by bucket; `image_dedup` is the crawl's image dedup table (its removals and exact
     duplicates); `expected_model`: the embedding model the registry names (embeddings that say they are another
-    one, or an earlier crawl's dedup of another model, are an EmbeddingModelError naming both)."""
+    one, or an earlier crawl's dedup of another model, are an EmbeddingModelMismatch naming both)."""
     import polars as pl
 
     start = time.perf_counter()

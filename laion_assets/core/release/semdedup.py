@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from laion_assets.core.clip.embeddings import EmbeddingModelMismatch
 from laion_assets.core.release.dedup import SOURCE_SHIFT, sample_names
 
 if TYPE_CHECKING:
@@ -44,10 +45,6 @@ BLOCK_CELLS = 1 << 24  # similarities one block of the pairwise step holds (64 M
 CHUNK_ROWS = 65_536  # rows routed to partitions at once
 SECOND_REACH = 1.0  # see `assign`
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-class EmbeddingModelError(ValueError):
-    """The embeddings come from another model (or have another dimension) than the dedup was set up for."""
 
 
 @dataclass
@@ -64,15 +61,15 @@ class SemanticCounts:
 
 
 def check_model(found: str, expected: str, dim: int, expected_dim: int, where: str) -> None:
-    """EmbeddingModelError naming both models when embeddings are not those of the expected model."""
+    """EmbeddingModelMismatch naming both models when embeddings are not those of the expected model."""
     if found and expected and found != expected:
-        raise EmbeddingModelError(f"{where}: the embeddings are {found}'s, but semantic dedup compares {expected}'s "
-                                  f"embeddings (the embedding model): re-embed with {expected}, or set the embedding "
-                                  f"model to {found} for every crawl")
+        raise EmbeddingModelMismatch(
+            f"{where}: the embeddings are {found}'s, but semantic dedup compares {expected}'s embeddings (the "
+            f"embedding model): re-embed with {expected}, or set the embedding model to {found} for every crawl")
     if expected_dim and dim != expected_dim:
-        raise EmbeddingModelError(f"{where}: the embeddings are {dim}-d ({found or 'an unnamed model'}), but semantic "
-                                  f"dedup compares {expected_dim}-d embeddings of {expected or 'the first source'}: "
-                                  "they come from another model")
+        raise EmbeddingModelMismatch(
+            f"{where}: the embeddings are {dim}-d ({found or 'an unnamed model'}), but semantic dedup compares "
+            f"{expected_dim}-d embeddings of {expected or 'the first source'}: they come from another model")
 
 
 def _mix(sids: np.ndarray) -> np.ndarray:
@@ -197,8 +194,8 @@ class SemanticDeduper:
         if embeddings.ndim != 2 or len(embeddings) != len(keys):
             raise ValueError(f"{crawl}/{bucket}: {len(keys)} keys but embeddings of shape {embeddings.shape}")
         if len(keys) and self.dim and embeddings.shape[1] != self.dim:
-            raise EmbeddingModelError(f"{crawl}/{bucket}: {embeddings.shape[1]}-d embeddings among {self.dim}-d ones: "
-                                      "they come from another model")
+            raise EmbeddingModelMismatch(f"{crawl}/{bucket}: {embeddings.shape[1]}-d embeddings among {self.dim}-d "
+                                         "ones: they come from another model")
         if len(keys):
             self.dim = self.dim or embeddings.shape[1]
         self.added.add(source)
