@@ -18,6 +18,9 @@ from laion_assets_tests.conftest import LoopbackServer
 
 JPEG = jpeg_bytes(render(Scene("circle", "red", "white", "center"), (64, 48), seed=1))
 QUICK = dict(timeout_s=0.2, retries=3, backoff_s=0.01)
+# For tests that count queries and whose subject is not the timeout: on a loaded machine an answer slower than a
+# 0.2 s timeout brings a hedged query the count is not about.
+STEADY = dict(QUICK, timeout_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,10 @@ def resolve(server: LoopbackDns, *names: str, **options) -> tuple[list[object], 
 @pytest.mark.parametrize("kind", ["drop", "servfail"])
 def test_first_queries_failing_are_retried(dns, kind):
     dns.behave = fail_first(2, kind)
-    (answer,), queries = resolve(dns, "img.test")
-    assert answer.addresses == ((2, "127.0.0.1"),) and queries == 6  # three of A, three of AAAA
+    # A dropped query is retried after the timeout, so that one stays short (and a slow answer may bring a hedge).
+    (answer,), queries = resolve(dns, "img.test", **(QUICK if kind == "drop" else STEADY))
+    assert answer.addresses == ((2, "127.0.0.1"),)
+    assert queries == 6 if kind == "servfail" else 6 <= queries <= 8  # three of A, three of AAAA
 
 
 def test_a_slow_answer_is_hedged_and_still_heard(dns):
@@ -68,21 +73,21 @@ def test_a_slow_answer_is_hedged_and_still_heard(dns):
 
 
 def test_nxdomain_is_an_answer_never_retried(dns):
-    (failure,), queries = resolve(dns, "missing.test")
+    (failure,), queries = resolve(dns, "missing.test", **STEADY)
     assert isinstance(failure, ResolveFailure) and failure.reason == "dns_nxdomain" and not failure.transient
     assert queries == 2 and dns.asked("missing.test") in (1, 2)  # A and AAAA once each (AAAA maybe cancelled)
 
 
 def test_retries_spent_is_a_temporary_failure(dns):
     dns.behave = fail_first(99, "servfail")
-    (failure,), queries = resolve(dns, "img.test", retries=2)
+    (failure,), queries = resolve(dns, "img.test", **{**STEADY, "retries": 2})
     assert isinstance(failure, ResolveFailure) and failure.reason == "dns_temporary" and failure.transient
     assert str(failure).startswith("dns_temporary: cannot resolve img.test") and queries == 6
 
 
 def test_answers_and_failures_are_cached_and_lookups_shared(dns):
     async def go() -> tuple[int, list[int]]:
-        resolver = DnsResolver((dns.address,), **{**QUICK, "timeout_s": 1.0})  # no hedge on a loaded machine
+        resolver = DnsResolver((dns.address,), **STEADY)
         try:
             # Ten at once share one lookup; later ones hit the cache; NXDOMAIN is remembered too.
             await asyncio.gather(*(resolver.resolve("img.test") for _ in range(10)))
@@ -103,7 +108,7 @@ def test_ttl_is_honoured(dns):
     dns.ttl = 1
 
     async def go() -> int:
-        resolver = DnsResolver((dns.address,), **QUICK)
+        resolver = DnsResolver((dns.address,), **STEADY)
         try:
             await resolver.resolve("img.test")
             await resolver.resolve("img.test")
