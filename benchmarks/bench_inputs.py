@@ -5,8 +5,9 @@ Each reading runs in its own process and reports its peak resident memory (ru_ma
 
 * ours, streamed: `core/download/inputs.py`'s `iter_batches` over the list (what a list's candidate_pairs chunk
   does): batches of 65,536 rows, nothing kept;
-* ours, for a download: `reader.read_inputs` (the batches, then the selected columns kept as one Arrow table for
-  the plan and resume);
+* ours, for a download: what `distributor.run` does before it fetches anything: `reader.read_inputs` streaming the
+  selected columns into a local Arrow file (its staging folder's) and mapping it, fingerprinting every 10,000 rows
+  on the way, then the plan of 10,000-row shards (`plan.make_plan`), which reads nothing back;
 * img2dataset 1.47: its `Reader` (reads the whole file with pyarrow's read_csv, then writes its shard files),
   run in its own virtual environment (benchmarks/work/i2d-venv, which bench_download.py creates).
 
@@ -37,10 +38,16 @@ print(json.dumps({"rows": rows, "s": time.perf_counter() - start,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 OURS_READ = """
-import json, resource, sys, time
+import json, os, resource, sys, tempfile, time
+from laion_assets.core.download.plan import make_plan
 from laion_assets.core.download.reader import InputColumns, read_inputs
+from laion_assets.core.settings import DownloadSettings
 start = time.perf_counter()
-rows = read_inputs(sys.argv[1], InputColumns(input_format="tsv.gz", keep=("uid",))).num_rows
+settings = DownloadSettings(samples_per_shard=10000, save_additional_columns=("uid",))
+with tempfile.TemporaryDirectory() as tmp:
+    inputs = read_inputs(sys.argv[1], InputColumns(input_format="tsv.gz", keep=("uid",)),
+                         spill=os.path.join(tmp, "inputs.arrow"), chunk_rows=settings.samples_per_shard)
+    rows = make_plan(inputs, settings).rows
 print(json.dumps({"rows": rows, "s": time.perf_counter() - start,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -82,7 +89,7 @@ def main() -> None:
     peer = PEER_PYTHON.exists()
     if not peer:
         print(f"(img2dataset's venv {PEER_PYTHON.parent.parent} is missing: run bench_download.py once to create it)")
-    print(f"{'rows':>9}  {'ours streamed':>22}  {'ours read_inputs':>22}  {'img2dataset Reader':>22}")
+    print(f"{'rows':>9}  {'ours streamed':>22}  {'ours read and plan':>22}  {'img2dataset Reader':>22}")
     for n in [int(r) for r in args.rows.split(",")]:
         path = WORK / f"list-{n}.tsv.gz"
         if not path.exists():

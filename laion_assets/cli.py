@@ -160,14 +160,14 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
              quiet: bool, **kwargs: Any) -> None:
     """Download, resize and write the images of a URL list (a file or folder: local, s3:// or https://) as
     webdataset shards, or img2dataset's files or parquet layouts (resumable)."""
-    from laion_assets.core.download import forkserver
+    from laion_assets.core.download import forkserver, process_env
 
     try:
         settings = build(DownloadSettings, kwargs, fetch=build(FetchSettings, kwargs),
                          resize=build(ResizeSettings, kwargs))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    forkserver.single_threaded_blas()  # before the stage's imports load numpy: this process runs the download only
+    process_env.single_threaded_blas()  # before the stage's imports load numpy: this process runs the download only
     if forkserver.processes(settings) > 1:
         # Before the stage's own imports (pyarrow, a fifth of a second), so that they overlap. This module too: the
         # console script imports it, and each worker runs that script as it starts (click and our options, a
@@ -199,9 +199,9 @@ def download(urls: str, output_dir: str, url_col: str, caption_col: str, languag
 def img2dataset_command(args: tuple[str, ...]) -> None:
     """img2dataset 1.47's command line on our download stage: `laion-assets img2dataset --url_list ... --input_format
     ... --output_folder ...` takes its parameters (docs/img2dataset.md); --allow_networks CIDR is ours."""
-    from laion_assets.core.download import forkserver
+    from laion_assets.core.download import process_env
 
-    forkserver.single_threaded_blas()  # as in `download`, before laion_assets.img2dataset loads numpy
+    process_env.single_threaded_blas()  # as in `download`, before laion_assets.img2dataset loads numpy
     from laion_assets import img2dataset
 
     if not args or args[0] in ("--help", "-h"):

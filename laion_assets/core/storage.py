@@ -291,10 +291,11 @@ class LocalStorage(Storage):
         base = self._path(prefix)
         if not base.is_dir():
             return []
+        # A temporary's name, or a staging folder's (what its files are staged for is not written yet).
         keys = [
             str(p.relative_to(self.root)).replace(os.sep, "/")
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not any(part.startswith(".tmp-") for part in p.relative_to(base).parts)
         ]
         return sorted(keys)
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets.core.download import inputs as inputs_module
 from laion_assets.core.download.inputs import INPUT_FORMATS, InputError, InputSpec, ReadCounts, read_table
 from laion_assets.core.download.reader import InputColumns, read_inputs
 
@@ -115,3 +116,32 @@ def test_an_unknown_format_is_refused(tmp_path):
     (tmp_path / "list.xml").write_text("<urls/>")
     with pytest.raises(InputError, match="no URL list files"):
         read_table(InputSpec(str(tmp_path)))
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 4, 7, 100])
+def test_a_spilled_list_is_the_same_rows_mapped_from_disk(tmp_path, monkeypatch, chunk_rows):
+    """What the download does: the columns streamed into an Arrow file as they are read (batches of 7 rows here,
+    rechunked to the shards' size) and mapped from it, with each shard's fingerprint taken on the way."""
+    monkeypatch.setattr(inputs_module, "BATCH_ROWS", 7)
+    rows = [{"url": f"http://example.com/{i}.jpg", "caption": f"caption {i}", "uid": f"{i:032x}"} for i in range(30)]
+    path = tmp_path / "l.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    columns = InputColumns(keep=("uid",))
+    memory = read_inputs(str(path), columns)
+    allocated = pa.total_allocated_bytes()
+    spilled = read_inputs(str(path), columns, spill=str(tmp_path / "inputs.arrow"), chunk_rows=chunk_rows)
+    assert pa.total_allocated_bytes() - allocated < memory.table.nbytes / 4  # mapped, not held
+    assert spilled.table.equals(memory.table) and spilled.malformed == memory.malformed == 1
+    assert spilled.path == str(tmp_path / "inputs.arrow")
+    assert len(spilled.fingerprints) == (-(-30 // chunk_rows) if chunk_rows else 0)
+    for lo in range(0, 30, chunk_rows or 5):
+        hi = min(lo + (chunk_rows or 5), 30)
+        assert spilled.fingerprint(lo, hi) == memory.fingerprint(lo, hi)
+    assert spilled.fingerprint(3, 9) == memory.fingerprint(3, 9)  # not a chunk: computed from the rows
+
+
+def test_an_empty_list_spills_to_an_empty_file(tmp_path):
+    path = tmp_path / "l.tsv"
+    path.write_text("url\tcaption\n")
+    spilled = read_inputs(str(path), spill=str(tmp_path / "inputs.arrow"), chunk_rows=10)
+    assert spilled.num_rows == 0 and spilled.table.column_names == read_inputs(str(path)).table.column_names

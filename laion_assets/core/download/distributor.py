@@ -44,6 +44,8 @@ from laion_assets.core.download.writer import Piece, ShardLayout, write_shard
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
+INPUTS_FILE = "inputs.arrow"  # in the staging folder: the input columns, which every worker maps
+
 
 def split_work(todo: list[Any], processes: int) -> list[list[WorkItem]]:
     """Work items per process: whole shards round-robin, or every shard cut into pieces when there are fewer
@@ -72,12 +74,22 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     start = time.perf_counter()
     if forkserver.processes(settings) > 1:
         forkserver.start(settings)  # first: its imports (half a second) overlap reading the inputs and planning
-    if isinstance(source, Inputs):
-        inputs = source
-    else:
-        columns = columns or InputColumns()
-        columns = dataclasses.replace(columns, keep=tuple(dict.fromkeys([*columns.keep, *settings.kept_columns()])))
-        inputs = read_inputs(source, columns)
+    with store.staging_dir() as staging:
+        if isinstance(source, Inputs):
+            inputs = source
+        else:
+            columns = columns or InputColumns()
+            keep = tuple(dict.fromkeys([*columns.keep, *settings.kept_columns()]))
+            # Into the staging folder as it streams, mapped from there by this process and the workers.
+            inputs = read_inputs(source, dataclasses.replace(columns, keep=keep),
+                                 spill=os.path.join(staging, INPUTS_FILE), chunk_rows=settings.samples_per_shard)
+        report = _download(inputs, store, prefix, settings, staging, progress, log)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _download(inputs: Inputs, store: Storage, prefix: str, settings: DownloadSettings, staging: str,
+              progress: ProgressFn | None, log: Callable[[str], None] | None) -> DownloadReport:
     missing = [c for c in settings.kept_columns() if c not in inputs.extra]
     if missing:
         raise ValueError(f"the URL list has no column {missing[0]!r} (asked by save_additional_columns, bbox_col or "
@@ -102,22 +114,21 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
             f" do ({state.redone} no longer match the input or settings); {len(state.removed)} beyond the plan removed")
     work = split_work(state.todo, forkserver.processes(settings))
     new: list[ShardStats] = []
-    if work:
-        with store.staging_dir() as staging:
-            if len(work) == 1:
-                runner = ShardRunner(inputs, plan, settings, store, prefix, staging, progress)
-                new = asyncio.run(runner.run(work[0])).shards
-            else:
-                inputs_file = os.path.join(staging, "inputs.arrow")
-                inputs.save(inputs_file)
-                job = _Job(inputs_file, settings, store, prefix, staging, plan,
-                           {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
-                new = _run_processes(job, work, progress)
+    if len(work) == 1:
+        runner = ShardRunner(inputs, plan, settings, store, prefix, staging, progress)
+        new = asyncio.run(runner.run(work[0])).shards
+    elif work:
+        inputs_file = inputs.path
+        if not inputs_file:  # given as a table: written where the workers map it
+            inputs_file = os.path.join(staging, INPUTS_FILE)
+            inputs.save(inputs_file)
+        job = _Job(inputs_file, settings, store, prefix, staging, plan,
+                   {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+        new = _run_processes(job, work, progress)
     done = {**state.done, **{s.name: s for s in new}}
     if settings.retry_failed and state.done:
         # Only shards complete before this run: those written just now have had their tries.
-        with store.staging_dir() as staging:
-            second = retry.run(inputs, store, prefix, plan, state.done, settings, staging, progress)
+        second = retry.run(inputs, store, prefix, plan, state.done, settings, staging, progress)
         done |= second.stats
         report.retried, report.recovered, report.shards_rewritten = second.retried, second.recovered, len(second.stats)
         if log:
@@ -129,7 +140,6 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     manifest = build_manifest(prefix, plan, done)
     store.write_bytes(manifest_key, manifest.to_json())
     report.manifest = manifest
-    report.seconds = time.perf_counter() - start
     return report
 
 

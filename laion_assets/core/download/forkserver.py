@@ -16,24 +16,9 @@ import os
 
 from laion_assets.core.settings import DownloadSettings
 
-# First: it sets single_threaded_blas() in the fork server before numpy (which pyarrow imports) loads there.
+# First: it applies process_env.single_threaded_blas in the fork server before numpy (pyarrow imports it) loads.
 WORKER_MODULES = ("laion_assets.core.download.worker_env", "laion_assets.core.download.runner",
                   "laion_assets.core.download.fetch", "laion_assets.core.download.resize")
-
-# OpenBLAS, numpy's BLAS, starts a thread per further core as numpy is imported, and each busy-waits for work for
-# about 2^28 cycles (OPENBLAS_THREAD_TIMEOUT) before it sleeps. The download never multiplies matrices big enough to
-# use them (the pHash's 32x32 products run on the calling thread), so all they do is take a core from the imports
-# on a download's critical path: about 0.05 CPU s in each of the CLI's process and the fork server on 2 cores, and
-# 4% of a 1,000-image download's wall time (benchmarks/bench_download.py --sizes laion). A value already set wins.
-SINGLE_THREADED_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
-
-
-def single_threaded_blas() -> None:
-    """Keep BLAS libraries loaded after this from starting threads of their own (in this process and the processes
-    it starts): for a process that runs downloads only, like the CLI's download commands and the fork server."""
-    for name, value in SINGLE_THREADED_BLAS.items():
-        os.environ.setdefault(name, value)
-
 
 def processes(settings: DownloadSettings) -> int:
     """How many worker processes a download with these settings uses at most (0 in the settings: one per core)."""

@@ -1,4 +1,9 @@
-"""Reading a URL list (any format `inputs.py` reads): the input columns, and a fingerprint of any slice of it."""
+"""Reading a URL list (any format `inputs.py` reads): the input columns, and a fingerprint of any slice of it.
+
+A download reads its list into a local Arrow IPC file as it streams (`read_inputs(..., spill=...)`) and maps it:
+the planner fingerprints each shard's rows as they pass, and every process then reads just the rows it works on
+from the map, so the memory a download holds does not grow with the list (benchmarks/bench_inputs.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.download.inputs import InputSpec, ReadCounts, read_table
+from laion_assets.core.download.inputs import InputSpec, ReadCounts, iter_batches, read_table
 from laion_assets.core.settings import DownloadSettings
 
 if TYPE_CHECKING:
@@ -40,6 +45,10 @@ class Inputs:
 
     table: pa.Table  # url, caption, language, [page_url, robots], then the kept columns
     malformed: int = 0  # input lines skipped as malformed (counted, never silently)
+    path: str = ""  # the Arrow IPC file the table maps, when read with a spill file
+    # The fingerprints of rows [i * chunk_rows, (i + 1) * chunk_rows), taken while spilling (0: none taken).
+    chunk_rows: int = 0
+    fingerprints: tuple[str, ...] = ()
 
     @property
     def extra(self) -> tuple[str, ...]:
@@ -85,20 +94,29 @@ class Inputs:
 
     def fingerprint(self, lo: int, hi: int) -> str:
         """A hash of rows [lo, hi): a shard made from other rows (an edited or reordered input) never matches."""
-        digest = hashlib.blake2b(digest_size=16)
-        for row in self.rows(lo, hi):
-            for value in row:
-                # 0x1f separates values, 0x00 marks a null, so ("a", None) and ("a", "") differ.
-                digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass"))
-                digest.update(b"\x1f")
-        if self.extra:  # only then, so that the fingerprints of lists without kept columns stay as they were
-            import orjson
+        n = self.chunk_rows
+        if n and lo % n == 0 and hi == min(lo + n, self.num_rows) and lo // n < len(self.fingerprints):
+            return self.fingerprints[lo // n]
+        return fingerprint(self.table.slice(lo, hi - lo))
 
-            digest.update(repr(pa.schema([self.table.schema.field(c) for c in self.extra])).encode())
-            for extra in self.extras(lo, hi):
-                digest.update(orjson.dumps(extra, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
-                                           default=str))
-        return digest.hexdigest()
+
+def fingerprint(table: pa.Table) -> str:
+    """`Inputs.fingerprint` of a table of input columns."""
+    inputs = Inputs(table)
+    digest = hashlib.blake2b(digest_size=16)
+    for row in inputs.rows(0, table.num_rows):
+        for value in row:
+            # 0x1f separates values, 0x00 marks a null, so ("a", None) and ("a", "") differ.
+            digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x1f")
+    if inputs.extra:  # only then, so that the fingerprints of lists without kept columns stay as they were
+        import orjson
+
+        digest.update(repr(pa.schema([table.schema.field(c) for c in inputs.extra])).encode())
+        for extra in inputs.extras(0, table.num_rows):
+            digest.update(orjson.dumps(extra, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
+                                       default=str))
+    return digest.hexdigest()
 
 
 def open_url_list(path: str, url_col: str) -> pq.ParquetFile:
@@ -130,16 +148,54 @@ def inputs_of(table: pa.Table, columns: InputColumns | None = None) -> Inputs:
     return Inputs(pa.table({**wanted, **{c: table[c] for c in columns.keep}}))
 
 
-def read_inputs(path: str, columns: InputColumns | None = None) -> Inputs:
+def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "", chunk_rows: int = 0) -> Inputs:
     """The input columns of a URL list: a file or a folder in any format `inputs.py` reads (streamed, only those
-    columns kept). Malformed lines are counted in `Inputs.malformed`."""
+    columns kept). Malformed lines are counted in `Inputs.malformed`.
+
+    With `spill` (a local path), the columns go to that Arrow IPC file as they are read and the Inputs map it, so
+    that memory stays flat whatever the list's length; `chunk_rows` (the download's samples_per_shard) also takes
+    the fingerprint of every `chunk_rows` rows on the way (the plan's, which then reads nothing back)."""
     columns = columns or InputColumns()
     counts = ReadCounts()
     spec = InputSpec(path, columns.input_format, columns.url, columns.caption, columns.language, columns.keep,
                      optional=(columns.page_url, columns.robots))
-    table = read_table(spec, counts)  # url, caption, language under these names, the others under their own
     read = dataclasses.replace(columns, url="url", caption="caption", language="language")
-    return dataclasses.replace(inputs_of(table, read), malformed=counts.malformed)
+    if not spill:
+        table = read_table(spec, counts)  # url, caption, language under these names, the others under their own
+        return dataclasses.replace(inputs_of(table, read), malformed=counts.malformed)
+    fingerprints: list[str] = []
+    writer: pa.ipc.RecordBatchFileWriter | None = None
+    with pa.OSFile(spill, "wb") as sink:
+
+        def write(part: pa.Table) -> None:
+            nonlocal writer
+            if writer is None:
+                writer = pa.ipc.new_file(sink, part.schema)
+            writer.write_table(part)
+            if chunk_rows:
+                fingerprints.append(fingerprint(part))
+
+        pending: list[pa.Table] = []
+        held = 0
+        for batch in iter_batches(spec, counts):
+            part = inputs_of(pa.Table.from_batches([batch]), read).table
+            if not chunk_rows:
+                write(part)
+                continue
+            pending.append(part)
+            held += part.num_rows
+            while held >= chunk_rows:  # whole chunks out, the rest held for the next batch
+                joined = pa.concat_tables(pending)
+                write(joined.slice(0, chunk_rows))
+                pending, held = [joined.slice(chunk_rows)], held - chunk_rows
+        if held:  # the last chunk, short
+            write(pa.concat_tables(pending))
+        if writer is None:  # an empty list: the file still has the columns
+            writer = pa.ipc.new_file(sink, inputs_of(read_table(spec), read).table.schema)
+        writer.close()
+    mapped = Inputs.load(spill)
+    return dataclasses.replace(mapped, malformed=counts.malformed, path=spill, chunk_rows=chunk_rows,
+                               fingerprints=tuple(fingerprints))
 
 
 # What the download reads of a crawl's unique pairs (the unique_pairs asset's columns).
