@@ -2,7 +2,7 @@
 
 A download reads its list into a local Arrow IPC file as it streams (`read_inputs(..., spill=...)`) and maps it:
 the planner fingerprints each shard's rows as they pass, and every process then reads just the rows it works on
-from the map, so the memory a download holds does not grow with the list (benchmarks/bench_inputs.py).
+from the map, so that a list's columns are never held in memory whatever its length (benchmarks/bench_inputs.py).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
     columns kept). Malformed lines are counted in `Inputs.malformed`.
 
     With `spill` (a local path), the columns go to that Arrow IPC file as they are read and the Inputs map it, so
-    that memory stays flat whatever the list's length; `chunk_rows` (the download's samples_per_shard) also takes
+    that at most two batches are in memory at once whatever the list's length; `chunk_rows` (the download's samples_per_shard) also takes
     the fingerprint of every `chunk_rows` rows on the way (the plan's, which then reads nothing back)."""
     columns = columns or InputColumns()
     counts = ReadCounts()
