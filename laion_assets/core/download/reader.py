@@ -153,8 +153,9 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
     columns kept). Malformed lines are counted in `Inputs.malformed`.
 
     With `spill` (a local path), the columns go to that Arrow IPC file as they are read and the Inputs map it, so
-    that at most two batches are in memory at once whatever the list's length; `chunk_rows` (the download's samples_per_shard) also takes
-    the fingerprint of every `chunk_rows` rows on the way (the plan's, which then reads nothing back)."""
+    that at most two batches are in memory at once whatever the list's length; `chunk_rows` (the download's
+    samples_per_shard) also takes the fingerprint of every `chunk_rows` rows on the way (the plan's, which then
+    reads nothing back)."""
     columns = columns or InputColumns()
     counts = ReadCounts()
     spec = InputSpec(path, columns.input_format, columns.url, columns.caption, columns.language, columns.keep,
