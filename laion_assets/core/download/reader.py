@@ -153,7 +153,7 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
     columns kept). Malformed lines are counted in `Inputs.malformed`.
 
     With `spill` (a local path), the columns go to that Arrow IPC file as they are read and the Inputs map it, so
-    that at most two batches are in memory at once whatever the list's length; `chunk_rows` (the download's
+    that at most a batch and a shard of rows are in memory whatever the list's length; `chunk_rows` (the download's
     samples_per_shard) also takes the fingerprint of every `chunk_rows` rows on the way (the plan's, which then
     reads nothing back)."""
     columns = columns or InputColumns()
