@@ -181,3 +181,42 @@ def test_images_of_pages_that_opted_out_of_ai_use_are_skipped(loopback, tmp_path
 
     off = dataclasses.replace(settings, fetch=dataclasses.replace(FETCH, respect_page_opt_out=False))
     assert download(str(path), Storage(str(tmp_path / "off")), "", off).statuses["success"] == len(pages)
+
+
+def test_retry_failed_keeps_the_added_columns_of_img2dataset_layouts(loopback, tmp_path):
+    """A webdataset download with added row columns (DataComp's uid, compute_hash md5) gets its second chance too:
+    the retried row carries its uid and md5 like the others, in the Parquet rows and the sample's .json."""
+    import hashlib
+    import json
+
+    names = ["ok0", "flaky1", "ok2"]
+    bodies = {n: jpeg(i) for i, n in enumerate(names)}
+    for n in names:
+        loopback.routes[f"/{n}.jpg"] = respond(200, bodies[n], {"Content-Type": "image/jpeg"})
+    loopback.routes["/flaky1.jpg"] = respond(503)
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{loopback.base}/{n}.jpg" for n in names],
+                             "uid": [f"{i:032x}" for i in range(3)]}), urls)
+    out = tmp_path / "out"
+    settings = DownloadSettings(samples_per_shard=3, processes=1, min_image_bytes=0, compute_hash="md5",
+                                save_additional_columns=("uid",), fetch=dataclasses.replace(FETCH, retries=0))
+    assert download(str(urls), Storage(str(out)), "", settings).retryable == 1
+    old_raw = raw_members(out / "00000.tar")
+    loopback.routes["/flaky1.jpg"] = respond(200, bodies["flaky1"], {"Content-Type": "image/jpeg"})
+    second = download(str(urls), Storage(str(out)), "", dataclasses.replace(settings, retry_failed=True))
+    assert second.recovered == 1 and second.statuses["success"] == 3
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [r["uid"] for r in rows] == [f"{i:032x}" for i in range(3)]
+    assert rows[1]["md5"] == hashlib.md5(bodies["flaky1"]).hexdigest() and rows[1]["runs"] == 2
+    members = dict(tar_members(out / "00000.tar"))
+    assert json.loads(members["000001.json"])["uid"] == f"{1:032x}"
+    new_raw = raw_members(out / "00000.tar")
+    assert all(new_raw[name] == blob for name, blob in old_raw.items())  # the others byte for byte
+
+
+def test_retry_failed_refuses_the_files_and_parquet_layouts(loopback, tmp_path):
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{loopback.base}/a.jpg"]}), urls)
+    settings = DownloadSettings(output_format="files", retry_failed=True, fetch=FETCH)
+    with pytest.raises(ValueError, match="retry_failed works on webdataset shards, not files output"):
+        download(str(urls), Storage(str(tmp_path / "out")), "", settings)

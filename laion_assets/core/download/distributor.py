@@ -98,10 +98,10 @@ def _download(inputs: Inputs, store: Storage, prefix: str, settings: DownloadSet
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
     store.remove_stale_temporaries(prefix)
     layout = layout_of(inputs, settings)
-    if settings.retry_failed and layout is not None:
-        # retry.py rewrites webdataset shards with our row columns; the other layouts are not rewritten yet.
-        raise ValueError("retry_failed works on webdataset shards without added columns; rerun the download with "
-                         "incremental_mode incremental instead")
+    if settings.retry_failed and layout is not None and layout.output_format != "webdataset":
+        # retry.py rewrites webdataset shards (their rows with any added columns); files and parquet are not yet.
+        raise ValueError(f"retry_failed works on webdataset shards, not {layout.output_format} output; rerun the "
+                         "download with incremental_mode incremental instead")
     start_shard = apply_incremental_mode(store, prefix, settings.incremental_mode)
     plan = make_plan(inputs, settings, start_shard, layout)
     state = resume(store, prefix, plan, keep_others=settings.incremental_mode == "extend")

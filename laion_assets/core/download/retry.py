@@ -33,7 +33,15 @@ from laion_assets.core.download.plan import Plan, ShardPlan
 from laion_assets.core.download.reader import Inputs
 from laion_assets.core.download.report import ShardStats, is_transient
 from laion_assets.core.download.runner import ProgressFn, ShardRunner
-from laion_assets.core.download.writer import ROW_SCHEMA, count_rows, new_row, rows_table, sample_members, write_tar
+from laion_assets.core.download.writer import (
+    ROW_SCHEMA,
+    ShardLayout,
+    count_rows,
+    new_row,
+    rows_table,
+    sample_members,
+    write_tar,
+)
 from laion_assets.core.settings import DownloadSettings
 from laion_assets.core.storage import Storage
 
@@ -82,10 +90,13 @@ class RetryRunner(ShardRunner):
                                   ) -> tuple[int, tuple[dict[str, Any], dict[str, bytes]]]:
                         old = rows[pos]
                         row = new_row(old["key"], old["url"], old["caption"], old["language"])
+                        extra = self.inputs.extras(shard.lo + pos, shard.lo + pos + 1)[0]
+                        if self.plan.layout is not None:
+                            self._layout_columns(row, extra)  # the saved input columns, hash and exif as at first
                         row["attempts"] = old["attempts"] or 0
                         row["runs"] = (old["runs"] or 1) + 1
                         async with slots:
-                            files = await self._process(fetcher, shard.lo + pos, row["url"], row)
+                            files = await self._process(fetcher, shard.lo + pos, row["url"], row, extra)
                         self.progress.add(row["status"] == "success")
                         return pos, (row, files)
 
@@ -131,8 +142,9 @@ def _merged(rows: list[dict[str, Any]], new: Results, old_tar: str) -> Iterator[
 
 
 def rewrite_shard(store: Storage, prefix: str, shard: ShardPlan, old: ShardStats, rows: list[dict[str, Any]],
-                  new: Results, staging: str) -> ShardStats:
-    """The shard with the retried rows replaced; untouched samples and rows as they were."""
+                  new: Results, staging: str, layout: ShardLayout | None = None) -> ShardStats:
+    """The shard with the retried rows replaced; untouched samples and rows as they were. `layout`: the plan's, a
+    webdataset one (the rows' added columns)."""
     keys = paths.shard(prefix, shard.name)
     old_tar = os.path.join(staging, f"{shard.name}.old.tar")
     store.download(keys.tar, old_tar)
@@ -141,7 +153,8 @@ def rewrite_shard(store: Storage, prefix: str, shard: ShardPlan, old: ShardStats
     merged = [new[i][0] if i in new else r for i, r in enumerate(rows)]
     try:
         write_tar(tar_path, _merged(rows, new, old_tar))
-        pq.write_table(rows_table(merged, ROW_SCHEMA), rows_path, compression="zstd")
+        pq.write_table(rows_table(merged, ROW_SCHEMA if layout is None else layout.schema()), rows_path,
+                       compression="zstd")
         stats = ShardStats(shard=old.shard, name=old.name, count=old.count, rows=old.rows,
                            input_fingerprint=old.input_fingerprint, settings=old.settings)
         count_rows(stats, merged)
@@ -176,7 +189,8 @@ def run(inputs: Inputs, store: Storage, prefix: str, plan: Plan, done: dict[str,
         return outcome
 
     def commit(shard: ShardPlan, rows: list[dict[str, Any]], new: Results) -> None:
-        outcome.stats[shard.name] = rewrite_shard(store, prefix, shard, done[shard.name], rows, new, staging)
+        outcome.stats[shard.name] = rewrite_shard(store, prefix, shard, done[shard.name], rows, new, staging,
+                                                  plan.layout)
         outcome.retried += len(new)
         outcome.recovered += sum(row["status"] == "success" for row, _ in new.values())
 
