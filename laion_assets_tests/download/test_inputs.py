@@ -14,7 +14,7 @@ import pytest
 
 from laion_assets.core.download import inputs as inputs_module
 from laion_assets.core.download.inputs import INPUT_FORMATS, InputError, InputSpec, ReadCounts, read_table
-from laion_assets.core.download.reader import InputColumns, read_inputs
+from laion_assets.core.download.reader import InputColumns, inputs_of, read_inputs
 
 ROWS = [{"url": f"http://example.com/{i}.jpg", "caption": f"a caption, with \"quotes\" {i}", "uid": f"{i:032x}"}
         for i in range(7)]
@@ -145,3 +145,34 @@ def test_an_empty_list_spills_to_an_empty_file(tmp_path):
     path.write_text("url\tcaption\n")
     spilled = read_inputs(str(path), spill=str(tmp_path / "inputs.arrow"), chunk_rows=10)
     assert spilled.num_rows == 0 and spilled.table.column_names == read_inputs(str(path)).table.column_names
+
+
+def test_fingerprints_are_those_existing_downloads_were_planned_with():
+    """A shard is skipped on resume only if its fingerprint matches its marker's: these values are the ones the
+    download wrote before its input was spilled (taken from that code), so existing downloads keep their shards."""
+    t = pa.table({"url": [f"http://example.com/{i}.jpg" for i in range(5)], "caption": ["a", None, "", "d\u00e9", "e"],
+                  "language": ["en", None, "fr", "", "de"], "uid": [f"{i:032x}" for i in range(5)],
+                  "n": [1, 2, None, 4, 5]})
+    own = inputs_of(t.select(["url", "caption", "language"]))
+    kept = inputs_of(t, InputColumns(keep=("uid", "n")))
+    assert own.fingerprint(0, 5) == "327ce11336f1ecffd4314c1a91bcc6b0"
+    assert own.fingerprint(1, 3) == "89a019480286ddbb988f14fab64756ea"
+    assert kept.fingerprint(0, 5) == "48a04af2dd0f7e8e9c5290a7cca6ccbb"
+
+
+def test_category_columns_of_several_files_spill(tmp_path):
+    """Each Parquet file of a list may bring its own dictionary for a category column; the spilled file holds the
+    values (an Arrow IPC file has one dictionary a column), and the shards' fingerprints are those of the columns as
+    read."""
+    for i, cats in enumerate((["a", "b", "a"], ["c", "c", "d"], ["b", "e", "a"])):
+        urls = [f"http://example.com/{i}-{j}.jpg" for j in range(3)]
+        pq.write_table(pa.table({"url": urls, "cat": pa.array(cats).dictionary_encode()}), tmp_path / f"p{i}.parquet")
+    columns = InputColumns(keep=("cat",))
+    memory = read_inputs(str(tmp_path), columns)
+    spilled = read_inputs(str(tmp_path), columns, spill=str(tmp_path / "inputs.arrow"), chunk_rows=4)
+    assert spilled.table["cat"].to_pylist() == ["a", "b", "a", "c", "c", "d", "b", "e", "a"]
+    assert spilled.table.schema.field("cat").type == pa.string()
+    assert [spilled.fingerprint(lo, min(lo + 4, 9)) for lo in (0, 4, 8)] == [memory.fingerprint(lo, min(lo + 4, 9))
+                                                                            for lo in (0, 4, 8)]
+    batches = pa.ipc.open_file(str(tmp_path / "inputs.arrow"))
+    assert [batches.get_batch(i).num_rows for i in range(batches.num_record_batches)] == [4, 4, 1]

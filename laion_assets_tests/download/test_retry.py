@@ -212,6 +212,8 @@ def test_retry_failed_keeps_the_added_columns_of_img2dataset_layouts(loopback, t
     assert json.loads(members["000001.json"])["uid"] == f"{1:032x}"
     new_raw = raw_members(out / "00000.tar")
     assert all(new_raw[name] == blob for name, blob in old_raw.items())  # the others byte for byte
+    stats = json.loads((out / "00000_stats.json").read_text())  # img2dataset's fields follow the rewrite
+    assert (stats["successes"], stats["failed_to_download"], stats["status_dict"]) == (3, 0, {"success": 3})
 
 
 def test_retry_failed_refuses_the_files_and_parquet_layouts(loopback, tmp_path):

@@ -74,6 +74,8 @@ def run(source: str | Inputs, store: Storage, prefix: str, settings: DownloadSet
     start = time.perf_counter()
     if forkserver.processes(settings) > 1:
         forkserver.start(settings)  # first: its imports (half a second) overlap reading the inputs and planning
+    # Before this run's staging folder: a killed run's (its input file the size of a list) goes first.
+    store.remove_stale_temporaries(prefix)
     with store.staging_dir() as staging:
         if isinstance(source, Inputs):
             inputs = source
@@ -96,7 +98,6 @@ def _download(inputs: Inputs, store: Storage, prefix: str, settings: DownloadSet
                          f"verify_hash; kept columns: {', '.join(inputs.extra) or 'none'})")
     manifest_key = paths.shards_manifest(prefix)
     store.delete(manifest_key)  # first: until this download ends, nobody reads a list of shards being redone
-    store.remove_stale_temporaries(prefix)
     layout = layout_of(inputs, settings)
     if settings.retry_failed and layout is not None and layout.output_format != "webdataset":
         # retry.py rewrites webdataset shards (their rows with any added columns); files and parquet are not yet.

@@ -20,6 +20,7 @@ from laion_assets.core.settings import DownloadSettings
 WORKER_MODULES = ("laion_assets.core.download.worker_env", "laion_assets.core.download.runner",
                   "laion_assets.core.download.fetch", "laion_assets.core.download.resize")
 
+
 def processes(settings: DownloadSettings) -> int:
     """How many worker processes a download with these settings uses at most (0 in the settings: one per core)."""
     return max(1, settings.processes or (os.cpu_count() or 1))

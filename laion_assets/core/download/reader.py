@@ -1,8 +1,10 @@
 """Reading a URL list (any format `inputs.py` reads): the input columns, and a fingerprint of any slice of it.
 
-A download reads its list into a local Arrow IPC file as it streams (`read_inputs(..., spill=...)`) and maps it:
-the planner fingerprints each shard's rows as they pass, and every process then reads just the rows it works on
-from the map, so that a list's columns are never held in memory whatever its length (benchmarks/bench_inputs.py).
+A download from a URL list (`distributor.run` given a location: the CLI's download commands, the img2dataset
+interface) reads it into a local Arrow IPC file as it streams (`read_inputs(..., spill=...)`) and maps it: the
+planner fingerprints each shard's rows as they pass, and every process then reads just the rows it works on from
+the map, so that the list's columns are never held in memory whatever its length (benchmarks/bench_inputs.py).
+The graph's download is given its bucket's pairs as a table (`pairs_inputs`), a bucket at a time.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ class Inputs:
     def save(self, path: str) -> None:
         """For worker processes: an Arrow IPC file they map instead of re-reading the input. Written with pyarrow.ipc
         rather than feather, whose writer imports pandas (a quarter of a second of every download's start)."""
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self.table.schema) as writer:
-            writer.write_table(self.table)
+        table = plain(self.table)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
 
     @classmethod
     def load(cls, path: str) -> Inputs:
@@ -98,6 +101,16 @@ class Inputs:
         if n and lo % n == 0 and hi == min(lo + n, self.num_rows) and lo // n < len(self.fingerprints):
             return self.fingerprints[lo // n]
         return fingerprint(self.table.slice(lo, hi - lo))
+
+
+def plain(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (pandas categories in a Parquet list) as their values: an Arrow IPC file holds one
+    dictionary per column, and each file or batch of a list may bring its own."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, pa.field(f.name, f.type.value_type, f.nullable, f.metadata),
+                                     table.column(i).cast(f.type.value_type))
+    return table
 
 
 def fingerprint(table: pa.Table) -> str:
@@ -170,11 +183,12 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
 
         def write(part: pa.Table) -> None:
             nonlocal writer
+            if chunk_rows:  # of the columns as read (a category column's type is in the fingerprint, as before)
+                fingerprints.append(fingerprint(part))
+            part = plain(part).combine_chunks()  # one record batch a chunk: a shard's rows lie together
             if writer is None:
                 writer = pa.ipc.new_file(sink, part.schema)
             writer.write_table(part)
-            if chunk_rows:
-                fingerprints.append(fingerprint(part))
 
         pending: list[pa.Table] = []
         held = 0
@@ -192,7 +206,7 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
         if held:  # the last chunk, short
             write(pa.concat_tables(pending))
         if writer is None:  # an empty list: the file still has the columns
-            writer = pa.ipc.new_file(sink, inputs_of(read_table(spec), read).table.schema)
+            writer = pa.ipc.new_file(sink, plain(inputs_of(read_table(spec), read).table).schema)
         writer.close()
     mapped = Inputs.load(spill)
     return dataclasses.replace(mapped, malformed=counts.malformed, path=spill, chunk_rows=chunk_rows,

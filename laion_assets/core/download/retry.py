@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from laion_assets.core.download.writer import (
     ROW_SCHEMA,
     ShardLayout,
     count_rows,
+    img2dataset_counts,
     new_row,
     rows_table,
     sample_members,
@@ -158,6 +160,8 @@ def rewrite_shard(store: Storage, prefix: str, shard: ShardPlan, old: ShardStats
         stats = ShardStats(shard=old.shard, name=old.name, count=old.count, rows=old.rows,
                            input_fingerprint=old.input_fingerprint, settings=old.settings)
         count_rows(stats, merged)
+        img2dataset_counts(stats, merged, time.perf_counter())  # its counts anew, its times the first write's
+        stats.start_time, stats.end_time, stats.duration = old.start_time, old.end_time, old.duration
         stats.bytes_written = os.path.getsize(tar_path)
         stats.duration_s = old.duration_s
         store.delete(keys.stats)  # until the marker is back, the shard is incomplete (tar and rows change)
