@@ -391,8 +391,10 @@ def read_table(spec: InputSpec, counts: ReadCounts | None = None) -> pa.Table:
     """The whole list's standard columns as one Arrow table (the download plans over every row)."""
     counts = counts if counts is not None else ReadCounts()
     batches = list(iter_batches(spec, counts))
-    if not batches:
-        names = [*STANDARD, *spec.keep]
-        return pa.table({n: pa.array([], pa.string()) for n in names})
-    return pa.Table.from_batches(batches)
+    return pa.Table.from_batches(batches) if batches else empty_table(spec)
+
+
+def empty_table(spec: InputSpec) -> pa.Table:
+    """What `read_table` gives for a list without rows: the standard and kept columns, as strings."""
+    return pa.table({n: pa.array([], pa.string()) for n in [*STANDARD, *spec.keep]})
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_assets.core.download.inputs import InputSpec, ReadCounts, iter_batches, read_table
+from laion_assets.core.download.inputs import InputSpec, ReadCounts, empty_table, iter_batches, read_table
 from laion_assets.core.settings import DownloadSettings
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def read_inputs(path: str, columns: InputColumns | None = None, spill: str = "",
         if held:  # the last chunk, short
             write(pa.concat_tables(pending))
         if writer is None:  # an empty list: the file still has the columns
-            writer = pa.ipc.new_file(sink, plain(inputs_of(read_table(spec), read).table).schema)
+            writer = pa.ipc.new_file(sink, plain(inputs_of(empty_table(spec), read).table).schema)
         writer.close()
     mapped = Inputs.load(spill)
     return dataclasses.replace(mapped, malformed=counts.malformed, path=spill, chunk_rows=chunk_rows,

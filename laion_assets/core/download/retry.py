@@ -39,7 +39,6 @@ from laion_assets.core.download.writer import (
     ShardLayout,
     count_rows,
     img2dataset_counts,
-    new_row,
     rows_table,
     sample_members,
     write_tar,
@@ -91,10 +90,9 @@ class RetryRunner(ShardRunner):
                     async def one(pos: int, shard: ShardPlan = shard, rows: list[dict[str, Any]] = rows
                                   ) -> tuple[int, tuple[dict[str, Any], dict[str, bytes]]]:
                         old = rows[pos]
-                        row = new_row(old["key"], old["url"], old["caption"], old["language"])
                         extra = self.inputs.extras(shard.lo + pos, shard.lo + pos + 1)[0]
-                        if self.plan.layout is not None:
-                            self._layout_columns(row, extra)  # the saved input columns, hash and exif as at first
+                        # With the saved input columns, hash and exif columns as at first.
+                        row = self._new_row(old["key"], old["url"], old["caption"], old["language"], extra)
                         row["attempts"] = old["attempts"] or 0
                         row["runs"] = (old["runs"] or 1) + 1
                         async with slots:

@@ -114,10 +114,8 @@ class ShardRunner:
 
     async def _one(self, fetcher: Any, builder: PieceBuilder, index: int, url: str | None, caption: str | None,
                    language: str | None, extra: dict[str, Any] | None = None) -> None:
-        row = new_row(builder.shard.key(index, self.plan.widths), url, caption, language)
         extra = extra or {}
-        if self.plan.layout is not None:
-            self._layout_columns(row, extra)
+        row = self._new_row(builder.shard.key(index, self.plan.widths), url, caption, language, extra)
         try:
             files = await self._process(fetcher, index, url, row, extra)
         finally:
@@ -131,6 +129,14 @@ class ShardRunner:
             else:
                 self._result.pieces.append(piece)
         self.progress.add(row["status"] == "success")
+
+    def _new_row(self, key: str, url: str | None, caption: str | None, language: str | None,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+        """A URL's row before anything happened to it, with the columns the plan's layout adds."""
+        row = new_row(key, url, caption, language)
+        if self.plan.layout is not None:
+            self._layout_columns(row, extra)
+        return row
 
     def _layout_columns(self, row: dict[str, Any], extra: dict[str, Any]) -> None:
         """The columns a layout adds, empty until the image succeeds; the saved input columns as they are."""
